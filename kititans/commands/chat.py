@@ -1,0 +1,67 @@
+"""kititans chat: an interactive, streaming chat REPL over any runtime."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kititans.commands.common import add_runtime_args, add_sampling_args, open_runtime, sampling_from_args
+
+HELP = "chat with a model (streaming; /reset clears the history, /quit exits)"
+EXAMPLES = """  kititans chat runs/tiny-sft
+  kititans chat runs/tiny-sft --system "You are a friendly teacher for young children."
+  kititans chat runs/tiny-sft/export/model.q4_k_m.gguf --temperature 0.3
+  printf 'Hi!\\nWhat sound does a cow make?\\n' | kititans chat runs/tiny-sft   # scripted"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    add_runtime_args(p)
+    p.add_argument("--system", help="system prompt")
+    add_sampling_args(p, max_tokens=200)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kititans.data.chat import trim_history
+    from kititans.generate import Generation, stream_text
+
+    rt = open_runtime(args)
+    codec = rt.codec
+    sampling = sampling_from_args(args)
+    interactive = sys.stdin.isatty()
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(base)
+    cache: list[int] = []  # token ids the runtime holds, reused across turns
+    if interactive:
+        print(
+            f"chatting with {args.model} ({rt.name}); /reset clears the history, /quit exits", file=sys.stderr
+        )
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            messages, cache = list(base), []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not interactive:
+            print(f"> {text}")
+        messages.append({"role": "user", "content": text})
+        # keep room for the reply: trim the oldest turns first
+        messages, ids = trim_history(
+            codec, messages, rt.context_length - min(sampling.max_tokens, rt.context_length // 2)
+        )
+        gen = Generation(rt, ids, sampling, codec.stop_ids, history=cache)
+        reply = ""
+        for chunk in stream_text(gen, codec):
+            reply += chunk
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply.strip() or "..."})
+    return 0

@@ -1,0 +1,59 @@
+"""kititans export: a run directory -> GGUF (llama.cpp), ONNX (ONNX Runtime) or CoreML (Apple) artifact."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a run to GGUF (llama.cpp), ONNX or CoreML at a quantization level, with a manifest"
+EXAMPLES = """  kititans export runs/tiny --format gguf --q4          # -> runs/tiny/export/model.q4_k_m.gguf
+  kititans export runs/tiny --format gguf --quant q6_k --imatrix calib.txt
+  kititans export runs/tiny --format gguf --quant list  # the types and their bits per weight
+  kititans export runs/tiny --format onnx --quant int4
+  kititans export runs/tiny --format coreml --q4        # -> .mlpackage for an iOS/macOS app"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run directory (from kititans train / sft)")
+    p.add_argument("--format", required=True, choices=["gguf", "onnx", "coreml"], help="target format")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--quant", help="quantization type (`--quant list` shows them)")
+    q.add_argument(
+        "--q8", dest="quant", action="store_const", const="q8", help="8-bit (gguf q8_0, onnx/coreml int8)"
+    )
+    q.add_argument(
+        "--q4", dest="quant", action="store_const", const="q4", help="4-bit (gguf q4_k_m, onnx/coreml int4)"
+    )
+    p.add_argument(
+        "--imatrix",
+        metavar="TEXT",
+        help="gguf: calibration text for an importance matrix ('val' = the run's validation split)",
+    )
+    p.add_argument("--out", help="output path (default: RUN/export/...)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kititans.export import ExportOptions, export_model, format_module
+
+    if args.quant == "list":
+        mod = format_module(args.format)
+        short = {v: k for k, v in mod.SHORTHANDS.items()}
+        print(f"{args.format} quantization types (default {mod.DEFAULT_QUANT}):")
+        for name, qt in mod.QUANTS.items():
+            alias = f" (--{short[name]})" if name in short else ""
+            print(f"  {name:<12} {qt.bits_per_weight:5.2f} bits/weight  {qt.description}{alias}")
+        return 0
+    result = export_model(
+        args.run,
+        args.format,
+        args.quant,
+        args.out,
+        ExportOptions(imatrix=args.imatrix, progress=not args.quiet),
+    )
+    m = result.manifest
+    size = m.get("size_bytes") or 0
+    print(f"wrote {result.path} ({size / 2**20:.2f} MiB, {m['quant']}, {result.seconds:.1f} s)")
+    print(f"manifest: {result.manifest_path}")
+    for hint in m.get("next", []):
+        print(f"  {hint}")
+    return 0

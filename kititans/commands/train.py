@@ -1,0 +1,145 @@
+"""kititans train: the whole first run (data, tokenizer, model) or any stage reused; resumable."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+HELP = "train a model (Lite or Titans) with AdamW or Muon; no flags: built-in corpus, tiny preset"
+EXAMPLES = """  kititans train                                           # built-in corpus, tiny preset, minutes on a CPU
+  kititans train --data my_corpus/ --preset lite-42m --optimizer muon
+  kititans train --data data/prepared --tokenizer data/prepared --steps 5000 --out runs/mine
+  kititans train --config configs/tiny-muon.yaml --set optim.muon_lr=0.03 --set train.batch_size=32
+  kititans train --resume runs/mine --steps 8000           # continue (and extend) a run exactly
+  kititans train --preset titans-500m --dry-run           # print the parameter table only"""
+
+# flag -> dotted config key
+FLAG_KEYS = {
+    "preset": "preset",
+    "family": "family",
+    "data": "data.sources",
+    "dataset": "data.dataset",
+    "text_field": "data.text_field",
+    "tokenizer": "tokenizer.path",
+    "vocab_size": "tokenizer.vocab_size",
+    "optimizer": "optim.name",
+    "lr": "optim.lr",
+    "muon_lr": "optim.muon_lr",
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "seq_len": "train.seq_len",
+    "device": "train.device",
+    "dtype": "train.dtype",
+    "compile": "train.compile",
+    "out": "out",
+}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a YAML recipe (see configs/)")
+    p.add_argument("--preset", help="model preset: debug, tiny, lite-42m, lite-125m, lite-350m, titans-*")
+    p.add_argument("--family", choices=["lite", "titans"], help="model family (default: the preset's)")
+    p.add_argument("--data", nargs="+", help="text files/dirs/globs, or a folder prepared by `kititans data`")
+    p.add_argument("--dataset", help="a Hugging Face dataset NAME[:CONFIG] (needs network)")
+    p.add_argument("--text-field", help="JSON/parquet/dataset text column (default: text)")
+    p.add_argument("--tokenizer", help="reuse a tokenizer (tokenizer dir, run dir or shards dir)")
+    p.add_argument("--vocab-size", type=int, help="vocabulary of a newly trained tokenizer")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], help="default adamw")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--muon-lr", type=float, help="Muon learning rate (with --optimizer muon)")
+    p.add_argument("--steps", type=int, help="total optimizer steps")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where fast, else fp32"
+    )
+    p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on where it works)")
+    p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    p.add_argument("--dry-run", action="store_true", help="print the model and parameter table, do not train")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def resolve(args: argparse.Namespace) -> Any:
+    from kititans.checkpoint import read_meta
+    from kititans.config import flatten, load_recipe, parse_set, resolve_run_config
+    from kititans.errors import KititansError
+    from kititans.models.spec import find_preset
+
+    layers: list[tuple[str, Any]] = []
+    if args.resume:
+        run = read_meta(args.resume).get("run")
+        if not run:
+            raise KititansError(f"{args.resume} has no saved run config to resume")
+        layers += [*flatten(run), ("out", args.resume)]
+    if args.config:
+        layers += load_recipe(args.config)
+    layers += parse_set(args.set)
+    layers += [
+        (key, getattr(args, flag)) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None
+    ]
+
+    def hints(family: str | None, preset: str) -> tuple[str, list[tuple[str, Any]]]:
+        spec, p = find_preset(preset, family)
+        return spec.name, list(p.train.items())
+
+    return resolve_run_config(layers, hints)
+
+
+def print_dry_run(cfg: Any) -> None:
+    import torch
+
+    from kititans.models.spec import count_params, find_preset, param_table
+
+    spec, preset = find_preset(cfg.preset, cfg.family)
+    mcfg = spec.make_config(preset.name, cfg.model)
+    with torch.device("meta"):
+        model = spec.build(mcfg)
+    component = getattr(spec.model_cls, "component", None)
+    rows = param_table(model, component) if component else [("all", count_params(model))]
+    total = count_params(model)
+    print(f"{spec.name} / {preset.name}: {preset.description}")
+    print("  " + ", ".join(f"{k}={v}" for k, v in vars(mcfg).items()))
+    width = max(len(r[0]) for r in rows)
+    for name, n in rows:
+        print(f"  {name:<{width}}  {n:>14,}  {n / total:6.1%}")
+    print(f"  {'total':<{width}}  {total:>14,}  ({total / 1e6:.2f}M)")
+    t = cfg.train
+    print(
+        f"training: {t.steps} steps x {t.batch_size * t.seq_len * t.grad_accum:,} tokens, optimizer {cfg.optim.name}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve(args)
+    if args.dry_run:
+        print_dry_run(cfg)
+        return 0
+    from kititans.train.pretrain import pretrain
+
+    result = pretrain(cfg, resume=bool(args.resume), progress=not args.quiet)
+    report(result, interrupted_hint=f"kititans train --resume {result.run_dir}")
+    return 130 if result.interrupted else 0
+
+
+def report(result: Any, interrupted_hint: str) -> None:
+    import math
+
+    r = result
+    mins, secs = divmod(int(r.seconds), 60)
+    print(
+        f"\nrun: {r.run_dir}  (step {r.step}/{r.total_steps}, {r.tokens:,} tokens in {mins}m{secs:02d}s, "
+        f"{r.tokens_per_s:,.0f} tokens/s)"
+    )
+    if r.val_loss is not None:
+        print(f"val loss {r.val_loss:.4f} (perplexity {math.exp(min(r.val_loss, 50)):.2f})")
+    if r.interrupted:
+        print(f"interrupted; continue with: {interrupted_hint}")
+        return
+    print("next:")
+    print(f'  kititans generate {r.run_dir} --prompt "Once upon a time"')
+    print(f"  kititans chat {r.run_dir}")
+    print(f"  kititans sft {r.run_dir}              # chat fine-tuning")
+    print(f"  kititans export {r.run_dir} --format gguf --q4")

@@ -1,0 +1,278 @@
+"""Run configuration: dataclasses, YAML recipes and `--set key=value` overrides.
+
+Layers, later wins: dataclass defaults < the preset's training hints < recipe file < --set < explicit flags.
+Unknown keys and wrongly typed values are errors that name the valid keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kititans.errors import KititansError
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=list)  # files, directories, globs, or a prepared shards dir
+    dataset: str | None = None  # hub dataset NAME[:CONFIG] through the `datasets` library
+    text_field: str = "text"
+    val_fraction: float = 0.02
+    seed: int = 0
+    skip_invalid: bool = False  # skip undecodable files with a counted warning instead of failing
+    builtin_bytes: int = 6_000_000  # size of the built-in corpus when no data is given
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 0.5:
+            raise KititansError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 0  # 0: the preset's vocabulary size
+    path: str | None = None  # reuse an existing tokenizer (a run dir or a tokenizer dir)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | muon (Muon for 2-D block matrices, AdamW for the rest)
+    lr: float = 3e-3  # AdamW learning rate (all params, or embeddings/head/norms with muon)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    muon_lr: float = 0.05  # torch.optim.Muon with the "original" shape scaling
+    muon_weight_decay: float = 0.01
+    muon_momentum: float = 0.95
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr_ratio
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "muon"))
+        _choice("optim.schedule", self.schedule, ("cosine", "wsd", "constant"))
+        if self.lr <= 0 or self.muon_lr <= 0:
+            raise KititansError("optim.lr and optim.muon_lr must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    eval_every: int = 250
+    eval_batches: int = 16
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
+    compile: str = "auto"  # auto | on | off
+    activation_checkpointing: bool = False
+    threads: int = 0  # CPU threads, 0 = all cores
+
+    def __post_init__(self) -> None:
+        _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choice("train.compile", str(self.compile).lower(), ("auto", "on", "off", "true", "false"))
+        _choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise KititansError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    family: str = "lite"
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's model fields
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str | None = None  # run directory; default runs/<preset>-<timestamp>
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        cfg = cls()
+        apply_overrides(cfg, flatten(d), source="config")
+        return cfg
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise KititansError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """{'optim': {'lr': 1}} -> [('optim.lr', 1)]; the free-form `model` section stays one level deep."""
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "model" and not key.startswith("model."):
+            out.extend(flatten(v, key + "."))
+        elif isinstance(v, dict) and key == "model":
+            out.extend((f"model.{mk}", mv) for mk, mv in v.items())
+        else:
+            out.append((key, v))
+    return out
+
+
+def config_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every settable dotted key of RunConfig (model.* keys are checked against the family later)."""
+    obj = obj if obj is not None else RunConfig()
+    keys = []
+    for f in dataclasses.fields(obj):
+        sub = getattr(obj, f.name)
+        if dataclasses.is_dataclass(sub):
+            keys += config_keys(sub, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown(key: str, valid: list[str]) -> KititansError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return KititansError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(valid)}")
+
+
+def parse_scalar(value: Any) -> Any:
+    """A --set string as YAML (numbers, booleans, lists), with "1e-3"-style floats too."""
+    if not isinstance(value, str):
+        return value
+    with contextlib.suppress(yaml.YAMLError):
+        value = yaml.safe_load(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check/convert `value` to the annotated field type; strings come from --set and are parsed as YAML."""
+    if isinstance(value, str) and typ is not str and typ != (str | None):
+        with contextlib.suppress(yaml.YAMLError):
+            value = yaml.safe_load(value)
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise KititansError(f"{key} must be a list, got {value!r}")
+        return [coerce(key, v, args[0]) for v in value]
+    if origin is dict or typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise KititansError(f"{key} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise KititansError(f"{key} must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KititansError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if isinstance(value, bool):  # YAML turns on/off into booleans
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
+            raise KititansError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def apply_overrides(cfg: RunConfig, items: list[tuple[str, Any]], source: str = "--set") -> RunConfig:
+    """Apply dotted-key overrides in order, re-running each section's validation."""
+    valid = config_keys()
+    touched: set[str] = set()
+    for key, value in items:
+        if key.startswith("model."):
+            name = key.split(".", 1)[1]
+            if not name:
+                raise _unknown(key, valid)
+            cfg.model[name] = parse_scalar(value)
+            continue
+        if key == "model" and isinstance(value, dict):
+            cfg.model.update(value)
+            continue
+        if key not in valid:
+            raise _unknown(key, valid)
+        *path, leaf = key.split(".")
+        obj = cfg
+        for p in path:
+            obj = getattr(obj, p)
+        hints = typing.get_type_hints(type(obj))
+        setattr(obj, leaf, coerce(key, value, hints[leaf]))
+        touched.add(path[0] if path else "")
+    for section in touched:
+        if section and hasattr(getattr(cfg, section), "__post_init__"):
+            getattr(cfg, section).__post_init__()
+    return cfg
+
+
+def parse_set(pairs: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise KititansError(f"--set expects key=value, got {pair!r} (e.g. --set optim.lr=1e-3)")
+        k, v = pair.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def load_recipe(path: str | Path) -> list[tuple[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise KititansError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise KititansError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise KititansError(f"{path}: a recipe is a mapping of sections (preset, optim, train, ...)")
+    return flatten(data)
+
+
+def resolve_run_config(layers: list[tuple[str, Any]], preset_hints: Any = None) -> RunConfig:
+    """Build a RunConfig from ordered override layers. `preset_hints(family, preset)` returns the preset's
+    training defaults as dotted items, applied before the layers."""
+    family = next((v for k, v in reversed(layers) if k == "family"), None)
+    preset = next((v for k, v in reversed(layers) if k == "preset"), None)
+    cfg = RunConfig()
+    if preset is not None:
+        cfg.preset = str(preset)
+    if family is not None:
+        cfg.family = str(family)
+    if preset_hints is not None:
+        fam, hints = preset_hints(cfg.family if family is not None else None, cfg.preset)
+        cfg.family = fam
+        apply_overrides(cfg, hints, source="preset")
+    apply_overrides(cfg, [(k, v) for k, v in layers if k not in ("family", "preset")])
+    return cfg

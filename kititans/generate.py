@@ -1,0 +1,193 @@
+"""Sampling and streaming, written once for every runtime: token ids in, logits out.
+
+A runtime (kititans.runtimes) keeps its own cache; this module only decides the next token and turns ids
+into text. The same sampler drives the PyTorch, llama.cpp, ONNX Runtime and CoreML runtimes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class Runtime(Protocol):
+    """What a runtime offers generation and benchmarks (see kititans/runtimes/base.py)."""
+
+    name: str
+    vocab_size: int
+    context_length: int
+
+    @property
+    def n_past(self) -> int: ...
+
+    def reset(self) -> None: ...
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray: ...
+
+
+class Codec(Protocol):
+    """Text <-> ids (our Tokenizer, or a runtime's own vocabulary)."""
+
+    stop_ids: list[int]
+    bos_id: int
+    chat_template: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_special(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1 = off
+    min_p: float = 0.0  # 0 = off; keep tokens with p >= min_p * p_max
+    repetition_penalty: float = 1.0  # 1 = off; CTRL-style, divides positive logits of seen tokens
+    seed: int | None = None
+    max_tokens: int = 256
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+class Sampler:
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        cfg = self.cfg
+        logits = np.asarray(logits, dtype=np.float64)
+        if cfg.repetition_penalty != 1.0 and len(history):
+            logits = logits.copy()
+            seen = np.unique(np.asarray(history, dtype=np.int64))
+            seen = seen[(seen >= 0) & (seen < logits.shape[0])]
+            vals = logits[seen]
+            logits[seen] = np.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
+        if cfg.greedy:
+            return int(np.argmax(logits))
+        candidates = np.arange(logits.shape[0])
+        if 0 < cfg.top_k < logits.shape[0]:
+            candidates = np.argpartition(-logits, cfg.top_k - 1)[: cfg.top_k]
+        scaled = logits[candidates] / cfg.temperature
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if cfg.min_p > 0:
+            probs = np.where(probs >= cfg.min_p * probs.max(), probs, 0.0)
+        if cfg.top_p < 1.0:
+            order = np.argsort(-probs)
+            cum = np.cumsum(probs[order])
+            cut = int(np.searchsorted(cum, cfg.top_p * cum[-1])) + 1  # smallest set reaching top_p
+            keep = np.zeros_like(probs)
+            keep[order[:cut]] = probs[order[:cut]]
+            probs = keep
+        probs /= probs.sum()
+        return int(candidates[self.rng.choice(len(probs), p=probs)])
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    finish_reason: str = ""  # stop | length | context
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / max(self.prompt_seconds, 1e-9)
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generated_tokens / max(self.generate_seconds, 1e-9)
+
+
+class Generation:
+    """Iterate for token ids; `.stats` is complete once iteration ends. Continues the runtime's cache when
+    the prompt extends what it already holds (multi-turn chat), otherwise starts over."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        prompt_ids: Sequence[int],
+        sampling: SamplingConfig,
+        stop_ids: Sequence[int] = (),
+        history: list[int] | None = None,
+    ):
+        self.rt, self.prompt = rt, list(prompt_ids)
+        self.sampling, self.stop_ids = sampling, set(stop_ids)
+        self.sampler = Sampler(sampling)
+        self.history = history if history is not None else []  # ids the runtime's cache holds
+        self.tokens: list[int] = []
+        self.stats = GenerationStats()
+
+    def __iter__(self) -> Iterator[int]:
+        rt, hist = self.rt, self.history
+        if (
+            len(hist) <= len(self.prompt)
+            and hist == self.prompt[: len(hist)]
+            and hist
+            and rt.n_past == len(hist)
+        ):
+            new = self.prompt[len(hist) :]
+        else:
+            rt.reset()
+            hist.clear()
+            new = self.prompt
+        if len(self.prompt) + 1 > rt.context_length:
+            raise ValueError(
+                f"prompt of {len(self.prompt)} tokens does not fit the context of {rt.context_length}"
+            )
+        t0 = time.perf_counter()
+        logits = rt.forward(new)
+        hist.extend(new)
+        self.stats.prompt_tokens, self.stats.prompt_seconds = len(new), time.perf_counter() - t0
+        t0 = time.perf_counter()
+        context = list(self.prompt)
+        for _ in range(self.sampling.max_tokens):
+            tok = self.sampler(logits, context)
+            self.tokens.append(tok)
+            self.stats.generated_tokens += 1
+            if tok in self.stop_ids:
+                self.stats.finish_reason = "stop"
+                break
+            yield tok
+            if rt.n_past >= rt.context_length:
+                self.stats.finish_reason = "context"
+                break
+            context.append(tok)
+            logits = rt.forward([tok])
+            hist.append(tok)
+        else:
+            self.stats.finish_reason = "length"
+        self.stats.generate_seconds = time.perf_counter() - t0
+
+
+def stream_text(gen: Generation, codec: Codec) -> Iterator[str]:
+    """Text deltas of a generation; holds back incomplete UTF-8 sequences (shown as U+FFFD)."""
+    ids: list[int] = []
+    emitted = ""
+    for tok in gen:
+        ids.append(tok)
+        text = codec.decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+    text = codec.decode(ids)
+    if len(text) > len(emitted):
+        yield text[len(emitted) :]
+
+
+def generate_text(rt: Runtime, codec: Codec, prompt_ids: Sequence[int], sampling: SamplingConfig) -> str:
+    gen = Generation(rt, prompt_ids, sampling, codec.stop_ids)
+    return "".join(stream_text(gen, codec))

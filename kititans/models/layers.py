@@ -1,0 +1,75 @@
+"""Building blocks shared by the families: RMSNorm, RoPE (HF rotate-half convention), SwiGLU, causal attention.
+
+RoPE convention, written down once: pairs are (x[i], x[i + head_dim/2]) ("rotate_half", GPT-NeoX/HF style).
+llama.cpp's arch=llama rotates interleaved pairs, so the GGUF exporter permutes the Q/K rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (llama: the weight multiplies, not 1+w)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (max_len, head_dim), duplicated halves [f, f] as HF computes them (fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, T, hd); cos/sin: (T, hd) or (B, 1, T, hd)."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), llama's MLP with HF names."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def causal_offset_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:
+    """Boolean (t_q, t_k) mask where query i (at absolute position t_k - t_q + i) sees keys <= its position."""
+    q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    return torch.arange(t_k, device=device)[None, :] <= q_pos
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
+    """Causal SDPA for q (B, H, Tq, hd) against k/v (B, Hkv, past+Tq, hd), GQA by broadcasting kv heads."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    t_q = q.shape[2]
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if t_q == 1:  # one new token sees the whole cache
+        return F.scaled_dot_product_attention(q, k, v)
+    # is_causal is upper-left aligned: with a past it would hide the cache, so build the mask explicitly
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_offset_mask(t_q, k.shape[2], q.device))

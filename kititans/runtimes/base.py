@@ -1,0 +1,59 @@
+"""The runtime registry. A runtime loads one artifact and answers `forward(ids) -> logits`, keeping its own
+cache between calls (`reset()` clears it); `n_past` is how many positions the cache holds. It also carries
+the artifact's tokenizer (`codec`) so generate/chat/bench work the same for every runtime.
+
+Runtimes are listed here as import paths so that loading one never imports another's packages.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from kititans.errors import KititansError
+
+# name -> "module:Class"; the class takes (path, **options)
+RUNTIMES: dict[str, str] = {
+    "torch": "kititans.runtimes.pytorch:TorchRuntime",
+    "llamacpp": "kititans.runtimes.llamacpp:LlamaCppRuntime",
+    "onnx": "kititans.runtimes.onnx:OnnxRuntime",
+    "coreml": "kititans.runtimes.coreml:CoreMLRuntime",
+}
+
+
+def detect_runtime(path: str | Path) -> str:
+    """Pick the runtime from the artifact: run dir -> torch, .gguf -> llamacpp, ONNX dir/file -> onnx,
+    .mlpackage -> coreml."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return "llamacpp"
+    if p.suffix == ".mlpackage":
+        return "coreml"
+    if p.suffix == ".onnx" or (p.is_dir() and any(p.glob("*.onnx"))):
+        return "onnx"
+    if p.is_dir() and (p / "config.json").is_file():
+        return "torch"
+    if not p.exists():
+        raise KititansError(f"no such model: {p}")
+    raise KititansError(
+        f"{p}: not a model kititans can run (a run directory, a .gguf file, an ONNX export folder or a .mlpackage)"
+    )
+
+
+def runtime_class(name: str) -> Any:
+    if name not in RUNTIMES:
+        raise KititansError(f"unknown runtime {name!r}; valid runtimes: {', '.join(RUNTIMES)}")
+    module, _, cls = RUNTIMES[name].partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            raise KititansError(f"the {name} runtime is not part of this kititans build") from None
+        raise
+    return getattr(mod, cls)
+
+
+def load_runtime(path: str | Path, runtime: str | None = None, **options: Any) -> Any:
+    name = runtime or detect_runtime(path)
+    return runtime_class(name)(Path(path), **options)

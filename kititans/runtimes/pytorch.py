@@ -1,0 +1,45 @@
+"""The PyTorch runtime: a run directory's model with its static KV cache (or Titans state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kititans.checkpoint import load_checkpoint
+from kititans.train.device import DTYPES, resolve_device
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def __init__(self, path: Path, device: str = "cpu", dtype: str = "fp32", threads: int = 0, **_: Any):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.ckpt = load_checkpoint(path, device=self.device, dtype=DTYPES[dtype])
+        self.model = self.ckpt.model
+        self.codec = self.ckpt.tokenizer
+        self.vocab_size = self.ckpt.config.vocab_size
+        self.context_length = self.ckpt.config.context_length
+        self.dtype = dtype
+        self.state: Any = None
+
+    @property
+    def n_past(self) -> int:
+        return self.state.pos if self.state is not None else 0
+
+    def reset(self) -> None:
+        self.state = self.model.new_state(batch_size=1)
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        if self.state is None:
+            self.reset()
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        logits = self.model(x, state=self.state)[0]  # (T, V)
+        out = logits if all_logits else logits[-1]
+        return out.float().cpu().numpy()

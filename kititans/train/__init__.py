@@ -1,0 +1,1 @@
+"""Training: optimizer roles (AdamW / Muon), schedules, the loop, chat fine-tuning."""

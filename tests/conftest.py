@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny tokenizers and runs trained once per session on the built-in corpus.
+
+Everything is CPU, built from the `debug` presets, and downloads nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_dtype():
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float32)
+    yield
+
+
+def make_config(out: Path, **over):
+    """A RunConfig for a quick debug run on a slice of the built-in corpus."""
+    from kititans.config import RunConfig, apply_overrides
+
+    cfg = RunConfig(preset="debug")
+    items = {
+        "data.builtin_bytes": 1_500_000,
+        "tokenizer.vocab_size": 512,
+        "train.steps": 200,
+        "train.batch_size": 8,
+        "train.seq_len": 128,
+        "train.eval_every": 100,
+        "train.save_every": 100,
+        "train.eval_batches": 8,
+        "train.compile": "off",
+        "train.dtype": "fp32",
+        "optim.warmup_steps": 20,
+        "out": str(out),
+        **over,
+    }
+    return apply_overrides(cfg, list(items.items()))
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory) -> Path:
+    """A Lite `debug` model pretrained for 200 steps on 1.5 MB of the built-in corpus (about 15 s)."""
+    from kititans.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("runs") / "debug"
+    result = pretrain(make_config(out), progress=False)
+    assert result.val_loss is not None and result.val_loss < 3.0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(debug_run) -> Path:
+    return debug_run
