@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and quality (perplexity drift, KLD) of every runtime and quantization level."""
