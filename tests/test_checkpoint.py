@@ -35,7 +35,9 @@ def test_missing_and_wrong_tensors_are_named(debug_run, tmp_path):
     del state["model.layers.1.mlp.up_proj.weight"]
     state["model.norm.weight"] = torch.ones(7)
     save_file(state, str(run / "model.safetensors"))
-    with pytest.raises(KititansError, match=r"missing model.layers.1.mlp.up_proj.weight.*wrong shape model.norm"):
+    with pytest.raises(
+        KititansError, match=r"missing model.layers.1.mlp.up_proj.weight.*wrong shape model.norm"
+    ):
         load_checkpoint(run)
 
 

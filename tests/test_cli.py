@@ -11,8 +11,14 @@ from kititans.cli import COMMANDS, build_parser, main
 
 
 def kititans(*args, input=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "kititans", *args], capture_output=True, text=True,
-                          input=input, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "kititans", *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_help_lists_every_verb_and_each_has_examples(capsys):
@@ -48,9 +54,13 @@ def test_user_errors_are_one_line(tmp_path, args, message):
 
 def test_bad_corpus_leaves_nothing_behind(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02\x03")
-    r = kititans("train", "--preset", "debug", "--data", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "run"))
+    r = kititans(
+        "train", "--preset", "debug", "--data", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "run")
+    )
     assert r.returncode == 2 and "looks like a binary file" in r.stderr
-    leftovers = [p for p in (tmp_path / "run").rglob("*") if p.is_file()] if (tmp_path / "run").exists() else []
+    leftovers = (
+        [p for p in (tmp_path / "run").rglob("*") if p.is_file()] if (tmp_path / "run").exists() else []
+    )
     assert leftovers == []
 
 
@@ -61,11 +71,22 @@ def test_dry_run_prints_the_parameter_table():
 
 
 def test_generate_and_chat(debug_run):
-    r = kititans("generate", str(debug_run), "--prompt", "Once upon a time", "--max-tokens", "12",
-                 "--temperature", "0", "--stats")
+    r = kititans(
+        "generate",
+        str(debug_run),
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--stats",
+    )
     assert r.returncode == 0 and r.stdout.startswith("Once upon a time") and len(r.stdout) > 20
     assert "tok/s" in r.stderr
-    r = kititans("chat", str(debug_run), "--max-tokens", "8", "--seed", "0", input="Hi!\n/reset\nHello\n/quit\n")
+    r = kititans(
+        "chat", str(debug_run), "--max-tokens", "8", "--seed", "0", input="Hi!\n/reset\nHello\n/quit\n"
+    )
     assert r.returncode == 0 and r.stdout.count("> ") == 2 and "(history cleared)" in r.stderr
 
 
@@ -77,10 +98,26 @@ def test_python_dash_m_version():
 def test_stages_run_alone_and_are_reused(tmp_path):
     r = kititans("tokenizer", "--vocab-size", "512", "--builtin-mb", "0.4", "--out", str(tmp_path / "tok"))
     assert r.returncode == 0 and "exact round-trip" in r.stdout, r.stderr
-    r = kititans("data", "--builtin-mb", "0.4", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "shards"))
+    r = kititans(
+        "data", "--builtin-mb", "0.4", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "shards")
+    )
     assert r.returncode == 0 and "train tokens" in r.stdout, r.stderr
-    r = kititans("train", "--preset", "debug", "--data", str(tmp_path / "shards"), "--steps", "6", "--compile", "off",
-                 "--set", "train.eval_every=3", "--out", str(tmp_path / "run"), "-q")
+    r = kititans(
+        "train",
+        "--preset",
+        "debug",
+        "--data",
+        str(tmp_path / "shards"),
+        "--steps",
+        "6",
+        "--compile",
+        "off",
+        "--set",
+        "train.eval_every=3",
+        "--out",
+        str(tmp_path / "run"),
+        "-q",
+    )
     assert r.returncode == 0 and "val loss" in r.stdout, r.stderr
     assert (tmp_path / "run" / "model.safetensors").is_file() and not (tmp_path / "run" / "data").exists()
     r = kititans("data", "--builtin-mb", "0.4", "--out", str(tmp_path / "shards"))

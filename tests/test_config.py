@@ -17,8 +17,12 @@ def hints(family, preset):
 
 
 def test_set_overrides_are_typed():
-    cfg = apply_overrides(RunConfig(), parse_set(["optim.lr=1e-3", "train.steps=50", "optim.name=muon",
-                                                  "model.n_layers=3", "train.compile=off"]))
+    cfg = apply_overrides(
+        RunConfig(),
+        parse_set(
+            ["optim.lr=1e-3", "train.steps=50", "optim.name=muon", "model.n_layers=3", "train.compile=off"]
+        ),
+    )
     assert cfg.optim.lr == 1e-3 and cfg.train.steps == 50 and cfg.optim.name == "muon"
     assert cfg.model == {"n_layers": 3} and cfg.train.compile == "off"
 

@@ -23,15 +23,30 @@ def write(path, text):
 def test_reads_every_format(tmp_path):
     write(tmp_path / "a" / "story.txt", STORY)
     write(tmp_path / "a" / "notes.md", "# Notes\n\nSome markdown text.")
-    write(tmp_path / "b.jsonl", json.dumps({"text": "a jsonl doc"}) + "\n\n" + json.dumps(
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    write(
+        tmp_path / "b.jsonl",
+        json.dumps({"text": "a jsonl doc"})
+        + "\n\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+        )
+        + "\n",
+    )
     write(tmp_path / "c.json", json.dumps([{"text": "from a json list"}]))
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 
     pq.write_table(pa.table({"text": ["parquet one", "parquet two"]}), tmp_path / "d.parquet")
-    docs = list(Corpus([str(tmp_path / "a"), str(tmp_path / "*.jsonl"), str(tmp_path / "c.json"),
-                        str(tmp_path / "d.parquet")]))
+    docs = list(
+        Corpus(
+            [
+                str(tmp_path / "a"),
+                str(tmp_path / "*.jsonl"),
+                str(tmp_path / "c.json"),
+                str(tmp_path / "d.parquet"),
+            ]
+        )
+    )
     assert STORY in docs and "a jsonl doc" in docs and "from a json list" in docs and "parquet two" in docs
     assert "<|user|>Hi<|end|>\n<|assistant|>Hello!<|end|>\n" in docs  # chat records use the template
 
@@ -96,7 +111,9 @@ def test_shards_split_is_deterministic_and_windows_are_exact(tmp_path):
     m2 = prepare_shards(list(reversed(docs)), tok, tmp_path / "s2", sources=["x"], val_fraction=0.1, seed=3)
     assert (m1.train_documents, m1.val_documents) == (m2.train_documents, m2.val_documents)
     assert m1.val_documents == sum(is_val(d, 3, 0.1) for d in docs) > 0
-    assert m1.dtype == "uint16" and m1.train_tokens + m1.val_tokens == sum(len(tok.encode(d)) + 2 for d in docs)
+    assert m1.dtype == "uint16" and m1.train_tokens + m1.val_tokens == sum(
+        len(tok.encode(d)) + 2 for d in docs
+    )
     data = TokenData(tmp_path / "s1")
     x, y = data.batch("train", 4, 16, torch.Generator().manual_seed(0))
     x2, _ = data.batch("train", 4, 16, torch.Generator().manual_seed(0))

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 
 from kititans.data.chat import render_conversation, render_prompt, render_text, trim_history
-from kititans.data.tokenizer import CHAT_TOKENS, CONTROL, USER_DEFINED, Tokenizer, evaluate_tokenizer, train_tokenizer
+from kititans.data.tokenizer import (
+    CHAT_TOKENS,
+    CONTROL,
+    USER_DEFINED,
+    Tokenizer,
+    evaluate_tokenizer,
+    train_tokenizer,
+)
 from kititans.errors import KititansError
 
 TEXTS = [
@@ -62,7 +69,9 @@ def test_chat_mask_on_multi_turn(tok):
         {"role": "assistant", "content": "It was red."},
     ]
     ids, mask = render_conversation(tok, msgs)
-    assert ids == tok.encode_special(render_text(tok.chat_template, msgs))  # same as tokenizing the whole text
+    assert ids == tok.encode_special(
+        render_text(tok.chat_template, msgs)
+    )  # same as tokenizing the whole text
     assert ids[0] == tok.bos_id
     trained = [tok.decode([i]) if i != tok.end_id else "<END>" for i, m in zip(ids, mask) if m]
     assert "".join(trained) == "Hello there<END>It was red.<END>"
@@ -73,7 +82,10 @@ def test_chat_mask_on_multi_turn(tok):
 def test_trim_history_keeps_system_and_latest(tok):
     msgs = [{"role": "system", "content": "Sys."}]
     for i in range(20):
-        msgs += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": "ok " * 5}]
+        msgs += [
+            {"role": "user", "content": f"question {i} " * 5},
+            {"role": "assistant", "content": "ok " * 5},
+        ]
     msgs.append({"role": "user", "content": "last one"})
     kept, ids = trim_history(tok, msgs, budget=80)
     assert len(ids) <= 80 and kept[0]["role"] == "system" and kept[-1]["content"] == "last one"

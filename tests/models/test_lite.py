@@ -10,13 +10,15 @@ from kititans.models.spec import count_params
 
 
 def small(**kw) -> LiteModel:
-    cfg = LiteConfig(vocab_size=300, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, context_length=64)
+    cfg = LiteConfig(
+        vocab_size=300, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, context_length=64
+    )
     for k, v in kw.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
     model = LiteModel(cfg).eval()
     with torch.no_grad():  # make the untrained model less trivial: random norm gains
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     return model

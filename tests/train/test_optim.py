@@ -32,8 +32,12 @@ def test_adamw_half_matches_torch_adamw():
     ours = build_optimizer(a, SPEC, OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1))
     decay = [p for n, p in b.named_parameters() if p.ndim >= 2]
     nodecay = [p for n, p in b.named_parameters() if p.ndim < 2]
-    ref = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    ref = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}],
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     x = torch.randint(0, 512, (2, 16))
     for opt, m in ((ours, a), (ref, b)):
         for _ in range(3):
@@ -52,7 +56,9 @@ def test_state_dict_round_trip():
     opt2 = build_optimizer(m, SPEC, OptimConfig(name="muon"))
     opt2.load_state_dict(opt.state_dict())
     k = next(iter(opt.optimizers[1].state))
-    assert torch.equal(opt.optimizers[1].state[k]["momentum_buffer"], opt2.optimizers[1].state[k]["momentum_buffer"])
+    assert torch.equal(
+        opt.optimizers[1].state[k]["momentum_buffer"], opt2.optimizers[1].state[k]["momentum_buffer"]
+    )
 
 
 @pytest.mark.parametrize("kind", ["cosine", "wsd", "constant"])
@@ -63,6 +69,8 @@ def test_schedules(kind):
     if kind == "constant":
         assert mults[-1] == 1.0
     else:
-        assert mults[-1] == pytest.approx(0.1, abs=0.05) and all(a >= b - 1e-12 for a, b in zip(mults[10:], mults[11:]))
+        assert mults[-1] == pytest.approx(0.1, abs=0.05) and all(
+            a >= b - 1e-12 for a, b in zip(mults[10:], mults[11:])
+        )
     if kind == "wsd":
         assert mults[79] == 1.0 and mults[81] < 1.0

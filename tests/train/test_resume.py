@@ -10,8 +10,13 @@ from kititans.errors import KititansError
 from kititans.train.pretrain import pretrain
 from tests.conftest import make_config
 
-OVER = {"train.steps": 24, "train.save_every": 8, "train.eval_every": 8, "train.log_every": 1,
-        "data.builtin_bytes": 300_000}
+OVER = {
+    "train.steps": 24,
+    "train.save_every": 8,
+    "train.eval_every": 8,
+    "train.log_every": 1,
+    "data.builtin_bytes": 300_000,
+}
 
 
 def losses(run):
@@ -30,8 +35,9 @@ def test_resume_is_exact(tmp_path, optimizer):
     cfg = make_config(tmp_path / "cut", **OVER, **{"optim.name": optimizer})
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(cfg, progress=False, on_step=crash)
-    resumed = pretrain(make_config(tmp_path / "cut", **OVER, **{"optim.name": optimizer}), resume=True,
-                       progress=False)
+    resumed = pretrain(
+        make_config(tmp_path / "cut", **OVER, **{"optim.name": optimizer}), resume=True, progress=False
+    )
     assert resumed.step == whole.step == 24
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
     assert resumed.val_loss == whole.val_loss
