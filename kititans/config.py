@@ -92,6 +92,27 @@ class TrainConfig:
 
 
 @dataclass
+class SftConfig:
+    """Chat fine-tuning (`kititans sft`); the optim/train sections hold its schedule (lower lr, short warmup)."""
+
+    base: str | None = None  # the run being fine-tuned (recorded; `kititans sft RUN` sets it)
+    data: list[str] = field(default_factory=list)  # chat files/dirs/globs; empty: the built-in chat examples
+    format: str = "auto"  # auto | messages | alpaca | sharegpt | guanaco | text
+    builtin_examples: int = 5000  # conversations generated when no data is given
+    val_fraction: float = 0.05
+    overlong: str = "truncate"  # conversations longer than train.seq_len: truncate (keep the start) | skip
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("sft.format", self.format, ("auto", "messages", "alpaca", "sharegpt", "guanaco", "text"))
+        _choice("sft.overlong", self.overlong, ("truncate", "skip"))
+        if not 0.0 < self.val_fraction < 0.5:
+            raise KititansError(f"sft.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.builtin_examples < 2:
+            raise KititansError(f"sft.builtin_examples must be >= 2, got {self.builtin_examples}")
+
+
+@dataclass
 class RunConfig:
     family: str = "lite"
     preset: str = "tiny"
@@ -100,6 +121,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     out: str | None = None  # run directory; default runs/<preset>-<timestamp>
 
     def to_dict(self) -> dict[str, Any]:

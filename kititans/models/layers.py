@@ -49,8 +49,18 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up_weight: Tensor | None = None  # set by fuse(): one matmul for gate and up at inference
+
+    def fuse(self) -> None:
+        """Inference: gate/up weights become views of one 2*hidden x dim matrix (same state_dict)."""
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
+        self.gate_proj.weight.data, self.up_proj.weight.data = w.chunk(2)
+        self.gate_up_weight = w
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -61,15 +71,14 @@ def causal_offset_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
-    """Causal SDPA for q (B, H, Tq, hd) against k/v (B, Hkv, past+Tq, hd), GQA by broadcasting kv heads."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+    """Causal SDPA for q (B, H, Tq, hd) against k/v (B, Hkv, past+Tq, hd); GQA shares each kv head among
+    H/Hkv query heads without copying the cache (enable_gqa)."""
+    gqa = k.shape[1] != q.shape[1]
     t_q = q.shape[2]
     if past == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if t_q == 1:  # one new token sees the whole cache
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     # is_causal is upper-left aligned: with a past it would hide the cache, so build the mask explicitly
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_offset_mask(t_q, k.shape[2], q.device))
+    mask = causal_offset_mask(t_q, k.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -77,15 +77,31 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
+        self.qkv_weight: Tensor | None = None  # set by fuse(): one matmul for q, k, v at inference
+
+    def fuse(self) -> None:
+        """Inference: q/k/v weights become views of one (H+2Hkv)*hd x dim matrix, so decode runs one matmul
+        and one RoPE instead of three and two; names and values in state_dict() stay the same."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        nq, nk = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+        for lin, part in zip((self.q_proj, self.k_proj, self.v_proj), w.split([nq, nk, nk])):
+            lin.weight.data = part
+        self.qkv_weight = w
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor] | None, pos: int
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv = self.n_heads, self.n_kv
+        if self.qkv_weight is not None:
+            qkv = F.linear(x, self.qkv_weight).view(B, T, H + 2 * Hkv, self.hd).transpose(1, 2)
+            qk = apply_rope(qkv[:, : H + Hkv], cos, sin)  # (B, H+Hkv, T, hd)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
+        else:
+            q = self.q_proj(x).view(B, T, H, self.hd).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_proj(x).view(B, T, Hkv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            v = self.v_proj(x).view(B, T, Hkv, self.hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             kb, vb = cache
             kb[:B, :, pos : pos + T] = k
@@ -144,6 +160,13 @@ class LiteModel(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
         self.rope_cos = cos.to(self.rope_cos.device)  # (ctx, hd)
         self.rope_sin = sin.to(self.rope_sin.device)
+
+    def fuse_for_inference(self) -> LiteModel:
+        """Fused q/k/v and gate/up matmuls for decoding (same numbers, fewer ops); not for training."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     def init_weights(self) -> None:
         """embeddings, q/k/v/gate/up: normal(0, init_std); o_proj, down_proj: init_std / sqrt(2 n_layers);

@@ -22,6 +22,8 @@ class TorchRuntime:
         self.device = resolve_device(device)
         self.ckpt = load_checkpoint(path, device=self.device, dtype=DTYPES[dtype])
         self.model = self.ckpt.model
+        if hasattr(self.model, "fuse_for_inference"):
+            self.model.fuse_for_inference()
         self.codec = self.ckpt.tokenizer
         self.vocab_size = self.ckpt.config.vocab_size
         self.context_length = self.ckpt.config.context_length

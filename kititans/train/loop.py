@@ -57,6 +57,9 @@ class TrainSetup:
     train_batch: Callable[[int, int], Batch]  # (step, micro) -> batch, deterministic
     eval_batches: list[Batch]
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    # SFT: a token-weighted masked eval, and a step-0 eval (the base model's val loss on the same split)
+    eval_fn: Callable[[torch.nn.Module, list[Batch], torch.device, Any], float] | None = None
+    eval_at_start: bool = False
 
 
 def default_run_dir(cfg: RunConfig, prefix: str = "") -> Path:
@@ -135,15 +138,21 @@ def run_training(
         t.batch_size * t.seq_len * t.grad_accum,
     )
     metrics = _open_metrics(run_dir, start)
+    eval_fn = setup.eval_fn or evaluate
+    extra: dict[str, Any] = {}
     params = [p for p in model.parameters() if p.requires_grad]
     val_loss: float | None = None
     loss_val: float | None = None
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
     step, t0, tokens = start, time.perf_counter(), 0
     window = (t0, 0)  # tokens/s is reported over the last log interval
     bar = tqdm(
         total=t.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
     )
+    if setup.eval_at_start and start == 0:
+        val_loss = extra["initial_val_loss"] = eval_fn(model, setup.eval_batches, device, ctx)
+        row0 = {"step": 0, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(min(val_loss, 50)), 4)}
+        metrics.write(json.dumps(row0) + "\n")
+        bar.write(f"step 0: val loss {val_loss:.4f}") if progress else None
 
     def save() -> None:
         save_train_state(
@@ -173,8 +182,11 @@ def run_training(
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * mult
             loss_sum = torch.zeros((), device=device)
+            step_tokens = 0
             for micro in range(t.grad_accum):
-                loss = batch_loss(fwd, setup.train_batch(step, micro), device, ctx) / t.grad_accum
+                batch = setup.train_batch(step, micro)
+                step_tokens += batch[0].numel()  # SFT batches are padded to their longest example
+                loss = batch_loss(fwd, batch, device, ctx) / t.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach()
             if scaler:
@@ -191,7 +203,7 @@ def run_training(
                 opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            tokens += tokens_per_step
+            tokens += step_tokens
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 loss_val = loss_sum.item()
@@ -215,7 +227,7 @@ def run_training(
                     row["grad_norm"] = round(float(grad_norm), 4)
                 metrics.write(json.dumps(row) + "\n")
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                val_loss = evaluate(model, setup.eval_batches, device, ctx)
+                val_loss = eval_fn(model, setup.eval_batches, device, ctx)
                 metrics.write(
                     json.dumps(
                         {
@@ -241,7 +253,16 @@ def run_training(
         bar.close()
         metrics.close()
     return TrainResult(
-        run_dir, step, t.steps, loss_val, val_loss, tokens, time.perf_counter() - t0, interrupted, n_params
+        run_dir,
+        step,
+        t.steps,
+        loss_val,
+        val_loss,
+        tokens,
+        time.perf_counter() - t0,
+        interrupted,
+        n_params,
+        extra,
     )
 
 

@@ -1,0 +1,533 @@
+"""Titans: a memory-as-context transformer whose neural long-term memory learns at test time.
+
+Per layer (research/titans.md §2.3): on memory layers (default 2, 4, ...) the retrieved memory is gated into the
+residual stream, x += NM(x); then sliding-window causal attention over [N_p learned persistent K/V (no RoPE) ;
+the last `window` tokens (RoPE)], x += SWA(RMSNorm(x)); then x += SwiGLU(RMSNorm(x)). Optional hyper-connections
+(n residual streams, static + dynamic, Zhu et al.) replace the plain residual. Training and prefill process whole
+sequences chunk-parallel (titans_memory.py); decode processes one token at a time with a fixed-size state.
+
+Decode, two ways that share one state layout:
+  * in place: `state = model.new_state(B)`, then `model(ids, state=state)` for any T >= 1 (a prompt, then single
+    tokens); state.pos counts the tokens consumed. T == 1 takes the per-token path, T > 1 the chunk path.
+  * functional, for ONNX/CoreML: `model.step(ids, *tensors) -> (logits, *new_tensors)`, with
+    `model.state_spec(B)` = [(name, shape, dtype)], `model.state_to_tensors(state)` and
+    `model.state_from_tensors(tensors)`. ids is (B, 1) (decode) or (B, mem_chunk) (chunk prefill: pos must be a
+    multiple of mem_chunk, so feed a prompt in mem_chunk-sized calls and its remainder one token at a time).
+    Fixed shapes, no autograd, no Python branch on tensor values (chunk ends are arithmetic selects, ring writes
+    are one-hot matmuls). The tensors, in order:
+      pos                          (1,) int64              tokens consumed so far
+      layers.{i}.k, layers.{i}.v   (B, H, window, hd)      RoPE'd K/V ring buffer; slot = position % window
+      layers.{i}.{w1,w2,gamma}     (B,H,d,h) (B,H,h,d) (B,H,d)   memory weights (memory layers only; fp32)
+      layers.{i}.s_*, layers.{i}.g_*                       momentum, open-chunk gradient accumulator
+      layers.{i}.sum_eta, layers.{i}.sum_alpha (B, H)      gate logits summed over the open chunk
+RoPE angles are computed from positions on the fly, so decoding may run past `context_length` (the length the
+model was trained for): the state does not grow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from kititans.errors import KititansError
+from kititans.models.layers import RMSNorm, SwiGLU, apply_rope
+from kititans.models.spec import FamilySpec, Preset, Unsupported, register
+from kititans.models.titans_memory import ACTIVATIONS, NeuralMemory
+
+
+@dataclass
+class TitansConfig:
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 768
+    context_length: int = 512  # training length / generation limit; the state itself is fixed-size
+    window: int = 128  # sliding attention window: a token sees itself and the window-1 tokens before it
+    n_persistent: int = 4  # learned persistent K/V slots per layer, visible to every token
+    memory_layers: list[int] | None = (
+        None  # 1-based layer numbers with memory; None: every second (2, 4, ...)
+    )
+    mem_chunk: int = 16  # C: tokens per memory update
+    mem_grad_base: str = (
+        "chunk"  # "chunk": B = C (paper); "init": B = None (gradients at W_0, fully parallel)
+    )
+    mem_hidden_mult: int = 2  # memory MLP head_dim -> mult * head_dim -> head_dim
+    mem_act: str = "silu"  # silu | gelu | gelu_tanh
+    mem_residual_norm: bool = True  # M(x) = LN(MLP(x)) * (1 + gamma) + x, else M(x) = MLP(x)
+    mem_max_lr: float = 0.1  # bound of the data-dependent inner learning rate theta
+    mem_max_grad_norm: float = 1.0  # soft clamp of each head's chunk-gradient norm (0: off)
+    hyper_streams: int = 1  # hyper-connections: residual streams (1 = plain residual)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.ffn_dim, self.context_length) < 1:
+            raise KititansError("titans: sizes must be positive")
+        if self.dim % self.n_heads or self.head_dim % 2:
+            raise KititansError(f"titans: dim ({self.dim}) must divide by n_heads into an even head_dim")
+        if (
+            min(self.window, self.mem_chunk, self.mem_hidden_mult, self.hyper_streams) < 1
+            or self.n_persistent < 0
+        ):
+            raise KititansError("titans: window, mem_chunk, mem_hidden_mult, hyper_streams must be >= 1")
+        if self.mem_grad_base not in ("chunk", "init"):
+            raise KititansError(f"titans: mem_grad_base must be chunk or init, got {self.mem_grad_base!r}")
+        if self.mem_act not in ACTIVATIONS:
+            raise KititansError(
+                f"titans: mem_act must be one of {', '.join(ACTIVATIONS)}, got {self.mem_act!r}"
+            )
+        if self.mem_max_lr <= 0 or self.mem_max_grad_norm < 0:
+            raise KititansError("titans: mem_max_lr must be > 0 and mem_max_grad_norm >= 0")
+        layers = self.memory_layers
+        if layers is not None and (
+            not isinstance(layers, (list, tuple))
+            or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= self.n_layers for i in layers
+            )
+            or len(set(layers)) != len(layers)
+        ):
+            raise KititansError(
+                f"titans: memory_layers must be distinct layer numbers in 1..{self.n_layers}, got {layers!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def memory_set(self) -> set[int]:
+        """0-based indices of the memory layers."""
+        if self.memory_layers is None:
+            return set(range(1, self.n_layers, 2))
+        return {i - 1 for i in self.memory_layers}
+
+
+def titans_component(name: str) -> str:
+    if name.startswith("embed."):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "lm head"
+    if ".hc." in name:
+        return "hyper-connections"
+    if ".memory." in name:
+        if name.endswith((".w1", ".w2", ".gamma")):
+            return "memory initial weights"
+        if ".proj." in name or ".out." in name:
+            return "memory projections"
+        return "memory gates+norms"
+    if "persistent" in name:
+        return "persistent memory"
+    if ".attn." in name:
+        return "attention"
+    if ".ffn." in name:
+        return "feed-forward"
+    return "norms"
+
+
+# the 2-D hidden matrices: attention, feed-forward, memory projections
+MATRICES = ("qkv.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+MATRICES += ("memory.proj.weight", "memory.out.weight")
+
+
+def titans_param_roles(model: nn.Module) -> dict[str, str]:
+    """Muon: the 2-D hidden matrices. AdamW: embedding, head, persistent K/V ("tensor": decayed like the
+    projections they stand in for), and as "scalar" (no decay) norms, gates, HC weights and the memory's
+    initial weights W_0: W_0 is where the inner optimiser starts, which the memory's own forget gate already
+    shrinks; decaying it too would pull every sequence's memory towards an all-zero start."""
+    roles = {}
+    for name, p in model.named_parameters():
+        if name.startswith("embed."):
+            roles[name] = "embedding"
+        elif name.startswith("lm_head."):
+            roles[name] = "head"
+        elif "persistent" in name:
+            roles[name] = "tensor"
+        elif ".hc." not in name and p.ndim == 2 and name.endswith(MATRICES):
+            roles[name] = "matrix"
+        else:
+            roles[name] = "scalar"
+    return roles
+
+
+@dataclass
+class TitansState:
+    """Decode state: per layer a dict of tensors (attention ring "k"/"v"; memory weights, momentum, open-chunk
+    gradient, gate sums), and the number of tokens consumed."""
+
+    layers: list[dict[str, Tensor]]
+    pos: int = 0
+
+
+@dataclass
+class StepCtx:
+    """What every layer of one call shares: RoPE rows, the attention mask, the position, ring write slots."""
+
+    cos: Tensor  # (T, hd)
+    sin: Tensor
+    mask: Tensor  # (T, n_persistent [+ window] + T) bool
+    pos: int | Tensor  # absolute position of the first token
+    write_idx: Tensor | None = None  # (m,) ring slots for the last m = min(T, window) new tokens
+    write_onehot: Tensor | None = None  # (m, window) for the functional (out-of-place) write
+
+
+class SlidingAttention(nn.Module):
+    def __init__(self, cfg: TitansConfig):
+        super().__init__()
+        self.n_heads, self.hd, self.window = cfg.n_heads, cfg.head_dim, cfg.window
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.persistent_k = nn.Parameter(torch.empty(cfg.n_heads, cfg.n_persistent, cfg.head_dim))
+        self.persistent_v = nn.Parameter(torch.empty(cfg.n_heads, cfg.n_persistent, cfg.head_dim))
+
+    def forward(self, x: Tensor, ctx: StepCtx, st: dict[str, Tensor] | None) -> Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.hd).permute(2, 0, 3, 1, 4)  # (3,B,H,T,hd)
+        q, k = apply_rope(qkv[:2], ctx.cos, ctx.sin).unbind(0)
+        v = qkv[2]
+        keys = [self.persistent_k.to(k.dtype).expand(B, -1, -1, -1)]
+        vals = [self.persistent_v.to(v.dtype).expand(B, -1, -1, -1)]
+        if st is not None:
+            keys.append(st["k"].to(k.dtype))
+            vals.append(st["v"].to(v.dtype))
+        y = F.scaled_dot_product_attention(
+            q, torch.cat([*keys, k], dim=2), torch.cat([*vals, v], dim=2), attn_mask=ctx.mask
+        )  # (B,H,T,hd)
+        if st is not None:
+            self._write(st, k, v, ctx)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+
+    def _write(self, st: dict[str, Tensor], k: Tensor, v: Tensor, ctx: StepCtx) -> None:
+        """Store the last min(T, window) keys/values in the ring (in place, or out of place by one-hot)."""
+        m = ctx.write_idx.shape[0]
+        for name, new in (("k", k[:, :, -m:]), ("v", v[:, :, -m:])):
+            ring = st[name]
+            new = new.to(ring.dtype)
+            if ctx.write_onehot is None:
+                ring.index_copy_(2, ctx.write_idx, new)
+            else:
+                oh = ctx.write_onehot.to(ring.dtype)  # (m, W)
+                st[name] = ring * (1 - oh.sum(0)).unsqueeze(-1) + oh.transpose(0, 1) @ new
+
+
+class HyperConnection(nn.Module):
+    """One branch over n residual streams h (B,T,n,D): input = alpha_0^T h, h' = A^T h + beta * branch(input),
+    with static + dynamic (tanh, zero-initialised) alpha and beta; starts as a pre-norm residual."""
+
+    def __init__(self, dim: int, n: int, index: int, eps: float):
+        super().__init__()
+        self.n, self.index = n, index
+        self.norm = RMSNorm(dim, eps)
+        self.static_alpha = nn.Parameter(torch.empty(n, n + 1))
+        self.static_beta = nn.Parameter(torch.empty(n))
+        self.dynamic_alpha = nn.Parameter(torch.empty(dim, n + 1))
+        self.dynamic_beta = nn.Parameter(torch.empty(dim))
+        self.scales = nn.Parameter(torch.empty(2))
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            alpha = torch.zeros(self.n, self.n + 1)
+            alpha[self.index % self.n, 0] = 1.0
+            alpha[:, 1:] = torch.eye(self.n)
+            self.static_alpha.copy_(alpha)
+            self.static_beta.fill_(1.0)
+            self.dynamic_alpha.zero_()
+            self.dynamic_beta.zero_()
+            self.scales.fill_(0.01)
+            self.norm.weight.fill_(1.0)
+
+    def forward(self, h: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        hn = self.norm(h)
+        alpha = self.static_alpha + self.scales[0] * torch.tanh(
+            hn @ self.dynamic_alpha.to(hn.dtype)
+        )  # (B,T,n,n+1)
+        beta = self.static_beta + self.scales[1] * torch.tanh(hn @ self.dynamic_beta.to(hn.dtype))  # (B,T,n)
+        mix = alpha.to(h.dtype).transpose(-1, -2) @ h  # (B,T,n+1,D)
+        y = fn(mix[..., 0, :])
+        return mix[..., 1:, :] + beta.to(h.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+
+
+class TitansLayer(nn.Module):
+    def __init__(self, cfg: TitansConfig, index: int):
+        super().__init__()
+        self.memory: NeuralMemory | None = None
+        if index in cfg.memory_set:
+            self.memory = NeuralMemory(
+                cfg.dim,
+                cfg.n_heads,
+                cfg.head_dim,
+                cfg.mem_hidden_mult * cfg.head_dim,
+                cfg.mem_chunk,
+                act=cfg.mem_act,
+                residual_norm=cfg.mem_residual_norm,
+                grad_base=cfg.mem_grad_base,
+                max_lr=cfg.mem_max_lr,
+                max_grad_norm=cfg.mem_max_grad_norm,
+                norm_eps=cfg.norm_eps,
+            )
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = SlidingAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.hc: nn.ModuleList | None = None
+        if cfg.hyper_streams > 1:
+            n_branch = 3 if self.memory is not None else 2
+            self.hc = nn.ModuleList(
+                HyperConnection(cfg.dim, cfg.hyper_streams, 3 * index + j, cfg.norm_eps)
+                for j in range(n_branch)
+            )
+
+    def forward(self, h: Tensor, ctx: StepCtx, st: dict[str, Tensor] | None) -> Tensor:
+        fns: list[Callable[[Tensor], Tensor]] = []
+        if self.memory is not None:
+            fns.append(lambda u: self.memory(u, st, ctx.pos).to(u.dtype))
+        fns.append(lambda u: self.attn(self.attn_norm(u), ctx, st))
+        fns.append(lambda u: self.ffn(self.ffn_norm(u)))
+        for j, fn in enumerate(fns):
+            h = self.hc[j](h, fn) if self.hc is not None else h + fn(h)
+        return h
+
+
+class TitansModel(nn.Module):
+    component = staticmethod(titans_component)  # parameter name -> component, for the size table
+
+    def __init__(self, cfg: TitansConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TitansLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.activation_checkpointing = False
+        self.init_weights()
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Fill the non-persistent RoPE frequencies (fp32) on the model's device."""
+        if self.rope_inv_freq.device.type == "meta":
+            return
+        hd = self.config.head_dim
+        inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+        self.rope_inv_freq = inv.to(self.rope_inv_freq.device)
+
+    def init_weights(self) -> None:
+        """Embeddings and input projections normal(0, std); output projections std / sqrt(2 n_layers);
+        persistent K/V at the scale of projected keys; gains 1; memory and HC by their own rules."""
+        cfg = self.config
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+        for layer in self.layers:
+            for lin in (layer.attn.qkv, layer.ffn.gate_proj, layer.ffn.up_proj):
+                nn.init.normal_(lin.weight, 0.0, std)
+            for lin in (layer.attn.o_proj, layer.ffn.down_proj):
+                nn.init.normal_(lin.weight, 0.0, out_std)
+            nn.init.normal_(layer.attn.persistent_k, 0.0, std * math.sqrt(cfg.dim))
+            nn.init.normal_(layer.attn.persistent_v, 0.0, std * math.sqrt(cfg.dim))
+            nn.init.ones_(layer.attn_norm.weight)
+            nn.init.ones_(layer.ffn_norm.weight)
+            if layer.memory is not None:
+                layer.memory.init_weights(std, out_std)
+            for hc in layer.hc or []:
+                hc.reset()
+        nn.init.ones_(self.norm.weight)
+
+    # -- state
+
+    def state_spec(self, batch_size: int = 1) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """Names, shapes and dtypes of the functional state tensors, in `step` order."""
+        cfg, dtype = self.config, self.embed.weight.dtype
+        spec: list[tuple[str, tuple[int, ...], torch.dtype]] = [("pos", (1,), torch.int64)]
+        ring = (batch_size, cfg.n_heads, cfg.window, cfg.head_dim)
+        for i, layer in enumerate(self.layers):
+            spec += [(f"layers.{i}.k", ring, dtype), (f"layers.{i}.v", ring, dtype)]
+            if layer.memory is not None:
+                spec += [
+                    (f"layers.{i}.{n}", s, torch.float32) for n, s in layer.memory.state_spec(batch_size)
+                ]
+        return spec
+
+    def new_state(
+        self, batch_size: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> TitansState:
+        """A fresh decode state (rings zero, memory at its learned W_0). max_len is accepted for the runtime
+        contract and ignored: the state has a fixed size whatever the length."""
+        cfg, p = self.config, self.embed.weight
+        ring = (batch_size, cfg.n_heads, cfg.window, cfg.head_dim)
+        layers = []
+        for layer in self.layers:
+            st = {n: torch.zeros(ring, dtype=dtype or p.dtype, device=p.device) for n in ("k", "v")}
+            if layer.memory is not None:
+                st.update(layer.memory.initial_state(batch_size, p.device))
+            layers.append(st)
+        return TitansState(layers, 0)
+
+    def _state_names(self) -> list[tuple[int, str]]:
+        return [(int(n.split(".")[1]), n.split(".", 2)[2]) for n, _, _ in self.state_spec(1)[1:]]
+
+    def state_to_tensors(self, state: TitansState) -> tuple[Tensor, ...]:
+        """(pos (1,) int64, *tensors in state_spec order); the tensors are the state's own (not copies)."""
+        pos = torch.tensor([state.pos], dtype=torch.int64, device=self.embed.weight.device)
+        return (pos, *(state.layers[i][key] for i, key in self._state_names()))
+
+    def _layer_states(self, tensors: tuple[Tensor, ...] | list[Tensor]) -> list[dict[str, Tensor]]:
+        layers: list[dict[str, Tensor]] = [{} for _ in self.layers]
+        for (i, key), t in zip(self._state_names(), tensors, strict=True):
+            layers[i][key] = t
+        return layers
+
+    def state_from_tensors(self, tensors: tuple[Tensor, ...] | list[Tensor]) -> TitansState:
+        """The in-place state object over the given tensors (pos first, as state_to_tensors returns)."""
+        return TitansState(self._layer_states(tensors[1:]), int(tensors[0].reshape(-1)[0].item()))
+
+    # -- forward
+
+    def _ctx(self, pos: int | Tensor, T: int, cached: bool, functional: bool) -> StepCtx:
+        """RoPE rows, attention mask and ring slots for tokens pos..pos+T-1 (pos an int or a (1,) tensor)."""
+        cfg, dev = self.config, self.rope_inv_freq.device
+        W = cfg.window
+        p = pos if isinstance(pos, Tensor) else torch.tensor([pos], dtype=torch.int64, device=dev)
+        ar = torch.arange(T, device=dev)
+        qpos = p + ar  # (T,)
+        ang = qpos.float()[:, None] * self.rope_inv_freq[None, :]  # (T, hd/2)
+        emb = torch.cat([ang, ang], dim=-1)
+        rel = ar[:, None] - ar[None, :]
+        parts = [torch.ones(T, cfg.n_persistent, dtype=torch.bool, device=dev)]
+        write_idx = onehot = None
+        if cached:
+            a = p - 1 - torch.remainder(p - 1 - torch.arange(W, device=dev), W)  # position held by each slot
+            parts.append((a[None, :] >= 0) & (qpos[:, None] - a[None, :] < W))
+            m = min(T, W)
+            write_idx = torch.remainder(p + (T - m) + torch.arange(m, device=dev), W)
+            if functional:
+                onehot = (write_idx[:, None] == torch.arange(W, device=dev)[None, :]).float()
+        parts.append((rel >= 0) & (rel < W))
+        ctx = StepCtx(emb.cos(), emb.sin(), torch.cat(parts, dim=-1), pos, write_idx, onehot)
+        return ctx
+
+    def _run(self, input_ids: Tensor, ctx: StepCtx, states: list[dict[str, Tensor]] | None) -> Tensor:
+        x = self.embed(input_ids)  # (B,T,D)
+        n = self.config.hyper_streams
+        h = x.unsqueeze(-2).expand(*x.shape[:2], n, x.shape[-1]).contiguous() if n > 1 else x
+        for i, layer in enumerate(self.layers):
+            st = states[i] if states is not None else None
+            if self.activation_checkpointing and self.training and st is None:
+                h = checkpoint(layer, h, ctx, None, use_reentrant=False)
+            else:
+                h = layer(h, ctx, st)
+        x = h.sum(-2) if n > 1 else h
+        return self.lm_head(self.norm(x))
+
+    def forward(self, input_ids: Tensor, state: TitansState | None = None) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab). With `state`, continues the sequence in place."""
+        T = input_ids.shape[1]
+        pos = state.pos if state is not None else 0
+        ctx = self._ctx(pos, T, cached=state is not None, functional=False)
+        logits = self._run(input_ids, ctx, state.layers if state is not None else None)
+        if state is not None:
+            state.pos = pos + T
+        return logits
+
+    def step(self, input_ids: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        """Functional decode: (ids (B,1) or (B,mem_chunk), *state tensors) -> (logits (B,T,V), *new state).
+        Inputs are not modified. A mem_chunk-sized call must start at a multiple of mem_chunk."""
+        T = input_ids.shape[1]
+        if T not in (1, self.config.mem_chunk):
+            raise ValueError(f"step takes 1 or mem_chunk={self.config.mem_chunk} tokens, got {T}")
+        pos, layers = state[0], self._layer_states(state[1:])  # fresh dicts: results are rebound, not written
+        logits = self._run(input_ids, self._ctx(pos, T, cached=True, functional=True), layers)
+        return (logits, pos + T, *(layers[i][key] for i, key in self._state_names()))
+
+    def loss(self, input_ids: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+        from kititans.models.lite import lm_loss
+
+        return lm_loss(self(input_ids), targets, mask)
+
+
+_TRAIN_DEBUG = {
+    "train.seq_len": 128,
+    "train.batch_size": 8,
+    "train.steps": 200,
+    "train.eval_every": 100,
+    "train.save_every": 100,
+    "optim.warmup_steps": 20,
+}
+PRESETS = {
+    p.name: p
+    for p in [
+        Preset(
+            "titans-debug",
+            dict(
+                vocab_size=512,
+                dim=128,
+                n_layers=2,
+                n_heads=2,
+                ffn_dim=256,
+                context_length=256,
+                window=32,
+                mem_chunk=8,
+            ),
+            _TRAIN_DEBUG,
+            "tests: 0.4M params, head_dim 64, memory on layer 2, window 32, chunk 8",
+        ),
+        Preset(
+            "titans-tiny",
+            dict(
+                vocab_size=4096, dim=256, n_layers=4, n_heads=4, ffn_dim=768, context_length=512, window=128
+            ),
+            {
+                "train.seq_len": 256,
+                "train.batch_size": 16,
+                "train.steps": 1200,
+                "train.eval_every": 200,
+                "train.save_every": 400,
+            },
+            "the CPU Titans: Lite tiny's dims with memory on layers 2 and 4, window 128, chunk 16",
+        ),
+        Preset(
+            "titans-500m",
+            dict(
+                vocab_size=65024,
+                dim=1024,
+                n_layers=24,
+                n_heads=16,
+                ffn_dim=2880,
+                context_length=4096,
+                window=512,
+                mem_chunk=64,
+                tie_embeddings=False,
+            ),
+            {"train.seq_len": 2048, "train.batch_size": 8, "train.grad_accum": 4, "train.steps": 100000},
+            "the seed's 503M Titans MAC: 24 x 1024, memory on 2,4,...,24 (64->128->64), untied (GPU)",
+        ),
+    ]
+}
+
+SPEC = register(
+    FamilySpec(
+        name="titans",
+        config_cls=TitansConfig,
+        model_cls=TitansModel,
+        presets=PRESETS,
+        description="Titans MAC: neural memory that learns at test time + sliding-window attention",
+        formats={
+            "gguf": Unsupported(
+                "llama.cpp has no Titans architecture (it would need a custom graph with recurrent memory "
+                "state); use onnx or coreml"
+            )
+        },
+        param_roles=titans_param_roles,
+    )
+)

@@ -1,0 +1,340 @@
+"""The llama.cpp runtime: a GGUF file through llama-cpp-python's C API (token ids in, logits out).
+
+Safe defaults for this kind of host: weight repacking into extra buffer types (`use_extra_bufts`, the AMX
+path that segfaults on multi-token decode of quantized models, research §5.5) is off unless `repack=True`.
+Logits are computed for the last position only, unless `forward(..., all_logits=True)` asks for all.
+
+The codec is the run's own Tokenizer when the GGUF sits in RUN/export/ or next to a tokenizer.model with the
+same vocabulary; otherwise an adapter over llama.cpp's tokenize/detokenize, so a bare .gguf file works.
+`open_llama` / `chat_completion` give llama-cpp-python's own high-level API with the same safe defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kititans.errors import KititansError, require
+
+_BACKEND = threading.Lock()
+_backend_ready = False
+
+
+def _lib() -> Any:
+    global _backend_ready
+    llama_cpp = require("llama_cpp", "llamacpp", "the llama.cpp runtime")
+    with _BACKEND:
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+    return llama_cpp
+
+
+def set_verbose(verbose: bool) -> None:
+    """llama.cpp's log: everything (verbose) or errors only."""
+    from llama_cpp._logger import set_verbose as _set
+
+    _set(verbose)
+
+
+@contextlib.contextmanager
+def captured_stderr(enabled: bool = True) -> Iterator[list[str]]:
+    """Collect what native code writes to fd 2 (llama.cpp's load log) instead of showing it; the lines are
+    in the yielded list afterwards, so a failure can quote them."""
+    lines: list[str] = []
+    if not enabled:
+        yield lines
+        return
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            lines += f.read().decode("utf-8", errors="replace").splitlines()
+
+
+def _last_error(lines: list[str]) -> str:
+    errs = [ln.strip() for ln in lines if "error" in ln.lower() or "fail" in ln.lower()]
+    return errs[-1] if errs else (lines[-1].strip() if lines else "no log")
+
+
+def _free(lib: Any, batch: Any, ctx: Any, model: Any) -> None:
+    # the context must go before its model
+    if batch is not None:
+        lib.llama_batch_free(batch)
+    if ctx is not None:
+        lib.llama_free(ctx)
+    if model is not None:
+        lib.llama_model_free(model)
+
+
+class LlamaCppRuntime:
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        path: Path,
+        threads: int = 0,
+        n_ctx: int = 0,
+        n_batch: int = 512,
+        repack: bool = False,
+        flash_attn: bool | None = None,
+        kv_type: str = "f16",
+        verbose: bool = False,
+        **_: Any,
+    ):
+        lib = _lib()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise KititansError(f"no such GGUF file: {self.path}")
+        set_verbose(verbose)
+        mp = lib.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = repack
+        with captured_stderr(not verbose) as log:
+            model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not model:
+            raise KititansError(f"llama.cpp could not load {self.path}: {_last_error(log)}")
+        self.n_ctx_train = int(lib.llama_model_n_ctx_train(model))
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = min(n_ctx or self.n_ctx_train, self.n_ctx_train)
+        cp.n_batch = cp.n_ubatch = min(n_batch, cp.n_ctx)
+        cp.n_seq_max = 1
+        cp.n_threads = cp.n_threads_batch = threads or os.cpu_count() or 1
+        cp.no_perf = True
+        kv = {"f16": lib.GGML_TYPE_F16, "f32": lib.GGML_TYPE_F32}[kv_type]
+        cp.type_k = cp.type_v = kv
+        if flash_attn is not None:
+            cp.flash_attn_type = (
+                lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        with captured_stderr(not verbose) as log:
+            ctx = lib.llama_init_from_model(model, cp)
+        if not ctx:
+            lib.llama_model_free(model)
+            raise KititansError(f"llama.cpp could not create a context for {self.path}: {_last_error(log)}")
+        self.n_batch = int(cp.n_batch)
+        batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._lib, self._model, self._ctx, self._batch = lib, model, ctx, batch
+        self._finalizer = weakref.finalize(self, _free, lib, batch, ctx, model)
+        self._vocab = lib.llama_model_get_vocab(model)
+        self._mem = lib.llama_get_memory(ctx)
+        self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.context_length = min(self.n_ctx_train, int(lib.llama_n_ctx(ctx)))
+        self.settings = {
+            "threads": int(cp.n_threads),
+            "use_extra_bufts": repack,
+            "type_k": kv_type,
+            "flash_attn": flash_attn,
+            "n_batch": self.n_batch,
+        }
+        self._n_past = 0
+        self.codec = run_tokenizer(self.path, self) or GGUFCodec(self)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    def reset(self) -> None:
+        self._lib.llama_memory_clear(self._mem, True)
+        self._n_past = 0
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Logits (vocab,) of the last position, or (len(ids), vocab) with all_logits; continues the cache."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("forward() needs at least one token")
+        if self._n_past + len(ids) > self.context_length:
+            raise ValueError(
+                f"sequence of {self._n_past + len(ids)} tokens exceeds the context of {self.context_length}"
+            )
+        lib, b, rows = self._lib, self._batch, []
+        for start in range(0, len(ids), self.n_batch):
+            part = ids[start : start + self.n_batch]
+            last_part = start + len(part) == len(ids)
+            b.n_tokens = len(part)
+            for j, tok in enumerate(part):
+                b.token[j] = tok
+                b.pos[j] = self._n_past + j
+                b.n_seq_id[j] = 1
+                b.seq_id[j][0] = 0
+                b.logits[j] = all_logits or (last_part and j == len(part) - 1)
+            rc = lib.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            self._n_past += len(part)
+            if all_logits:
+                ptr = lib.llama_get_logits(self._ctx)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(len(part), self.vocab_size)).copy())
+        if all_logits:
+            return np.concatenate(rows)  # (T, V)
+        ptr = lib.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy()
+
+    # vocabulary access for the codecs
+    def token_text(self, i: int) -> str:
+        return self._lib.llama_vocab_get_text(self._vocab, i).decode("utf-8", errors="replace")
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8") if n >= 0 else None
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        while True:
+            out = (ctypes.c_int32 * cap)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), out, cap, add_bos, special)
+            if n >= 0:
+                return list(out[:n])
+            cap = -n
+
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        arr = (ctypes.c_int32 * len(ids))(*[int(i) for i in ids])
+        cap = 64 + 16 * len(ids)
+        while True:
+            buf = ctypes.create_string_buffer(cap)
+            n = self._lib.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, special)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            cap = -n + 1
+
+
+class GGUFCodec:
+    """The Codec protocol over the GGUF's own vocabulary (llama.cpp tokenize/detokenize)."""
+
+    def __init__(self, rt: LlamaCppRuntime):
+        lib, vocab = rt._lib, rt._vocab
+        self._rt = rt
+        self.vocab_size = rt.vocab_size
+        self.bos_id = int(lib.llama_vocab_bos(vocab))
+        self.eos_id = int(lib.llama_vocab_eos(vocab))
+        self.end_id = int(lib.llama_vocab_eot(vocab))
+        # every end-of-generation token llama.cpp knows (eos, eot, and <|end|>-like names)
+        self.stop_ids = [i for i in range(rt.vocab_size) if lib.llama_vocab_is_eog(vocab, i)]
+        template = rt.metadata("tokenizer.chat_template")
+        if template is None:
+            from kititans.data.tokenizer import CHAT_TEMPLATE
+
+            template = CHAT_TEMPLATE
+        self.chat_template = template
+        controls = [rt.token_text(i) for i in (self.bos_id, self.eos_id) if i >= 0]
+        self._control = re.compile("(" + "|".join(map(re.escape, controls)) + ")") if controls else None
+
+    def encode(self, text: str) -> list[int]:
+        """Like Tokenizer.encode: chat tokens are matched, the text of <s>/</s> is not."""
+        ids: list[int] = []
+        for i, part in enumerate(self._control.split(text) if self._control else [text]):
+            if part:
+                ids += self._rt.tokenize(part, add_bos=False, special=i % 2 == 0)
+        return ids
+
+    def encode_special(self, text: str) -> list[int]:
+        return self._rt.tokenize(text, add_bos=False, special=True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._rt.detokenize(ids, special=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._rt.token_text(i)
+
+
+def run_tokenizer(path: Path, rt: LlamaCppRuntime) -> Any:
+    """The run's Tokenizer for RUN/export/x.gguf (or a tokenizer.model beside the file), if its pieces are
+    exactly the GGUF's; None otherwise."""
+    from kititans.data.tokenizer import Tokenizer
+
+    path = Path(path).resolve()
+    dirs = [path.parent] + ([path.parent.parent] if path.parent.name == "export" else [])
+    for d in dirs:
+        if not (d / "tokenizer.model").is_file():
+            continue
+        try:
+            tok = Tokenizer.load(d)
+        except KititansError:
+            continue
+        if tok.vocab_size <= rt.vocab_size and all(
+            tok.id_to_piece(i) == rt.token_text(i) for i in range(tok.vocab_size)
+        ):
+            return tok
+    return None
+
+
+# ----------------------------------------------------------------------------- llama-cpp-python's Llama
+
+_PARAMS = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_defaults(repack: bool) -> Iterator[None]:
+    """Llama() has no keyword for use_extra_bufts: it starts from llama_model_default_params(), so hand it
+    defaults with our setting while it is constructed, and restore the function right after."""
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def defaults() -> Any:
+        p = original()
+        p.use_extra_bufts = repack
+        return p
+
+    with _PARAMS:
+        lib.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = original
+
+
+def open_llama(path: str | Path, repack: bool = False, verbose: bool = False, **kwargs: Any) -> Any:
+    """A llama_cpp.Llama for `path` with the runtime's safe defaults (n_ctx = the model's context)."""
+    llama_cpp = _lib()
+    kwargs.setdefault("n_ctx", 0)
+    with _model_defaults(repack):
+        llm = llama_cpp.Llama(model_path=str(path), verbose=verbose, **kwargs)
+    if bool(llm.model_params.use_extra_bufts) != repack:
+        raise RuntimeError("could not set use_extra_bufts on this llama-cpp-python version")
+    return llm
+
+
+def chat_completion(
+    model: str | Path | Any, messages: list[dict[str, str]], **kwargs: Any
+) -> dict[str, Any]:
+    """llama-cpp-python's own create_chat_completion (the template embedded in the GGUF, its stop rules)."""
+    llm = open_llama(model) if isinstance(model, (str, Path)) else model
+    return llm.create_chat_completion(messages=messages, **kwargs)
+
+
+def chat_prompt_ids(llm: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt ids create_chat_completion feeds the model: the embedded template rendered with the
+    GGUF's bos/eos text, tokenized with add_bos=False and special=True (llama_chat_format)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    fmt = Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"],
+        eos_token=llm._model.token_get_text(llm.token_eos()),
+        bos_token=llm._model.token_get_text(llm.token_bos()),
+    )
+    prompt = fmt(messages=messages).prompt
+    return llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
