@@ -36,6 +36,45 @@ def save_run(preset: str, out: str):
     return tok
 
 
+def bench_one(preset: str, args: argparse.Namespace) -> dict:
+    from transformers import LlamaForCausalLM
+
+    from kititans.runtimes import load_runtime
+
+    with tempfile.TemporaryDirectory() as d:
+        save_run(preset, d)
+        rt = load_runtime(d)
+        hf = LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+        prompt = torch.randint(5, rt.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+        greedy = SamplingConfig(temperature=0, max_tokens=args.gen)
+
+        def ours() -> None:
+            gen = Generation(rt, prompt[0].tolist(), greedy, stop_ids=())  # EOS disabled
+            assert len(list(gen)) == args.gen
+
+        @torch.inference_mode()
+        def theirs() -> None:
+            out = hf.generate(
+                prompt,
+                max_new_tokens=args.gen,
+                min_new_tokens=args.gen,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            assert out.shape[1] == args.prompt + args.gen
+
+        times = interleaved({"kititans": ours, "transformers": theirs}, repeats=args.trials, warmup=1)
+        t_ours, t_hf = median(times["kititans"]), median(times["transformers"])
+        return {
+            "model": preset,
+            "params": f"{count_params(rt.model) / 1e6:.1f}M",
+            "kititans tok/s": round(args.gen / t_ours, 1),
+            "transformers tok/s": round(args.gen / t_hf, 1),
+            "ratio": round(t_hf / t_ours, 2),
+        }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny,lite-42m")
@@ -44,50 +83,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--out", default="bench_out/decode_speed.json")
     args = ap.parse_args()
-    from transformers import LlamaForCausalLM
-
-    from kititans.runtimes import load_runtime
-
     rows = []
     for preset in args.models.split(","):
-        with tempfile.TemporaryDirectory() as d:
-            save_run(preset, d)
-            rt = load_runtime(d)
-            hf = LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
-            prompt = torch.randint(
-                5, rt.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0)
-            )
-            greedy = SamplingConfig(temperature=0, max_tokens=args.gen)
-
-            def ours() -> None:
-                gen = Generation(rt, prompt[0].tolist(), greedy, stop_ids=())  # EOS disabled
-                assert len(list(gen)) == args.gen
-
-            @torch.inference_mode()
-            def theirs() -> None:
-                out = hf.generate(
-                    prompt,
-                    max_new_tokens=args.gen,
-                    min_new_tokens=args.gen,
-                    do_sample=False,
-                    eos_token_id=None,
-                    pad_token_id=0,
-                )
-                assert out.shape[1] == args.prompt + args.gen
-
-            times = interleaved({"kititans": ours, "transformers": theirs}, repeats=args.trials, warmup=1)
-            n = count_params(rt.model)
-            t_ours, t_hf = median(times["kititans"]), median(times["transformers"])
-            rows.append(
-                {
-                    "model": preset,
-                    "params": f"{n / 1e6:.1f}M",
-                    "kititans tok/s": round(args.gen / t_ours, 1),
-                    "transformers tok/s": round(args.gen / t_hf, 1),
-                    "ratio": round(t_hf / t_ours, 2),
-                }
-            )
-            print(md_table(rows[-1:], list(rows[-1])), flush=True)
+        rows.append(bench_one(preset, args))
+        print(md_table(rows[-1:], list(rows[-1])), flush=True)
     print(md_table(rows, list(rows[0])))
     write_json(args.out, {"machine": machine(), "prompt": args.prompt, "gen": args.gen, "rows": rows})
 
