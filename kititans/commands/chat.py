@@ -52,10 +52,16 @@ def run(args: argparse.Namespace) -> int:
         if not interactive:
             print(f"> {text}")
         messages.append({"role": "user", "content": text})
-        # keep room for the reply: trim the oldest turns first
-        messages, ids = trim_history(
+        # keep room for the reply: trim the oldest turns first (a system prompt stays)
+        kept, ids = trim_history(
             codec, messages, rt.context_length - min(sampling.max_tokens, rt.context_length // 2)
         )
+        if len(kept) < len(messages):
+            print(
+                f"(history trimmed to fit the context: dropped the {len(messages) - len(kept)} oldest messages)",
+                file=sys.stderr,
+            )
+        messages = kept
         gen = Generation(rt, ids, sampling, codec.stop_ids, history=cache)
         reply = ""
         for chunk in stream_text(gen, codec):

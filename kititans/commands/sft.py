@@ -35,7 +35,9 @@ FLAG_KEYS = {
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN", help="the pretrained run directory to fine-tune (it is not modified)")
+    p.add_argument(
+        "run", metavar="RUN", help="the pretrained run directory to fine-tune (it is not modified)"
+    )
     p.add_argument("--data", nargs="+", help="chat files/dirs/globs (default: the built-in chat examples)")
     p.add_argument(
         "--format",
@@ -54,7 +56,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where fast")
     p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    p.add_argument("--resume", action="store_true", help="continue the SFT run (RUN-sft, --out, or RUN itself)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the SFT run (RUN-sft, --out, or RUN itself)"
+    )
     p.add_argument(
         "--eval-only",
         action="store_true",
@@ -109,7 +113,11 @@ def report(r: Any, cfg: Any) -> None:
     )
     print(
         f"data: {d.get('train_conversations')} train / {d.get('val_conversations')} val conversations"
-        + (f", {d['truncated']} truncated, {d['skipped']} skipped" if d.get("truncated") or d.get("skipped") else "")
+        + (
+            f", {d['truncated']} truncated, {d['skipped']} skipped"
+            if d.get("truncated") or d.get("skipped")
+            else ""
+        )
     )
     before = r.extra.get("initial_val_loss")
     if r.val_loss is not None:

@@ -71,8 +71,8 @@ def validate(messages: Any, where: str) -> list[Message]:
             )
         if role != "system" and role != expected:
             raise KititansError(
-                f"{where}: message {i} is a {role} message where a {expected} message was expected "
-                "(user and assistant turns must alternate)"
+                f"{where}: message {i} has role {role!r} where {expected!r} was expected "
+                "(after an optional system message, user and assistant turns alternate)"
             )
         out.append({"role": role, "content": content.strip()})
     if out[-1]["role"] != "assistant":
@@ -120,7 +120,10 @@ def _alpaca(rec: dict[str, Any], where: str) -> list[Message]:
     for q, a in history:
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     prompt = instruction.strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
-    msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
+    msgs += [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": _field(rec, "output", where, "alpaca")},
+    ]
     return msgs
 
 

@@ -39,7 +39,7 @@ log = logging.getLogger("kititans")
 # the AdamW side (a few hundred steps on a small set should not shrink what pretraining learned).
 SFT_DEFAULTS: dict[str, Any] = {
     "optim.lr": 1e-3,
-    "optim.muon_lr": 0.015,
+    "optim.muon_lr": 0.02,
     "optim.weight_decay": 0.0,
     "optim.schedule": "cosine",
     "optim.warmup_steps": 20,
