@@ -99,6 +99,97 @@ def model_for_run(cfg: RunConfig, vocab_size: int) -> tuple[FamilySpec, Any, tor
     return spec, mcfg, spec.build(mcfg)
 
 
+class Trainer:
+    """One training run over a TrainSetup: device/precision/compile, optimizer, metrics, checkpoints."""
+
+    def __init__(self, cfg: RunConfig, setup: TrainSetup, run_dir: Path, resume: bool, progress: bool):
+        t = self.t = cfg.train
+        self.cfg, self.setup, self.run_dir, self.progress = cfg, setup, run_dir, progress
+        self.device = resolve_device(t.device)
+        self.dtype = resolve_dtype(t.dtype, self.device)
+        self.compiled = resolve_compile(t.compile, self.device, count_params(setup.model))
+        self.threads = set_threads(t.threads) if self.device.type == "cpu" else 0
+        self.model = setup.model.to(self.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
+        self.model.train()
+        self.opt = build_optimizer(self.model, setup.spec, cfg.optim)
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.ctx = autocast_dtype(self.device, self.dtype)
+        self.start = self.step = _restore(run_dir, self.model, self.opt, self.scaler) if resume else 0
+        self.fwd = torch.compile(self.model) if self.compiled else self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.eval_fn = setup.eval_fn or evaluate
+        self.val_loss: float | None = None
+        self.metrics = _open_metrics(run_dir, self.start)
+
+    def describe(self) -> str:
+        t, n = self.t, count_params(self.model)
+        threads = f", {self.threads} threads" if self.threads else ""
+        return (
+            f"{self.setup.spec.name} {self.cfg.preset}: {n / 1e6:.2f}M params on {self.device} "
+            f"({str(self.dtype).removeprefix('torch.')}, compile {'on' if self.compiled else 'off'}{threads}), "
+            f"optimizer {self.cfg.optim.name}, {t.steps} steps x {t.batch_size * t.seq_len * t.grad_accum} tokens"
+        )
+
+    def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """lr -> micro-batches -> clip -> step; returns (loss, grad norm, tokens)."""
+        o, t = self.cfg.optim, self.t
+        mult = lr_multiplier(self.step, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_fraction)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
+        for micro in range(t.grad_accum):
+            batch = self.setup.train_batch(self.step, micro)
+            tokens += batch[0].numel()  # SFT batches are padded to their longest example
+            loss = batch_loss(self.fwd, batch, self.device, self.ctx) / t.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach()
+        if self.scaler:
+            for opt in self.opt.optimizers:
+                self.scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip) if o.grad_clip else None
+        if self.scaler:
+            for opt in self.opt.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_sum, grad_norm, tokens
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+
+    def evaluate(self) -> float:
+        self.val_loss = self.eval_fn(self.model, self.setup.eval_batches, self.device, self.ctx)
+        ppl = math.exp(min(self.val_loss, 50))
+        self.write({"step": self.step, "val_loss": round(self.val_loss, 6), "val_ppl": round(ppl, 4)})
+        return self.val_loss
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+        save_train_state(self.run_dir, state)
+        extra = {
+            "run": self.cfg.to_dict(),
+            "step": self.step,
+            "val_loss": self.val_loss,
+            **self.setup.extra_meta,
+        }
+        save_checkpoint(
+            self.run_dir,
+            self.model,
+            self.setup.spec,
+            self.setup.model_config,
+            self.setup.tokenizer,
+            extra=extra,
+        )
+
+
 def run_training(
     cfg: RunConfig,
     setup: TrainSetup,
@@ -108,160 +199,67 @@ def run_training(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
+    tr = Trainer(cfg, setup, run_dir, resume, progress)
     t = cfg.train
-    device = resolve_device(t.device)
-    dtype = resolve_dtype(t.dtype, device)
-    use_compile = resolve_compile(t.compile, device, count_params(setup.model))
-    threads = set_threads(t.threads) if device.type == "cpu" else 0
-    model = setup.model.to(device)
-    model.activation_checkpointing = t.activation_checkpointing
-    model.train()
-    opt = build_optimizer(model, setup.spec, cfg.optim)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    ctx = autocast_dtype(device, dtype)
-    start = 0
-    if resume:
-        start = _restore(run_dir, model, opt, scaler)
-    fwd = torch.compile(model) if use_compile else model
-    n_params = count_params(model)
-    log.info(
-        "%s %s: %.2fM params on %s (%s, compile %s%s), optimizer %s, %d steps x %d tokens",
-        setup.spec.name,
-        cfg.preset,
-        n_params / 1e6,
-        device,
-        str(dtype).removeprefix("torch."),
-        "on" if use_compile else "off",
-        f", {threads} threads" if threads else "",
-        cfg.optim.name,
-        t.steps,
-        t.batch_size * t.seq_len * t.grad_accum,
-    )
-    metrics = _open_metrics(run_dir, start)
-    eval_fn = setup.eval_fn or evaluate
+    log.info("%s", tr.describe())
     extra: dict[str, Any] = {}
-    params = [p for p in model.parameters() if p.requires_grad]
-    val_loss: float | None = None
     loss_val: float | None = None
-    step, t0, tokens = start, time.perf_counter(), 0
-    window = (t0, 0)  # tokens/s is reported over the last log interval
+    t0 = time.perf_counter()
+    tokens, window = 0, (t0, 0)  # tokens/s is reported over the last log interval
     bar = tqdm(
-        total=t.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+        total=t.steps, initial=tr.start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
     )
-    if setup.eval_at_start and start == 0:
-        val_loss = extra["initial_val_loss"] = eval_fn(model, setup.eval_batches, device, ctx)
-        row0 = {"step": 0, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(min(val_loss, 50)), 4)}
-        metrics.write(json.dumps(row0) + "\n")
-        bar.write(f"step 0: val loss {val_loss:.4f}") if progress else None
-
-    def save() -> None:
-        save_train_state(
-            run_dir,
-            {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-        )
-        save_checkpoint(
-            run_dir,
-            model,
-            setup.spec,
-            setup.model_config,
-            setup.tokenizer,
-            extra={"run": cfg.to_dict(), "step": step, "val_loss": val_loss, **setup.extra_meta},
-        )
-
+    say = bar.write if progress else (lambda _: None)
+    if setup.eval_at_start and tr.start == 0:
+        extra["initial_val_loss"] = tr.evaluate()
+        say(f"step 0: val loss {tr.val_loss:.4f}")
     interrupted = False
     try:
-        while step < t.steps:
-            mult = lr_multiplier(
-                step,
-                t.steps,
-                cfg.optim.warmup_steps,
-                cfg.optim.schedule,
-                cfg.optim.min_lr_ratio,
-                cfg.optim.decay_fraction,
-            )
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * mult
-            loss_sum = torch.zeros((), device=device)
-            step_tokens = 0
-            for micro in range(t.grad_accum):
-                batch = setup.train_batch(step, micro)
-                step_tokens += batch[0].numel()  # SFT batches are padded to their longest example
-                loss = batch_loss(fwd, batch, device, ctx) / t.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.detach()
-            if scaler:
-                for o in opt.optimizers:
-                    scaler.unscale_(o)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip else None
-            )
-            if scaler:
-                for o in opt.optimizers:
-                    scaler.step(o)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens += step_tokens
+        while tr.step < t.steps:
+            loss, grad_norm, n = tr.optimizer_step()
+            tokens += n
             bar.update(1)
+            step = tr.step
             if step % t.log_every == 0 or step == t.steps:
-                loss_val = loss_sum.item()
+                loss_val = loss.item()
                 if not math.isfinite(loss_val):
                     raise KititansError(
                         f"training diverged at step {step} (loss {loss_val}): lower the learning rate"
                     )
                 now = time.perf_counter()
-                tps = (tokens - window[1]) / max(now - window[0], 1e-9)
-                window = (now, tokens)
-                bar.set_postfix(
-                    loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", lr=f"{opt.param_groups[0]['lr']:.2e}"
-                )
-                row = {
-                    "step": step,
-                    "loss": round(loss_val, 6),
-                    "lr": opt.param_groups[0]["lr"],
-                    "tokens_per_s": round(tps, 1),
-                }
+                tps, window = (tokens - window[1]) / max(now - window[0], 1e-9), (now, tokens)
+                lr = tr.opt.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                row = {"step": step, "loss": round(loss_val, 6), "lr": lr, "tokens_per_s": round(tps, 1)}
                 if grad_norm is not None:
                     row["grad_norm"] = round(float(grad_norm), 4)
-                metrics.write(json.dumps(row) + "\n")
+                tr.write(row)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                val_loss = eval_fn(model, setup.eval_batches, device, ctx)
-                metrics.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "val_loss": round(val_loss, 6),
-                            "val_ppl": round(math.exp(min(val_loss, 50)), 4),
-                        }
-                    )
-                    + "\n"
-                )
-                bar.write(f"step {step}: val loss {val_loss:.4f}") if progress else None
-            metrics.flush()
+                say(f"step {step}: val loss {tr.evaluate():.4f}")
+            tr.metrics.flush()
             if (t.save_every and step % t.save_every == 0) or step == t.steps:
-                save()
+                tr.save()
             if on_step is not None:
-                on_step(step, loss_sum.item())
+                on_step(step, loss.item())
     except KeyboardInterrupt:
         interrupted = True
-        log.warning("interrupted: saving step %d", step)
-        if step > start:
-            save()
+        log.warning("interrupted: saving step %d", tr.step)
+        if tr.step > tr.start:
+            tr.save()
     finally:
         bar.close()
-        metrics.close()
+        tr.metrics.close()
+    seconds = time.perf_counter() - t0
     return TrainResult(
         run_dir,
-        step,
+        tr.step,
         t.steps,
         loss_val,
-        val_loss,
+        tr.val_loss,
         tokens,
-        time.perf_counter() - t0,
+        seconds,
         interrupted,
-        n_params,
+        count_params(tr.model),
         extra,
     )
 
