@@ -5,7 +5,7 @@ the loaded model and returns an `nn.Module` to trace, and that describes its int
 attributes below). The exporters read only that description, never a family's name, so Titans supplies
 its own wrappers (memory as explicit state) without touching them.
 
-ONNX step wrapper (functional cache, optimum / onnxruntime-genai names):
+ONNX step wrapper (functional cache, optimum / onnxruntime-genai names), built as `cls(model, fused=...)`:
     forward(input_ids (B,T) int64, attention_mask (B,P+T) int64, position_ids (B,T) int64, *past)
         -> (logits (B,T,V), *present)
     input_names, output_names      graph names, in forward order
@@ -13,13 +13,18 @@ ONNX step wrapper (functional cache, optimum / onnxruntime-genai names):
                                    it grows along (a KV cache grows along the sequence; None = fixed size)
     dynamic_shapes()               for torch.onnx.export(dynamo=True)
     example_inputs(batch, seq, past)
+    opset                          the ONNX opset the forward needs (23 when it uses torch.onnx.ops)
     context_length                 the largest position the graph can take (RoPE table rows)
 
-CoreML step wrapper (static cache as registered buffers, which coremltools turns into MLState):
+CoreML step wrapper (static cache as registered buffers, which coremltools turns into MLState), built as
+`cls(model, max_len=..., prefill_len=...)`:
     forward(input_ids (1,T) int32, causal_mask (1,1,T,end) float) -> logits (1,T,V)
-    input_names, output_names, state_names, max_len, example_inputs(seq, end)
-The position of the T new tokens is end-T..end-1, read from the mask shape (Apple's pattern), so one
-graph serves prefill and decode and no position input is needed.
+    input_names, output_names, state_names, max_len, prefill_len, reset()
+    functions()                    {"decode": (example, dynamic_shapes), "prefill": (...)}: one torch.export
+                                   each, merged into one multifunction package with shared weights
+    keep_float                     parts of const names compression must leave in fp16 (RoPE, norms)
+The position of the T new tokens is end-T..end-1, read from the mask shape (Apple's pattern), so no
+position input is needed and the same forward serves prefill and decode.
 """
 
 from __future__ import annotations
@@ -60,13 +65,27 @@ def _attend(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tens
 
 
 class LiteOnnxStep(nn.Module):
-    """One decoder step with the KV cache as explicit inputs/outputs (prefill and decode, same graph)."""
+    """One decoder step with the KV cache as explicit inputs/outputs (prefill and decode, same graph).
 
-    def __init__(self, model: nn.Module):
+    fused=True writes attention, RoPE and RMSNorm as the ONNX opset-23 ops (torch.onnx.ops: Attention with
+    past_key/past_value, RotaryEmbedding, RMSNormalization) and packs q/k/v and gate/up into one MatMul each
+    (one weight read, and one int8 quantization of the input under MatMulNBits accuracy level 4): about 14
+    nodes a layer. fused=False decomposes them into opset-18 primitives for runtimes that lack opset 23.
+    Both compute the same function.
+    """
+
+    def __init__(self, model: nn.Module, fused: bool = True):
         super().__init__()
-        self.model = model  # shares the weights; nothing is copied
+        self.model = model  # shares the weights; only the packed projections below are new tensors
+        self.fused = fused
+        self.opset = 23 if fused else 18
         cfg = model.config
-        self.n_layers, self.n_kv, self.hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+        self.n_layers, self.n_heads, self.n_kv, self.hd = (
+            cfg.n_layers,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+        )
         self.rep = cfg.n_heads // cfg.n_kv_heads
         self.context_length = cfg.context_length
         self.states = [
@@ -75,12 +94,23 @@ class LiteOnnxStep(nn.Module):
                 f"present.{i}.{kind}",
                 ("batch", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim),
                 grow_axis=2,
+                dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
             )
             for i in range(cfg.n_layers)
             for kind in ("key", "value")
         ]
         self.input_names = ["input_ids", "attention_mask", "position_ids", *(s.input for s in self.states)]
         self.output_names = ["logits", *(s.output for s in self.states)]
+        if fused:  # (H+2Hkv)*hd x D and 2F x D; the originals stay unused and are not exported
+            pack = lambda *ws: nn.Parameter(torch.cat([w.detach() for w in ws]), requires_grad=False)  # noqa: E731
+            layers = model.model.layers
+            self.qkv = nn.ParameterList(
+                pack(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+                for a in (ly.self_attn for ly in layers)
+            )
+            self.gate_up = nn.ParameterList(
+                pack(ly.mlp.gate_proj.weight, ly.mlp.up_proj.weight) for ly in layers
+            )
 
     def example_inputs(self, batch: int = 2, seq: int = 3, past: int = 4) -> tuple[Tensor, ...]:
         ids = torch.zeros(batch, seq, dtype=torch.long)
@@ -108,44 +138,83 @@ class LiteOnnxStep(nn.Module):
         m = self.model
         T, P = input_ids.shape[1], past[0].shape[2]
         x = m.model.embed_tokens(input_ids)  # (B, T, D)
-        cos = m.rope_cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd): gathered, so padding works
-        sin = m.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
         # explicit bottom-right causal + padding mask; is_causal would be wrong with a past
         q_pos = torch.arange(T, device=x.device) + P  # (T,)
         k_pos = torch.arange(P + T, device=x.device)  # (P+T,)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
-        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill(~allowed, torch.finfo(x.dtype).min)  # (B, 1, T, P+T); finfo.min: no NaN rows
+        attend = self._fused_attention if self.fused else self._plain_attention
+        rope = self._rope_tables(position_ids, x.dtype)
         present: list[Tensor] = []
         for i, layer in enumerate(m.model.layers):
-            q, k, v = _attend(layer, layer.input_layernorm(x), cos, sin)
-            k = torch.cat([past[2 * i], k], dim=2)  # (B, Hkv, P+T, hd)
-            v = torch.cat([past[2 * i + 1], v], dim=2)
+            y, k, v = attend(i, layer, layer.input_layernorm(x), rope, allowed, past[2 * i], past[2 * i + 1])
             present += [k, v]
-            y = F.scaled_dot_product_attention(
-                q, _expand_kv(k, self.rep), _expand_kv(v, self.rep), attn_mask=bias
-            )  # (B, H, T, hd)
-            B = y.shape[0]
-            x = x + layer.self_attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.self_attn.o_proj(y)
+            h = layer.post_attention_layernorm(x)
+            if self.fused:
+                gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)  # (B, T, F) each
+                x = x + layer.mlp.down_proj(F.silu(gate) * up)
+            else:
+                x = x + layer.mlp(h)
         logits = m.lm_head(m.model.norm(x))  # (B, T, V)
         return (logits, *present)
 
+    def _rope_tables(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        m = self.model
+        if self.fused:  # RotaryEmbedding takes the half tables (ctx, hd/2) and gathers by position itself
+            half = self.hd // 2
+            return m.rope_cos[:, :half].to(dtype), m.rope_sin[:, :half].to(dtype), position_ids
+        # gathered by position_ids, so left padding and past offsets work: (B, 1, T, hd)
+        cos, sin = m.rope_cos[position_ids], m.rope_sin[position_ids]
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+    def _fused_attention(
+        self, i: int, layer: nn.Module, h: Tensor, rope: tuple, allowed: Tensor, pk: Tensor, pv: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """y (B,T,H*hd) and the grown caches (B,Hkv,P+T,hd) via RotaryEmbedding + Attention (opset 23)."""
+        ops = torch.onnx.ops
+        cos, sin, pos = rope
+        qkv = F.linear(h, self.qkv[i])  # (B, T, (H + 2 Hkv) hd)
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = ops.rotary_embedding(q, cos, sin, pos, num_heads=self.n_heads)  # (B, T, H*hd)
+        k = ops.rotary_embedding(k, cos, sin, pos, num_heads=self.n_kv)  # (B, T, Hkv*hd)
+        y, k_all, v_all, _ = ops.attention(
+            q, k, v, allowed, pk, pv, q_num_heads=self.n_heads, kv_num_heads=self.n_kv
+        )
+        return y, k_all, v_all
+
+    def _plain_attention(
+        self, i: int, layer: nn.Module, h: Tensor, rope: tuple, allowed: Tensor, pk: Tensor, pv: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The same with SDPA and an additive mask (opset 18)."""
+        B, T, _ = h.shape
+        q, k, v = _attend(layer, h, *rope)
+        k = torch.cat([pk, k], dim=2)  # (B, Hkv, P+T, hd)
+        v = torch.cat([pv, v], dim=2)
+        bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
+        bias = bias.masked_fill(~allowed, torch.finfo(h.dtype).min)  # finfo.min, not -inf: no NaN rows
+        y = F.scaled_dot_product_attention(
+            q, _expand_kv(k, self.rep), _expand_kv(v, self.rep), attn_mask=bias
+        )
+        return y.transpose(1, 2).reshape(B, T, -1), k, v
+
 
 class LiteCoreMLStep(nn.Module):
-    """A stateful step for CoreML: K/V caches (L, 1, Hkv, max_len, hd) as buffers updated in place."""
+    """A stateful step for CoreML: K/V caches (L, 1, Hkv, max_len+1, hd) as buffers updated in place."""
 
     input_names = ("input_ids", "causal_mask")
     output_names = ("logits",)
     state_names = ("key_cache", "value_cache")
+    keep_float = ("rope_cos", "rope_sin", "norm")  # const-name parts that stay fp16 when compressing
 
-    def __init__(self, model: nn.Module, max_len: int | None = None):
+    def __init__(self, model: nn.Module, max_len: int | None = None, prefill_len: int = 128):
         super().__init__()
         self.model = model
         cfg = model.config
-        self.max_len = min(max_len or cfg.context_length, cfg.context_length)
+        self.max_len = min(max_len or cfg.context_length, cfg.context_length)  # positions the cache holds
+        self.prefill_len = max(2, min(prefill_len, self.max_len))
         self.rep = cfg.n_heads // cfg.n_kv_heads
-        shape = (cfg.n_layers, 1, cfg.n_kv_heads, self.max_len, cfg.head_dim)
+        # one spare row: torch.export cannot slice a dynamic end up to the buffer's full size
+        shape = (cfg.n_layers, 1, cfg.n_kv_heads, self.max_len + 1, cfg.head_dim)
         dtype = model.lm_head.weight.dtype
         self.register_buffer("key_cache", torch.zeros(shape, dtype=dtype))
         self.register_buffer("value_cache", torch.zeros(shape, dtype=dtype))
@@ -154,9 +223,18 @@ class LiteCoreMLStep(nn.Module):
         self.key_cache.zero_()
         self.value_cache.zero_()
 
-    def example_inputs(self, seq: int = 1, end: int = 8) -> tuple[Tensor, Tensor]:
-        ids = torch.zeros(1, seq, dtype=torch.int32)
-        return ids, causal_mask(seq, end, self.key_cache.dtype)
+    def functions(self) -> dict[str, tuple[tuple[Tensor, Tensor], tuple]]:
+        """Function name -> (example inputs, torch.export dynamic_shapes): decode takes one token, prefill
+        1..prefill_len; both any end position 1..max_len (given by the mask's last dim)."""
+        end = torch.export.Dim("end", min=1, max=self.max_len)
+        seq = torch.export.Dim("seq", min=1, max=self.prefill_len)
+        e = min(8, self.max_len)
+        dtype = self.key_cache.dtype
+        ids = lambda t: torch.zeros(1, t, dtype=torch.int32)  # noqa: E731
+        return {
+            "decode": ((ids(1), causal_mask(1, e, dtype)), (None, {3: end})),
+            "prefill": ((ids(2), causal_mask(2, e, dtype)), ({1: seq}, {2: seq, 3: end})),
+        }
 
     def forward(self, input_ids: Tensor, causal_mask: Tensor) -> Tensor:
         m = self.model

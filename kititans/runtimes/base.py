@@ -19,6 +19,7 @@ RUNTIMES: dict[str, str] = {
     "llamacpp": "kititans.runtimes.llamacpp:LlamaCppRuntime",
     "onnx": "kititans.runtimes.onnx:OnnxRuntime",
     "coreml": "kititans.runtimes.coreml:CoreMLRuntime",
+    "genai": "kititans.runtimes.onnx:GenaiRuntime",  # onnxruntime-genai (pip install 'kititans[genai]')
 }
 
 

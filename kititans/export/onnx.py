@@ -1,0 +1,338 @@
+"""ONNX export: a decoder step graph with an explicit KV cache, for ONNX Runtime (research §1, §2).
+
+The family's wrapper (`FamilySpec.formats["onnx"]`, see kititans/models/lite_export.py) is traced with
+`torch.onnx.export(dynamo=True)`: inputs `input_ids`, `attention_mask`, `position_ids` and the states
+(`past_key_values.N.key/value` for a KV cache), outputs `logits` and the updated states
+(`present.N.key/value`): the names optimum and onnxruntime-genai use. Batch, sequence and past length are
+dynamic, so one graph does prefill and decode. The folder RUN/export/onnx/<quant>/ holds model.onnx
+(+ model.onnx.data when the weights are large), the tokenizer files and manifest.json, which records the
+state layout the runtime needs.
+
+`export_genai` builds the onnxruntime-genai variant of a transformers-compatible (Lite) run with
+onnxruntime-genai's own model builder, so the two can be compared on the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kititans.errors import KititansError, UnsupportedExport, require
+from kititans.export import ExportOptions, ExportResult, QuantType, base_manifest
+from kititans.files import atomic_path, dir_size, write_json
+from kititans.quantize.onnx import op_histogram, quantize_int4, quantize_int8, quiet
+
+FORMAT = "onnx"
+QUANTS = {
+    "fp32": QuantType("fp32", 32.0, "float32 weights and compute: the reference"),
+    "fp16": QuantType("fp16", 16.0, "float16 weights and compute (for GPU providers; CPU inserts casts)"),
+    "int8": QuantType("int8", 8.0, "int8 per-channel weights, dynamic int8 activations (quantize_dynamic)"),
+    "int4": QuantType("int4", 5.0, "int4 weights in blocks of 32 + fp32 scale, MatMulNBits (acc. level 4)"),
+}
+SHORTHANDS = {"q8": "int8", "q4": "int4"}
+DEFAULT_QUANT = "fp32"
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
+EXTERNAL_DATA_BYTES = 32 << 20  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
+CHECK_TEXT = "Once upon a time, a little robot found a red ball in the garden and asked who had lost it."
+
+
+def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportResult:
+    """Trace the family's step wrapper, quantize, check against PyTorch, write the folder atomically.
+
+    options.extra: opset (23 = fused Attention/RotaryEmbedding/RMSNormalization, the default; 18 = plain
+    ops for older runtimes), external_data (True/False; default: by size).
+    """
+    onnx = require("onnx", "onnx", "ONNX export")
+    require("onnxruntime", "onnx", "ONNX export")
+    step_cls = ckpt.spec.support(FORMAT)
+    if options.imatrix:
+        raise UnsupportedExport("--imatrix applies to gguf only; ONNX quantization here is data-free")
+    extra = dict(options.extra)
+    opset = int(extra.get("opset", 23))
+    if opset not in (18, 23):
+        raise KititansError(f"onnx opset {opset} is not supported: use 23 (fused ops) or 18 (plain ops)")
+    out = Path(out)
+    stages = tqdm(total=4, desc=f"onnx {quant}", unit="stage", disable=not options.progress, leave=False)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        work = tmp / ".work"
+        work.mkdir()
+        step = step_cls(export_copy(ckpt.model, quant), fused=opset >= 23)
+        stages.set_postfix_str("torch.onnx.export")
+        trace(step, work / MODEL_FILE)
+        stages.update()
+        stages.set_postfix_str("quantize")
+        details: dict[str, Any] = {"method": "none", "weights": quant}
+        src = work / MODEL_FILE
+        if quant in ("int8", "int4"):
+            src = work / f"model.{quant}.onnx"
+            details = (quantize_int8 if quant == "int8" else quantize_int4)(work / MODEL_FILE, src)
+        stages.update()
+        stages.set_postfix_str("save")
+        proto = onnx.load(str(src))
+        finish_graph(proto, step, ckpt, quant)
+        weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+        external = bool(extra.get("external_data", weight_bytes > EXTERNAL_DATA_BYTES))
+        save_graph(proto, tmp / MODEL_FILE, external)
+        graph_info = {
+            "opset": opset,
+            "ir_version": proto.ir_version,
+            "ops": op_histogram(proto),
+            "external_data": DATA_FILE if external else None,
+            "dtype": "float16" if quant == "fp16" else "float32",
+            "inputs": list(step.input_names),
+            "outputs": list(step.output_names),
+            "states": [asdict(s) for s in step.states],
+            "context_length": step.context_length,
+        }
+        del proto
+        shutil.rmtree(work)
+        stages.update()
+        stages.set_postfix_str("check")
+        check = check_against_torch(tmp / MODEL_FILE, step, ckpt)
+        stages.update()
+        copy_tokenizer(Path(ckpt.path), tmp)
+        manifest = base_manifest(ckpt, FORMAT, quant, out)
+        manifest.update(
+            size_bytes=dir_size(tmp),
+            weights_bytes={p.name: p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model.")},
+            onnx=graph_info,
+            quantization=details,
+            check=check,
+            tokenizer=[f for f in TOKENIZER_FILES if (tmp / f).is_file()],
+            next=[
+                f"kititans generate {out} --prompt 'Once upon a time' --temperature 0 --stats",
+                f"kititans chat {out}",
+                f"kititans bench {ckpt.path}",
+            ],
+        )
+        write_json(tmp / "manifest.json", manifest)
+    stages.close()
+    return ExportResult(out, out / "manifest.json", manifest)
+
+
+def export_copy(model: nn.Module, quant: str) -> nn.Module:
+    """The model as the graph should hold it: fp16 for fp16; for int8/int4 an untied lm_head, so that the
+    head MatMul has its own weight initializer and gets quantized (onnxruntime-genai does the same)."""
+    model = copy.deepcopy(model).eval()
+    if quant == "fp16":
+        return model.half()
+    head = getattr(model, "lm_head", None)
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if quant in ("int8", "int4") and head is not None and emb is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(emb.weight.detach().clone())
+    return model
+
+
+def trace(step: nn.Module, path: Path) -> None:
+    """torch.onnx.export(dynamo=True) of the step wrapper, batch 1 / one token / empty past as example."""
+    example = step.example_inputs(1, 1, 0)
+    with warnings.catch_warnings(), quiet(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                step,
+                example,
+                dynamo=True,
+                input_names=list(step.input_names),
+                output_names=list(step.output_names),
+                dynamic_shapes=step.dynamic_shapes(),
+                opset_version=getattr(step, "opset", 18),
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as e:  # the exporter's errors are long; keep the first line for the user
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise KititansError(f"torch.onnx.export failed: {first}") from e
+        program.save(str(path), external_data=True)
+
+
+def finish_graph(proto: Any, step: nn.Module, ckpt: Any, quant: str) -> None:
+    """Name the grown state axes like optimum/genai ("total_sequence_length") and stamp metadata."""
+    grow = {s.output: s.grow_axis for s in step.states}
+    for out in proto.graph.output:
+        axis = grow.get(out.name)
+        if axis is not None:
+            out.type.tensor_type.shape.dim[axis].dim_param = "total_sequence_length"
+    meta = {"kititans.family": ckpt.spec.name, "kititans.quant": quant, "kititans.run": Path(ckpt.path).name}
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def save_graph(proto: Any, path: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(proto, str(path))
+    for p in path.parent.iterdir():  # the quantizers' temp files are 0600; a shipped artifact is readable
+        if p.is_file():
+            p.chmod(0o644)
+
+
+def copy_tokenizer(run_dir: Path, dest: Path) -> None:
+    """tokenizer.model + tokenizer_config.json (+ generation_config.json): the folder is self-contained."""
+    for name in TOKENIZER_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, dest / name)
+
+
+def check_against_torch(path: Path, step: nn.Module, ckpt: Any, decode_steps: int = 4) -> dict[str, Any]:
+    """Prefill a fixed sentence and decode greedily in ONNX Runtime (closed loop, its own cache), then
+    compare every position's logits with the fp32 PyTorch model on the same ids."""
+    import onnxruntime as ort
+
+    ids = [ckpt.tokenizer.bos_id, *ckpt.tokenizer.encode(CHECK_TEXT)][: step.context_length - decode_steps]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in sess.get_inputs()}
+    dtype = np.float16 if types[step.states[0].input] == "tensor(float16)" else np.float32
+    past = {s.input: np.zeros(_zero_shape(s.shape, 1), dtype) for s in step.states}
+    got, seq, n = [], list(ids), 0
+    chunk = list(ids)
+    for _ in range(decode_steps + 1):
+        T = len(chunk)
+        feed = {
+            "input_ids": np.array([chunk], np.int64),
+            "attention_mask": np.ones((1, n + T), np.int64),
+            "position_ids": np.arange(n, n + T, dtype=np.int64)[None],
+            **past,
+        }
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+        logits = outs["logits"][0].astype(np.float32)  # (T, V)
+        got.append(logits)
+        past = {s.input: outs[s.output] for s in step.states}
+        n += T
+        chunk = [int(logits[-1].argmax())]
+        seq += chunk
+    got_all = np.concatenate(got)  # (len(seq) - 1, V)
+    with torch.no_grad():
+        ref = ckpt.model(torch.tensor([seq[:-1]]))[0].float().numpy()
+    return {
+        "tokens": len(seq) - 1,
+        "prefill": len(ids),
+        "max_abs_logit_diff": float(np.abs(got_all - ref).max()),
+        "top1_agreement": float((got_all.argmax(-1) == ref.argmax(-1)).mean()),
+    }
+
+
+def _zero_shape(shape: tuple, batch: int) -> tuple[int, ...]:
+    """A state's empty initial shape: batch for "batch", 0 for the other symbolic (growing) dims."""
+    return tuple(batch if d == "batch" else (0 if isinstance(d, str) else d) for d in shape)
+
+
+# ----------------------------------------------------------------------------- onnxruntime-genai
+
+GENAI_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4"}
+
+
+def genai_output(run_dir: Path, quant: str) -> Path:
+    return Path(run_dir) / "export" / "onnx-genai" / quant
+
+
+def export_genai(
+    run_dir: str | Path, quant: str = "int4", out: str | Path | None = None, progress: bool = True
+) -> ExportResult:
+    """Build the onnxruntime-genai model of a transformers-compatible run with its own model builder
+    (`python -m onnxruntime_genai.models.builder`, CPU, int4/int8 with block 32, symmetric, accuracy
+    level 4): the reference our own graph is compared with on the same weights."""
+    from kititans.checkpoint import load_checkpoint, read_meta
+    from kititans.models.spec import get_family
+
+    run_dir = Path(run_dir)
+    spec = get_family(read_meta(run_dir)["family"])
+    if spec.hf_config is None:
+        raise UnsupportedExport(
+            f"onnxruntime-genai's builder reads transformers architectures; a {spec.name} model has none "
+            "(use kititans export --format onnx)"
+        )
+    if quant not in GENAI_PRECISION:
+        raise UnsupportedExport(
+            f"onnx-genai has no quantization {quant!r}; valid: {', '.join(GENAI_PRECISION)}"
+        )
+    require("onnxruntime_genai", "genai", "the onnxruntime-genai export")
+    require("transformers", "genai", "the onnxruntime-genai export")
+    ckpt = load_checkpoint(run_dir)
+    vocab = ckpt.config.vocab_size
+    clash = [
+        n
+        for n, m in ckpt.model.named_modules()
+        if isinstance(m, nn.Linear) and m.out_features == vocab and n != "lm_head"
+    ]
+    if clash:  # its builder takes every Linear with vocab_size outputs for the LM head (0.18)
+        raise UnsupportedExport(
+            f"onnxruntime-genai's builder would mistake {clash[0]} ({vocab} outputs = the vocab size) for the "
+            "LM head; use a vocab size that differs from the model's layer widths"
+        )
+    out = Path(out) if out else genai_output(run_dir, quant)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(run_dir.resolve()),
+            "-o",
+            str(tmp.resolve()),
+            "-p",
+            GENAI_PRECISION[quant],
+            "-e",
+            "cpu",
+            "-c",
+            str((tmp / ".cache").resolve()),
+            "--extra_options",
+            "block_size=32",
+            "accuracy_level=4",
+            "is_symmetric=true",
+        ]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        bar = tqdm(total=1, desc=f"onnx-genai {quant}", disable=not progress, leave=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+        bar.update()
+        bar.close()
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise KititansError(f"onnxruntime-genai's builder failed: {tail[0]}")
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        tok_dir = tmp / "tokenizer"  # ours, apart from the builder's HF tokenizer files
+        tok_dir.mkdir()
+        copy_tokenizer(run_dir, tok_dir)
+        import onnxruntime_genai
+
+        manifest = base_manifest(ckpt, "onnx-genai", quant, out)
+        manifest.update(
+            size_bytes=dir_size(tmp),
+            genai={
+                "builder": f"onnxruntime_genai.models.builder {onnxruntime_genai.__version__}",
+                "precision": GENAI_PRECISION[quant],
+                "execution_provider": "cpu",
+                "extra_options": {"block_size": 32, "accuracy_level": 4, "is_symmetric": True},
+            },
+            next=[f"python -c \"import onnxruntime_genai as og; og.Model('{out}')\""],
+        )
+        write_json(tmp / "manifest.json", manifest)
+    return ExportResult(out, out / "manifest.json", manifest)

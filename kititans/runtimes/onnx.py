@@ -1,0 +1,262 @@
+"""ONNX Runtime runtimes: our exported step graph (`OnnxRuntime`) and onnxruntime-genai (`GenaiRuntime`).
+
+`OnnxRuntime` drives any graph with the past/present contract (ours, or onnxruntime-genai's graph run
+as a plain session): IO binding keeps each step's `present` tensors as OrtValues on the provider's device
+and binds them as the next step's `past`, so the cache never goes through numpy; only the logits come
+back to the host. The state layout comes from the export's manifest.json, or from the names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kititans.errors import KititansError, require
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class State:
+    input: str
+    output: str
+    shape: tuple  # str entries are symbolic
+    dtype: Any  # numpy dtype
+
+
+def find_codec(path: Path) -> Any:
+    """The run's Tokenizer: next to the artifact (or in a tokenizer/ folder there) first, then up to the
+    run directory (RUN/ for RUN/export/onnx/<quant>/ and RUN/export/model.<quant>.mlpackage)."""
+    from kititans.data.tokenizer import Tokenizer
+
+    folder = path if path.is_dir() else path.parent
+    for cand in [folder, *folder.parents[:3]]:
+        for d in (cand, cand / "tokenizer"):
+            if (d / "tokenizer.model").is_file():
+                return Tokenizer.load(d)
+    raise KititansError(f"no tokenizer.model next to {path} or in its run directory: re-export the model")
+
+
+def model_file(path: Path) -> Path:
+    """A .onnx file, or the model.onnx (or only .onnx) of a folder."""
+    if path.is_file():
+        return path
+    if (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    found = sorted(path.glob("*.onnx"))
+    if len(found) != 1:
+        raise KititansError(f"{path}: expected one model.onnx, found {len(found)} .onnx files")
+    return found[0]
+
+
+def providers_for(device: str) -> list[str]:
+    """CPU, or CUDA (with CPU fallback for the ops it lacks) when asked or, for "auto", when available."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if device in ("cuda", "gpu") or device.startswith("cuda:"):
+        if "CUDAExecutionProvider" not in have:
+            raise KititansError(
+                "this onnxruntime has no CUDA provider: pip install onnxruntime-gpu (or use --device cpu)"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto" and "CUDAExecutionProvider" in have:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device not in ("cpu", "auto"):
+        raise KititansError(f"the onnx runtime runs on cpu or cuda, not {device!r}")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntime:
+    name = "onnx"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0, spin: bool = True, **_: Any):
+        ort = require("onnxruntime", "onnx", "the ONNX runtime")
+        self.path = Path(path)
+        self.file = model_file(self.path)
+        folder = self.file.parent
+        manifest = (
+            json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+        )
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        if not spin:  # spinning threads cost more than they save on a busy, shared CPU
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(self.file), so, providers=providers_for(device))
+        except Exception as e:
+            raise KititansError(
+                f"{self.file}: onnxruntime cannot load it ({str(e).splitlines()[0]})"
+            ) from None
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.states = self._states(manifest.get("onnx", {}))
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self.vocab_size = int(logits.shape[-1]) if isinstance(logits.shape[-1], int) else 0
+        self.context_length = int(manifest.get("onnx", {}).get("context_length") or self._genai_context())
+        self.codec = find_codec(self.path)
+        self.vocab_size = self.vocab_size or self.codec.vocab_size
+        # host buffers the inputs are bound from by pointer, so a step allocates and copies nothing
+        self._ids = np.zeros((1, self.context_length), np.int64)
+        self._mask = np.ones((1, self.context_length), np.int64)
+        self._pos = np.arange(self.context_length, dtype=np.int64)[None]
+        out_type = _NP_TYPES.get(logits.type, np.float32)
+        self._logits = np.zeros((1, 1, self.vocab_size), out_type)  # a decode step's logits land here
+        self.io = self.session.io_binding()
+        self._n = 0
+        self._past: list[Any] = []
+
+    def _states(self, info: dict[str, Any]) -> list[State]:
+        if info.get("states"):
+            specs = [(s["input"], s["output"], tuple(s["shape"])) for s in info["states"]]
+        else:  # the optimum/genai naming convention, (batch, kv_heads, past, head_size)
+            genai = self._genai_config().get("decoder", {})
+            fixed = {1: genai.get("num_key_value_heads"), 3: genai.get("head_size")}
+            specs = []
+            for n in (n for n in self.inputs if n.startswith("past_")):
+                shape = tuple(
+                    d if isinstance(d, int) else ("batch" if a == 0 else fixed.get(a) or "past")
+                    for a, d in enumerate(self.inputs[n].shape)
+                )
+                specs.append((n, n.replace("past_key_values.", "present."), shape))
+        if not specs:
+            raise KititansError(f"{self.file}: no past_* state inputs: not a decoder step graph")
+        return [State(i, o, shape, _NP_TYPES.get(self.inputs[i].type, np.float32)) for i, o, shape in specs]
+
+    def _genai_config(self) -> dict[str, Any]:
+        cfg = self.file.parent / "genai_config.json"
+        return json.loads(cfg.read_text())["model"] if cfg.is_file() else {}
+
+    def _genai_context(self) -> int:
+        if "context_length" in self._genai_config():
+            return int(self._genai_config()["context_length"])
+        raise KititansError(f"{self.file}: no manifest.json saying its context length: re-export the model")
+
+    def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """The empty cache: batch rows, zero positions (every symbolic dim but the batch is 0)."""
+
+        def shape(dims: tuple) -> tuple[int, ...]:
+            return tuple(batch if d == "batch" else 0 if isinstance(d, str) else d for d in dims)
+
+        return {s.input: np.zeros(shape(s.shape), s.dtype) for s in self.states}
+
+    @property
+    def n_past(self) -> int:
+        return self._n
+
+    def reset(self) -> None:
+        import onnxruntime as ort
+
+        self._past = [
+            ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for v in self.zero_state(1).values()
+        ]
+        self._n = 0
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Run len(ids) tokens after the cached ones; logits (V,) of the last, or (T, V) of all."""
+        if not self._past:
+            self.reset()
+        T, n = len(ids), self._n
+        if T == 0:
+            raise ValueError("forward needs at least one token")
+        if n + T > self.context_length:
+            raise KititansError(f"{n + T} tokens exceed the model's context of {self.context_length}")
+        io = self.io
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        self._ids[0, :T] = ids
+        io.bind_input("input_ids", "cpu", 0, np.int64, [1, T], self._ids.ctypes.data)
+        io.bind_input("attention_mask", "cpu", 0, np.int64, [1, n + T], self._mask.ctypes.data)
+        if "position_ids" in self.inputs:  # positions n..n+T-1: a window of the arange buffer
+            io.bind_input("position_ids", "cpu", 0, np.int64, [1, T], self._pos[:, n:].ctypes.data)
+        for s, v in zip(self.states, self._past):
+            io.bind_ortvalue_input(s.input, v)
+        if T == 1:
+            io.bind_output(
+                "logits", "cpu", 0, self._logits.dtype, [1, 1, self.vocab_size], self._logits.ctypes.data
+            )
+        else:
+            io.bind_output("logits", "cpu")
+        for s in self.states:  # presents stay on the provider's device and come back as the next past
+            io.bind_output(s.output, self.device)
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        self._past = list(outs[1:])
+        self._n = n + T
+        logits = self._logits[0] if T == 1 else outs[0].numpy()[0]  # (T, V)
+        logits = logits if all_logits else logits[-1]
+        return logits.astype(np.float32)  # a copy: the buffer is reused by the next step
+
+    def step(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: dict[str, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One batched call of the graph in numpy (tests, batched scoring): logits (B,T,V), new past."""
+        past = past if past is not None else self.zero_state(input_ids.shape[0])
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = position_ids.astype(np.int64)
+        outs = self.session.run(["logits", *(s.output for s in self.states)], {**feed, **past})
+        return outs[0], {s.input: o for s, o in zip(self.states, outs[1:])}
+
+
+class GenaiRuntime:
+    """onnxruntime-genai's own generator loop (shared KV buffer, fused GroupQueryAttention) over a model
+    from kititans.export.onnx.export_genai, behind the same Runtime protocol."""
+
+    name = "genai"
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0, spin: bool = True, **_: Any):
+        og = require("onnxruntime_genai", "genai", "the onnxruntime-genai runtime")
+        self.path = Path(path)
+        if not (self.path / "genai_config.json").is_file():
+            raise KititansError(
+                f"{self.path}: no genai_config.json (build one with kititans.export.onnx.export_genai)"
+            )
+        config = og.Config(str(self.path))
+        if device.startswith("cuda"):
+            config.clear_providers()
+            config.append_provider("cuda")
+        session: dict[str, Any] = {"intra_op_num_threads": threads} if threads else {}
+        if not spin:  # unknown session_options keys are passed to onnxruntime as config entries
+            session["session.intra_op.allow_spinning"] = "0"
+        if session:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+        self.model = og.Model(config)
+        self._og = og
+        info = json.loads((self.path / "genai_config.json").read_text())["model"]
+        self.vocab_size = int(info["vocab_size"])
+        self.context_length = int(info["context_length"])
+        self.codec = find_codec(self.path)
+        self.gen: Any = None
+
+    @property
+    def n_past(self) -> int:
+        return int(self.gen.token_count()) if self.gen is not None else 0
+
+    def reset(self) -> None:
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.context_length, do_sample=False)
+        self.gen = self._og.Generator(self.model, params)
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        if self.gen is None:
+            self.reset()
+        if self.n_past + len(ids) > self.context_length:
+            raise KititansError(
+                f"{self.n_past + len(ids)} tokens exceed the model's context of {self.context_length}"
+            )
+        self.gen.append_tokens([int(i) for i in ids])
+        if all_logits:
+            return np.asarray(self.gen.get_output("logits"))[0].astype(np.float32)  # (T, V)
+        return np.asarray(self.gen.get_logits())[0, -1].astype(np.float32)
