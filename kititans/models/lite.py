@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kititans.errors import KititansError
 from kititans.models.layers import RMSNorm, SwiGLU, apply_rope, attention, rope_tables
+from kititans.models.lite_export import LiteCoreMLStep, LiteOnnxStep
 from kititans.models.spec import FamilySpec, Preset, register
 
 
@@ -346,7 +347,7 @@ SPEC = register(
         model_cls=LiteModel,
         presets=PRESETS,
         description="llama-compatible GPT: RMSNorm, RoPE, SwiGLU, GQA; runs in transformers and llama.cpp",
-        formats={"gguf": GGUF_TENSORS},
+        formats={"gguf": GGUF_TENSORS, "onnx": LiteOnnxStep, "coreml": LiteCoreMLStep},
         hf_config=hf_llama_config,
     )
 )
