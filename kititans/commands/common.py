@@ -39,7 +39,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run directory, a .gguf file, an ONNX export folder or a .mlpackage")
     p.add_argument(
         "--runtime",
-        choices=["torch", "llamacpp", "onnx", "coreml"],
+        choices=["torch", "llamacpp", "onnx", "genai", "coreml"],
         default=None,
         help="default: chosen from the model path",
     )

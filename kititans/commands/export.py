@@ -11,6 +11,8 @@ EXAMPLES = """  kititans export runs/tiny --format gguf --q4          # -> runs/
   kititans export runs/tiny --format onnx --quant int4
   kititans export runs/tiny --format coreml --q4        # -> .mlpackage for an iOS/macOS app"""
 
+FORMAT_OPTIONS = {"opset": "onnx", "target": "coreml", "max_len": "coreml", "prefill_len": "coreml"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run directory (from kititans train / sft)")
@@ -29,10 +31,18 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="gguf: calibration text for an importance matrix ('val' = the run's validation split)",
     )
     p.add_argument("--out", help="output path (default: RUN/export/...)")
+    g = p.add_argument_group("format options")
+    g.add_argument(
+        "--opset", type=int, help="onnx: 23 (default; fused Attention/RMSNorm ops) or 18 (older runtimes)"
+    )
+    g.add_argument("--target", help="coreml: minimum deployment target (default iOS18; states need >= iOS18)")
+    g.add_argument("--max-len", type=int, help="coreml: KV-cache positions (default: the model context)")
+    g.add_argument("--prefill-len", type=int, help="coreml: longest prefill chunk (default 128)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kititans.errors import KititansError
     from kititans.export import ExportOptions, export_model, format_module
 
     if args.quant == "list":
