@@ -53,13 +53,12 @@ def run(args: argparse.Namespace) -> int:
             alias = f" (--{short[name]})" if name in short else ""
             print(f"  {name:<12} {qt.bits_per_weight:5.2f} bits/weight  {qt.description}{alias}")
         return 0
-    result = export_model(
-        args.run,
-        args.format,
-        args.quant,
-        args.out,
-        ExportOptions(imatrix=args.imatrix, progress=not args.quiet),
-    )
+    extra = {k: getattr(args, k) for k in FORMAT_OPTIONS if getattr(args, k) is not None}
+    for k in extra:
+        if FORMAT_OPTIONS[k] != args.format:
+            raise KititansError(f"--{k.replace('_', '-')} applies to --format {FORMAT_OPTIONS[k]} only")
+    options = ExportOptions(imatrix=args.imatrix, progress=not args.quiet, extra=extra)
+    result = export_model(args.run, args.format, args.quant, args.out, options)
     m = result.manifest
     size = m.get("size_bytes") or 0
     print(f"wrote {result.path} ({size / 2**20:.2f} MiB, {m['quant']}, {result.seconds:.1f} s)")
