@@ -12,13 +12,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from kititans.checkpoint import Checkpoint, state_dict_for_save
 from kititans.errors import KititansError, UnsupportedExport, require
@@ -122,17 +126,31 @@ def vocabulary(ckpt: Checkpoint, rows: int) -> tuple[list[tuple[str, float, int]
     return pieces, too_long
 
 
+@contextlib.contextmanager
+def _quiet_gguf_log() -> Iterator[None]:
+    """gguf-py logs INFO lines naming our temporary files; keep its warnings only."""
+    log = logging.getLogger("gguf")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def write_gguf(
     path: Path,
     ckpt: Checkpoint,
     tensors: list[tuple[str, np.ndarray]],
     pieces: list[tuple[str, float, int]],
     qtype: GgufType,
+    progress: bool = False,
 ) -> None:
     """One GGUF file with the full metadata; 2-D weights in qtype's gguf-py type, 1-D in float32."""
     gguf = require("gguf", "gguf", "GGUF export")
     hf, tok = hyperparameters(ckpt), ckpt.tokenizer
-    w = gguf.GGUFWriter(str(path), "llama")
+    with _quiet_gguf_log():
+        w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(Path(ckpt.path).name)
     w.add_type("model")
     w.add_context_length(hf["max_position_embeddings"])
@@ -176,24 +194,31 @@ def write_gguf(
         data = quantize(arr, ggml_type)
         raw = None if ggml_type == F32 or data.dtype == np.float16 else gguf.GGMLQuantizationType(ggml_type)
         w.add_tensor(name, data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    with _quiet_gguf_log():
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file(progress=progress)
+        finally:
+            w.close()
 
 
-def tensor_report(path: Path, source: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+def tensor_report(
+    path: Path, source: dict[str, np.ndarray], progress: bool = False
+) -> dict[str, dict[str, Any]]:
     """Per tensor in the written file: type, shape (PyTorch order) and the error of its dequantized values
     against the float32 weights (max absolute, and relative to the largest weight)."""
     gguf = require("gguf", "gguf", "GGUF export")
     report = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
+    tensors = gguf.GGUFReader(str(path)).tensors
+    for t in tqdm(tensors, desc="check", unit="tensor", disable=not progress, leave=False):
         ref = source[t.name]
         deq = dequantize(t.data, int(t.tensor_type)).reshape(ref.shape)
         err = float(np.abs(deq - ref).max()) if ref.size else 0.0
         report[t.name] = {
             "type": TYPE_NAMES.get(int(t.tensor_type), t.tensor_type.name),
             "shape": list(ref.shape),
+            "bytes": int(t.n_bytes),
             "max_abs_error": err,
             "max_rel_error": err / max(float(np.abs(ref).max()), 1e-30),
         }
@@ -236,7 +261,7 @@ def export(ckpt: Checkpoint, quant: str, out: Path, options: ExportOptions) -> E
         if by_llamacpp:
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gguf-base-") as d:
                 base = Path(d) / "base.f32.gguf"
-                write_gguf(base, ckpt, tensors, pieces, TYPES["f32"])
+                write_gguf(base, ckpt, tensors, pieces, TYPES["f32"], options.progress)
                 llama_quantize(
                     base,
                     tmp,
@@ -246,8 +271,8 @@ def export(ckpt: Checkpoint, quant: str, out: Path, options: ExportOptions) -> E
                     threads=int(options.extra.get("threads", 0)),
                 )
         else:
-            write_gguf(tmp, ckpt, tensors, pieces, qtype)
-        report = tensor_report(tmp, dict(tensors))
+            write_gguf(tmp, ckpt, tensors, pieces, qtype, options.progress)
+        report = tensor_report(tmp, dict(tensors), options.progress)
     manifest = base_manifest(ckpt, FORMAT, quant, out)
     manifest.update(
         {
@@ -255,6 +280,7 @@ def export(ckpt: Checkpoint, quant: str, out: Path, options: ExportOptions) -> E
             "bits_per_weight": qtype.bits_per_weight,
             "quantizer": "llama.cpp llama_model_quantize" if by_llamacpp else "gguf-py",
             "size_mib": round(out.stat().st_size / 2**20, 3),
+            "weight_bits_per_weight": _weight_bpw(report),
             "tied_embeddings": "output.weight" not in report,
             "vocab": {"tokens": len(pieces), "padded": len(pieces) - ckpt.tokenizer.vocab_size},
             "imatrix": None
@@ -276,6 +302,12 @@ def export(ckpt: Checkpoint, quant: str, out: Path, options: ExportOptions) -> E
     )
     path = write_manifest(out, manifest)
     return ExportResult(out, path, manifest, time.perf_counter() - t0)
+
+
+def _weight_bpw(report: dict[str, dict[str, Any]]) -> float:
+    """Bits per weight actually stored for the 2-D weights (the mix llama.cpp chose, for K-quants)."""
+    mats = [r for r in report.values() if len(r["shape"]) == 2]
+    return round(8 * sum(r["bytes"] for r in mats) / sum(int(np.prod(r["shape"])) for r in mats), 3)
 
 
 def _type_counts(report: dict[str, dict[str, Any]]) -> dict[str, int]:

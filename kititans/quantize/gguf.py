@@ -72,7 +72,9 @@ def quantize(w: np.ndarray, ggml_type: int) -> np.ndarray:
         return np.ascontiguousarray(w, dtype=np.float32)
     if ggml_type == F16:
         return w.astype(np.float16)
-    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType(ggml_type))
+    return gguf.quants.quantize(
+        np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType(ggml_type)
+    )
 
 
 def dequantize(data: np.ndarray, ggml_type: int) -> np.ndarray:
@@ -96,7 +98,15 @@ def llama_quantize(
 
     `dst` should be a temporary name: on failure it is removed and a KititansError says why."""
     require("llama_cpp", "llamacpp", "K-quant GGUF export (llama.cpp's quantizer)")
-    cmd = [sys.executable, "-m", "kititans.quantize.gguf", str(src), str(dst), "--ftype", str(qtype.file_type)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kititans.quantize.gguf",
+        str(src),
+        str(dst),
+        "--ftype",
+        str(qtype.file_type),
+    ]
     if output_type is not None:
         cmd += ["--output-type", str(output_type)]
     if pure:

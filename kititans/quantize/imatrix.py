@@ -31,15 +31,25 @@ class Imatrix:
     source: str
 
 
+def run_shards(run: str | Path) -> Path | None:
+    """The token shards a run was trained on (config.json "kititans.data"; a relative path may have been
+    relative to another working directory, so RUN/data is tried too), or None."""
+    data_dir = read_json(Path(run) / "config.json").get("kititans", {}).get("data")
+    for d in [Path(data_dir)] * bool(data_dir) + [Path(run) / "data"]:
+        if (d / "manifest.json").is_file():
+            return d
+    return None
+
+
 def calibration_ids(ckpt: Checkpoint, source: str) -> np.ndarray:
     """Token ids of the calibration text: a split of the run's shards (`val`, `train`) or a text file."""
     if source in SPLITS:
         from kititans.data.shards import TokenData
 
-        data_dir = read_json(Path(ckpt.path) / "config.json").get("kititans", {}).get("data")
-        if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
+        data_dir = run_shards(ckpt.path)
+        if data_dir is None:
             raise KititansError(
-                f"--imatrix {source}: the run's token shards are gone ({data_dir}); pass a text file instead"
+                f"--imatrix {source}: the run's token shards are gone; pass a calibration text file instead"
             )
         data = TokenData(data_dir)
         data.check_tokenizer(ckpt.tokenizer)

@@ -119,8 +119,11 @@ class LlamaCppRuntime:
         cp.n_seq_max = 1
         cp.n_threads = cp.n_threads_batch = threads or os.cpu_count() or 1
         cp.no_perf = True
-        kv = {"f16": lib.GGML_TYPE_F16, "f32": lib.GGML_TYPE_F32}[kv_type]
-        cp.type_k = cp.type_v = kv
+        kv_types = {"f16": lib.GGML_TYPE_F16, "f32": lib.GGML_TYPE_F32, "q8_0": lib.GGML_TYPE_Q8_0}
+        if kv_type not in kv_types:
+            lib.llama_model_free(model)
+            raise KititansError(f"unknown KV cache type {kv_type!r}; valid: {', '.join(kv_types)}")
+        cp.type_k = cp.type_v = kv_types[kv_type]
         if flash_attn is not None:
             cp.flash_attn_type = (
                 lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -318,12 +321,15 @@ def open_llama(path: str | Path, repack: bool = False, verbose: bool = False, **
     return llm
 
 
-def chat_completion(
-    model: str | Path | Any, messages: list[dict[str, str]], **kwargs: Any
-) -> dict[str, Any]:
+def chat_completion(model: str | Path | Any, messages: list[dict[str, str]], **kwargs: Any) -> dict[str, Any]:
     """llama-cpp-python's own create_chat_completion (the template embedded in the GGUF, its stop rules)."""
-    llm = open_llama(model) if isinstance(model, (str, Path)) else model
-    return llm.create_chat_completion(messages=messages, **kwargs)
+    if not isinstance(model, (str, Path)):
+        return model.create_chat_completion(messages=messages, **kwargs)
+    llm = open_llama(model)
+    try:
+        return llm.create_chat_completion(messages=messages, **kwargs)
+    finally:
+        llm.close()
 
 
 def chat_prompt_ids(llm: Any, messages: list[dict[str, str]]) -> list[int]:
