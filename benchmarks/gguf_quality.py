@@ -13,7 +13,6 @@ matrix is calibrated on the run's *train* split by default, so it never sees the
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.common import machine, md_table, write_json
-from kititans.bench.quality import LOGP_FLOOR, Quality, chunk_logprobs, compare, make_chunks
+from kititans.bench.quality import chunk_logprobs, make_chunks, measure, save_reference
 from kititans.checkpoint import read_meta
 from kititans.data.shards import TokenData
 from kititans.export import ExportOptions, export_model
@@ -37,44 +36,6 @@ from kititans.runtimes import load_runtime
 
 DEFAULT_TYPES = ["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
 IMATRIX_TYPES = ["q4_k_m", "q4_0"]
-
-
-def combine(parts: list[Quality]) -> dict[str, Any]:
-    """Exact totals from per-chunk statistics: token-weighted means, pooled variances, log-mean PPL."""
-    n = np.array([p.tokens for p in parts], dtype=np.float64)
-    N = n.sum()
-    w = lambda xs: float((n * np.asarray(xs, dtype=np.float64)).sum() / N)  # noqa: E731
-    kld = w([p.kld_mean for p in parts])
-    # se_i^2 (n_i - 1) is chunk i's variance; E[x^2] pools them
-    ex2 = w([p.kld_se**2 * max(p.tokens - 1, 1) + p.kld_mean**2 for p in parts])
-    same = w([p.same_top for p in parts])
-    ppl, ppl_base = (
-        math.exp(w([math.log(p.ppl) for p in parts])),
-        math.exp(w([math.log(p.ppl_base) for p in parts])),
-    )
-    return {
-        "tokens": int(N),
-        "ppl": ppl,
-        "ppl_base": ppl_base,
-        "ppl_drift_pct": 100 * (ppl / ppl_base - 1),
-        "kld_mean": kld,
-        "kld_se": math.sqrt(max(ex2 - kld**2, 0.0) / max(N - 1, 1)),
-        "kld_max": max(p.kld_max for p in parts),
-        "same_top": same,
-        "same_top_se": math.sqrt(same * (1 - same) / max(N - 1, 1)),
-        "delta_p_mean": w([p.delta_p_mean for p in parts]),
-        "delta_p_rms": math.sqrt(w([p.delta_p_rms**2 for p in parts])),
-    }
-
-
-def measure(rt: Any, chunks: list[list[int]], base: list[np.ndarray], desc: str) -> dict[str, Any]:
-    parts = []
-    for chunk, ref, lp in zip(
-        chunks, base, tqdm(chunk_logprobs(rt, chunks), total=len(chunks), desc=desc, leave=False)
-    ):
-        y = np.asarray(chunk[len(chunk) // 2 + 1 :], dtype=np.int64)
-        parts.append(compare(ref.astype(np.float32), lp, y))
-    return combine(parts)
 
 
 def bench_run(run: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -104,36 +65,31 @@ def bench_run(run: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
         )
 
     base_res = export_model(run, "gguf", "f32", out_dir / "model.f32.gguf", opts())
-    base_rt = load_runtime(base_res.path, threads=args.threads)
     # float16 reference, clipped at the llama-perplexity floor (what --kl-divergence-base stores)
-    base = [
-        np.maximum(lp, LOGP_FLOOR).astype(np.float16)
-        for lp in tqdm(chunk_logprobs(base_rt, chunks), total=len(chunks), desc="f32 base", leave=False)
-    ]
-    del base_rt
-    add(
-        "f32 (base)",
-        "f32",
-        None,
-        base_res,
-        measure(load_runtime(base_res.path, threads=args.threads), chunks, base, "f32"),
+    ref = out_dir / "reference.npz"
+    lps = tqdm(
+        chunk_logprobs(load_runtime(base_res.path, threads=args.threads), chunks),
+        total=len(chunks),
+        desc="f32 base",
+        leave=False,
     )
+    save_reference(ref, chunks, lps)
+
+    def stats(path: Path, desc: str) -> dict[str, Any]:
+        q = measure(load_runtime(path, threads=args.threads), ref, progress=True, desc=desc)
+        return {k: v for k, v in q.to_dict().items() if not isinstance(v, dict)}
+
+    add("f32 (base)", "f32", None, base_res, stats(base_res.path, "f32"))
     if not args.no_torch:
-        add(
-            "pytorch fp32",
-            "",
-            None,
-            None,
-            measure(load_runtime(run, threads=args.threads), chunks, base, "torch"),
-        )
+        add("pytorch fp32", "", None, None, stats(run, "torch"))
     plan = [(q, None) for q in args.types] + [(q, args.calib) for q in args.imatrix_types]
     for quant, calib in plan:
         name = f"model.{quant}{'.imatrix' if calib else ''}.gguf"
         res = export_model(run, "gguf", quant, out_dir / name, opts(calib))
-        stats = measure(load_runtime(res.path, threads=args.threads), chunks, base, quant)
-        add(quant, quant, calib, res, stats)
+        st = stats(res.path, quant)
+        add(quant, quant, calib, res, st)
         print(
-            f"  {run.name} {quant:<8} {calib or '':<6} KLD {stats['kld_mean']:.6f} same-top {stats['same_top']:.2%}",
+            f"  {run.name} {quant:<8} {calib or '':<6} KLD {st['kld_mean']:.6f} same-top {st['same_top']:.2%}",
             file=sys.stderr,
         )
     if not args.keep:

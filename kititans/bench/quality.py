@@ -72,8 +72,9 @@ def save_reference(path: str | Path, chunks: list[list[int]], logprobs: Iterator
 
 
 def load_reference(path: str | Path) -> tuple[list[list[int]], np.ndarray]:
+    """Chunks and reference log-probs (kept float16: a 32k vocabulary costs 64 KB per scored token)."""
     with np.load(path) as z:
-        return z["tokens"].tolist(), z["logprobs"].astype(np.float32)
+        return z["tokens"].tolist(), z["logprobs"]
 
 
 @dataclass
@@ -97,9 +98,50 @@ class Quality:
         return asdict(self)
 
 
+def token_stats(base: np.ndarray, quant: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Per scored token: KLD, delta-p, same-top, and both NLLs, from (n, vocab) log-probs and next tokens y."""
+    if base.shape != quant.shape or len(y) != base.shape[0]:
+        raise ValueError(f"shape mismatch: base {base.shape}, quant {quant.shape}, targets {len(y)}")
+    b = base.astype(np.float64)
+    q = np.maximum(quant.astype(np.float64), -1e30)
+    kld = np.where(b > LOGP_FLOOR, np.exp(b) * (b - q), 0.0).sum(axis=1)
+    rows = np.arange(len(y))
+    return {
+        "kld": kld,
+        "dp": np.exp(q[rows, y]) - np.exp(b[rows, y]),
+        "same": (b.argmax(axis=1) == q.argmax(axis=1)).astype(np.float64),
+        "nll_base": -b[rows, y],
+        "nll": -q[rows, y],
+    }
+
+
 def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    n = len(x)
-    return float(x.mean()), float(np.sqrt(x.var() / max(n - 1, 1)))
+    return float(x.mean()), float(np.sqrt(x.var() / max(len(x) - 1, 1)))
+
+
+def summarize(st: dict[str, np.ndarray]) -> Quality:
+    """The llama-perplexity statistics of per-token arrays (from one chunk or many concatenated)."""
+    n = len(st["kld"])
+    ppl_b, ppl_q = float(np.exp(st["nll_base"].mean())), float(np.exp(st["nll"].mean()))
+    kld_m, kld_se = _mean_se(st["kld"])
+    same = float(st["same"].mean())
+    pct = lambda x: {f"p{p:g}": float(np.percentile(x, p)) for p in PERCENTILES}  # noqa: E731
+    return Quality(
+        tokens=n,
+        ppl=ppl_q,
+        ppl_base=ppl_b,
+        ppl_ratio=ppl_q / ppl_b,
+        ppl_drift_pct=100.0 * (ppl_q / ppl_b - 1.0),
+        kld_mean=kld_m,
+        kld_se=kld_se,
+        kld_percentiles=pct(st["kld"]),
+        kld_max=float(st["kld"].max()),
+        same_top=same,
+        same_top_se=float(np.sqrt(same * (1 - same) / max(n - 1, 1))),
+        delta_p_mean=float(st["dp"].mean()),
+        delta_p_rms=float(np.sqrt((st["dp"] ** 2).mean())),
+        delta_p_percentiles=pct(st["dp"]),
+    )
 
 
 def perplexity(logprobs: np.ndarray, y: np.ndarray) -> float:
@@ -109,39 +151,52 @@ def perplexity(logprobs: np.ndarray, y: np.ndarray) -> float:
 
 def compare(base: np.ndarray, quant: np.ndarray, y: np.ndarray) -> Quality:
     """Statistics of `quant` log-probs against `base` log-probs (both (n, vocab)) for next tokens y."""
-    if base.shape != quant.shape or len(y) != base.shape[0]:
-        raise ValueError(f"shape mismatch: base {base.shape}, quant {quant.shape}, targets {len(y)}")
-    b = base.astype(np.float64)
-    q = np.maximum(quant.astype(np.float64), -1e30)
-    keep = b > LOGP_FLOOR
-    kld = np.where(keep, np.exp(b) * (b - q), 0.0).sum(axis=1)
-    rows = np.arange(len(y))
-    dp = np.exp(q[rows, y]) - np.exp(b[rows, y])
-    same = (b.argmax(axis=1) == q.argmax(axis=1)).astype(np.float64)
-    ppl_b, ppl_q = perplexity(base, y), perplexity(quant, y)
-    kld_m, kld_se = _mean_se(kld)
-    same_m = float(same.mean())
-    pct = lambda x: {f"p{p:g}": float(np.percentile(x, p)) for p in PERCENTILES}  # noqa: E731
-    return Quality(
-        tokens=len(y),
-        ppl=ppl_q,
-        ppl_base=ppl_b,
-        ppl_ratio=ppl_q / ppl_b,
-        ppl_drift_pct=100.0 * (ppl_q / ppl_b - 1.0),
-        kld_mean=kld_m,
-        kld_se=kld_se,
-        kld_percentiles=pct(kld),
-        kld_max=float(kld.max()),
-        same_top=same_m,
-        same_top_se=float(np.sqrt(same_m * (1 - same_m) / max(len(y) - 1, 1))),
-        delta_p_mean=float(dp.mean()),
-        delta_p_rms=float(np.sqrt((dp**2).mean())),
-        delta_p_percentiles=pct(dp),
-    )
+    return summarize(token_stats(base, quant, y))
 
 
-def measure(rt: Any, reference: str | Path) -> Quality:
-    """Run `rt` on the reference's chunks and compare with the stored reference log-probs."""
+def measure(rt: Any, reference: str | Path, progress: bool = False, desc: str = "quality") -> Quality:
+    """Run `rt` on the reference's chunks and compare with the stored reference, one chunk at a time
+    (memory stays at one chunk of float64 log-probs, whatever the vocabulary)."""
+    from tqdm import tqdm
+
     chunks, base = load_reference(reference)
-    quant = np.concatenate(list(chunk_logprobs(rt, chunks)))
-    return compare(base, quant, targets(chunks))
+    parts, offset = [], 0
+    for chunk, lp in zip(
+        chunks,
+        tqdm(chunk_logprobs(rt, chunks), total=len(chunks), desc=desc, disable=not progress, leave=False),
+    ):
+        parts.append(token_stats(base[offset : offset + len(lp)], lp, targets([chunk])))
+        offset += len(lp)
+    return summarize({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+# ---- chunk-by-chunk helpers used by kititans bench (same statistics as compare/measure)
+
+
+def from_token_stats(parts: list[dict[str, np.ndarray]]) -> Quality:
+    """The Quality of concatenated per-token terms (equal to `compare` on the whole arrays)."""
+    return summarize({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+def write_reference(path: str | Path, chunks: list[list[int]], rt: Any) -> Quality:
+    """Like save_reference(path, chunks, chunk_logprobs(rt, chunks)), filling one float16 array chunk by
+    chunk; returns `rt`'s own quality against what was stored (the float16 rounding only)."""
+    y_all = targets(chunks)
+    per = len(y_all) // len(chunks)
+    store: np.ndarray | None = None
+    parts = []
+    for i, lp in enumerate(chunk_logprobs(rt, chunks)):
+        if store is None:
+            store = np.empty((len(y_all), lp.shape[1]), dtype=np.float16)
+        base = np.maximum(lp, LOGP_FLOOR).astype(np.float16)
+        store[i * per : (i + 1) * per] = base
+        parts.append(token_stats(base.astype(np.float32), lp, y_all[i * per : (i + 1) * per]))
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, tokens=np.asarray(chunks, dtype=np.int64), logprobs=store)
+    return from_token_stats(parts)
+
+
+def measure_chunked(rt: Any, reference: str | Path) -> Quality:
+    """Kept for callers of the bench worker: `measure` already goes one chunk at a time."""
+    return measure(rt, reference)

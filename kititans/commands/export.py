@@ -11,7 +11,13 @@ EXAMPLES = """  kititans export runs/tiny --format gguf --q4          # -> runs/
   kititans export runs/tiny --format onnx --quant int4
   kititans export runs/tiny --format coreml --q4        # -> .mlpackage for an iOS/macOS app"""
 
-FORMAT_OPTIONS = {"opset": "onnx", "target": "coreml", "max_len": "coreml", "prefill_len": "coreml"}
+FORMAT_OPTIONS = {
+    "opset": "onnx",
+    "target": "coreml",
+    "max_len": "coreml",
+    "prefill_len": "coreml",
+    "imatrix_tokens": "gguf",
+}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -32,6 +38,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", help="output path (default: RUN/export/...)")
     g = p.add_argument_group("format options")
+    g.add_argument(
+        "--imatrix-tokens", type=int, help="gguf: calibration tokens for --imatrix (default 32768)"
+    )
     g.add_argument(
         "--opset", type=int, help="onnx: 23 (default; fused Attention/RMSNorm ops) or 18 (older runtimes)"
     )

@@ -73,7 +73,9 @@ class Tokenizer:
         self.unk_id, self.pad_id = self.sp.unk_id(), self.sp.pad_id()
         self.end_id = self.sp.PieceToId(END_TOKEN) if END_TOKEN in self.user_defined else -1
         # strings parsed as special tokens in templates (llama.cpp tokenizes templates with special=True)
-        self._specials = {p: self.sp.PieceToId(p) for p in [BOS, EOS, *self.user_defined] if self._has(p)}
+        self._specials = {
+            p: self.sp.PieceToId(p) for p in [BOS, EOS, UNK, PAD, *self.user_defined] if self._has(p)
+        }
         self._special_re = re.compile(
             "|".join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True))
         )
@@ -115,7 +117,8 @@ class Tokenizer:
         return self.sp.EncodeAsIds(text)
 
     def encode_special(self, text: str) -> list[int]:
-        """Like llama.cpp tokenize(special=True): <s>, </s> and chat tokens in the text become their ids."""
+        """Like llama.cpp tokenize(special=True): <s>, </s>, <unk>, <pad> and chat tokens in the text become
+        their ids."""
         ids: list[int] = []
         pos = 0
         for m in self._special_re.finditer(text):

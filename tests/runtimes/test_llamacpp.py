@@ -65,8 +65,7 @@ def torch_rt(chat_run):
 
 
 def tricky_lines(n: int, seed: int = 0) -> list[str]:
-    """Corpus and chat lines, plus the same lines with unicode, digits, whitespace runs and chat tokens mixed in.
-    (Not the text "<unk>" / "<pad>": llama.cpp parses those as special too, Tokenizer.encode_special does not.)"""
+    """Corpus and chat lines, plus the same lines with unicode, digits, whitespace runs and special tokens mixed in."""
     rng = random.Random(seed)
     lines = [ln for d in generate_corpus(seed, 60_000) for ln in d.split("\n") if ln]
     lines += [render_text(_template(), m) for m in generate_chat_examples(seed=7, n=300)]
@@ -91,6 +90,8 @@ def tricky_lines(n: int, seed: int = 0) -> list[str]:
         "<|system|>",
         "<s>",
         "</s>",
+        "<unk>",
+        "<pad>",
         "<0x41>",
         "▁",
         "<|",
