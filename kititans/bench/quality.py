@@ -12,7 +12,7 @@ The reference log-probs can be stored (float16) so each runtime is measured in i
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,21 +180,37 @@ def from_token_stats(parts: list[dict[str, np.ndarray]]) -> Quality:
 
 def write_reference(path: str | Path, chunks: list[list[int]], rt: Any) -> Quality:
     """Like save_reference(path, chunks, chunk_logprobs(rt, chunks)), filling one float16 array chunk by
-    chunk; returns `rt`'s own quality against what was stored (the float16 rounding only)."""
+    chunk, plus the exact (unclipped, float32) log-prob of each next token as `target_logprobs`; returns
+    `rt`'s own quality against what was stored (the float16 rounding only)."""
     y_all = targets(chunks)
     per = len(y_all) // len(chunks)
     store: np.ndarray | None = None
+    exact = np.empty(len(y_all), dtype=np.float32)
     parts = []
     for i, lp in enumerate(chunk_logprobs(rt, chunks)):
         if store is None:
             store = np.empty((len(y_all), lp.shape[1]), dtype=np.float16)
+        rows, y = slice(i * per, (i + 1) * per), y_all[i * per : (i + 1) * per]
         base = np.maximum(lp, LOGP_FLOOR).astype(np.float16)
-        store[i * per : (i + 1) * per] = base
-        parts.append(token_stats(base.astype(np.float32), lp, y_all[i * per : (i + 1) * per]))
+        store[rows] = base
+        exact[rows] = lp[np.arange(len(y)), y]
+        parts.append(token_stats(base.astype(np.float32), lp, y))
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, tokens=np.asarray(chunks, dtype=np.int64), logprobs=store)
-    return from_token_stats(parts)
+        np.savez(f, tokens=np.asarray(chunks, dtype=np.int64), logprobs=store, target_logprobs=exact)
+    return with_exact_base(from_token_stats(parts), path)
+
+
+def with_exact_base(q: Quality, reference: str | Path) -> Quality:
+    """`q` with the reference perplexity from the exact next-token log-probs, when the reference file has
+    them. The stored rows are clipped at ln p = -16 (llama-perplexity's floor), which on out-of-domain text
+    understates the reference's perplexity and so overstates every pair's drift."""
+    with np.load(reference) as z:
+        if "target_logprobs" not in z.files:
+            return q
+        exact = z["target_logprobs"].astype(np.float64)
+    ppl_b = float(np.exp(-exact.mean()))
+    return replace(q, ppl_base=ppl_b, ppl_ratio=q.ppl / ppl_b, ppl_drift_pct=100.0 * (q.ppl / ppl_b - 1.0))
 
 
 def measure_chunked(rt: Any, reference: str | Path) -> Quality:

@@ -1,0 +1,233 @@
+"""The machine a bench ran on (so reports from a desktop GPU, a Mac and a Raspberry Pi sit side by side),
+its memory bandwidth (a short copy test), and a process's resident memory.
+
+Peak memory: on Linux, VmHWM from /proc/self/status is the high-water mark of this process's own address
+space; `getrusage().ru_maxrss` is not used there because exec() carries the parent's peak over into it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PACKAGES = (
+    "kititans",
+    "torch",
+    "numpy",
+    "llama-cpp-python",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-genai",
+    "onnx",
+    "coremltools",
+    "gguf",
+)
+
+
+def _run(cmd: list[str], timeout: float = 10.0) -> str:
+    if not shutil.which(cmd[0]):
+        return ""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace").strip("\x00\n ")
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    if sys.platform == "darwin":
+        return _run(["sysctl", "-n", "machdep.cpu.brand_string"]) or platform.processor()
+    info = _read("/proc/cpuinfo")
+    for key in ("model name", "Model", "Hardware", "cpu model"):
+        m = re.search(rf"^{key}\s*:\s*(.+)$", info, re.M)
+        if m:
+            return m.group(1).strip()
+    return platform.processor() or platform.machine()
+
+
+def caches() -> dict[str, int]:
+    """CPU cache sizes in bytes (L1d, L2, L3 of one core): a model smaller than L3 can beat the DRAM bound."""
+    found: dict[str, int] = {}
+    if sys.platform == "darwin":
+        for name, key in (("L1d", "hw.l1dcachesize"), ("L2", "hw.l2cachesize"), ("L3", "hw.l3cachesize")):
+            v = _run(["sysctl", "-n", key])
+            if v.isdigit() and int(v):
+                found[name] = int(v)
+        return found
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        kind, level, size = (_read(str(d / f)) for f in ("type", "level", "size"))
+        if kind == "Instruction" or not size:
+            continue
+        n = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        found[f"L{level}{'d' if kind == 'Data' else ''}"] = n
+    return found
+
+
+def gpus() -> list[dict[str, Any]]:
+    """NVIDIA GPUs as nvidia-smi lists them (name, driver, memory)."""
+    out = _run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"]
+    )
+    found = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            mem = int(parts[2]) * 2**20 if parts[2].isdigit() else None
+            found.append({"name": parts[0], "driver": parts[1], "memory_bytes": mem})
+    return found
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def device_record(threads: int, label: str | None = None) -> dict[str, Any]:
+    """Everything about this machine that a reader needs to compare reports."""
+    import psutil
+
+    rec: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "arch": platform.machine(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "threads_used": threads,
+        "ram_bytes": int(psutil.virtual_memory().total),
+        "cache_bytes": caches(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "gpus": gpus(),
+    }
+    if sys.platform == "darwin":
+        rec["apple_chip"] = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
+        rec["mac_model"] = _run(["sysctl", "-n", "hw.model"])
+    board = _read("/proc/device-tree/model")
+    if board:
+        rec["board"] = board
+    rec["label"] = label or default_label(rec)
+    return rec
+
+
+def default_label(rec: dict[str, Any]) -> str:
+    """A short name for the machine in comparison tables: the board, the GPU, or the CPU."""
+    if rec.get("board"):
+        return rec["board"]
+    if rec.get("gpus"):
+        return f"{rec['gpus'][0]['name']} / {rec['cpu']}"
+    n = rec["threads_used"]
+    return f"{rec['cpu']} ({n} thread{'s' if n != 1 else ''})"
+
+
+def default_threads() -> int:
+    """Physical cores (llama-bench's default); the process's CPU affinity caps it."""
+    import psutil
+
+    n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        n = min(n, len(os.sched_getaffinity(0)))
+    return max(1, n)
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 5) -> dict[str, Any]:
+    """Host memory bandwidth from the best of `repeats` copies of a `mib` buffer (read + write counted),
+    far larger than the caches. One thread: a lower bound on machines whose bandwidth needs many cores."""
+    n = mib * 2**20 // 8
+    src = np.ones(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch every page before timing
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return {"gbs": 2 * src.nbytes / best / 1e9, "method": f"numpy copy of {mib} MiB, best of {repeats}"}
+
+
+def cuda_copy_bandwidth(mib: int = 1024, repeats: int = 10) -> dict[str, Any] | None:
+    """GPU memory bandwidth from device-to-device copies (torch), or None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    src = torch.ones(mib * 2**20 // 4, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    nbytes = src.numel() * 4
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"gbs": 2 * nbytes / best / 1e9, "method": f"torch cuda copy of {mib} MiB, best of {repeats}"}
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (see the module docstring for why not ru_maxrss on Linux)."""
+    status = _read("/proc/self/status")
+    m = re.search(r"^VmHWM:\s*(\d+)\s*kB", status, re.M)
+    if m:
+        return int(m.group(1)) * 1024
+    import psutil
+
+    info = psutil.Process().memory_info()
+    if hasattr(info, "peak_wset"):  # Windows
+        return int(info.peak_wset)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
+
+
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark (Linux: write 5 to /proc/self/clear_refs); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def gpu_memory_of(pid: int) -> int | None:
+    """GPU memory nvidia-smi attributes to a process now (bytes), for runtimes that are not torch."""
+    out = _run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
+            return int(parts[1]) * 2**20
+    return None

@@ -1,0 +1,346 @@
+"""Bench reports: bench.json (every number, `schema_version`), bench.md (tables) and bench.html (plots), and
+the comparison of reports from several devices (`kititans bench --compare A.json B.json`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from kititans.errors import KititansError
+from kititans.files import write_json, write_text
+
+SCHEMA_VERSION = 1
+MiB = 2**20
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number with about `digits` significant figures ('1,234', '12.3', '0.0123', '4.17e-05'); '–' if None."""
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    x = float(x)
+    if x == 0:
+        return "0"
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:,.0f}"
+    if abs(x) < 1e-3:
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits - 1 - math.floor(math.log10(abs(x)))}f}"
+
+
+def drift(pct: float | None) -> str:
+    """A perplexity change in percent with its sign; 0.000 when it rounds to zero."""
+    if pct is None:
+        return "–"
+    return "0.000" if abs(pct) < 5e-4 else f"{pct:+.3f}"
+
+
+def kld(x: float | None) -> str:
+    """Mean KLD; below 1e-5 it is float16 storage noise of the reference (it can even be slightly < 0)."""
+    if x is None:
+        return "–"
+    return "<1e-5" if x < 1e-5 else fmt(x)
+
+
+def get(d: Any, *keys: Any) -> Any:
+    """d[k1][k2]... or None when any level is missing."""
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
+def speed_columns(report: dict[str, Any]) -> list[tuple[str, tuple]]:
+    """(header, path into a result) for the speed columns of this report's settings."""
+    s = report["settings"]
+    cols = [(f"pp{n} t/s", ("speed", "prefill", str(n), "median")) for n in s["prompt_tokens"]]
+    cols.append((f"tg{s['gen_tokens']} t/s", ("speed", "decode", "median")))
+    n0 = s["prompt_tokens"][0] if s["prompt_tokens"] else None
+    if n0 is not None:
+        cols.append((f"TTFT{n0} ms", ("speed", "ttft_ms", str(n0), "median")))
+    return cols
+
+
+def result_cells(report: dict[str, Any], r: dict[str, Any]) -> list[str]:
+    """One row of the main table (the same cells in Markdown and HTML)."""
+    mem = r.get("memory", {})
+    q = r.get("quality") or {}
+    roof = r.get("roofline") or {}
+    decode = get(r, "speed", "decode")
+    cells = [r["runtime"], r["quant"]]
+    cells.append(fmt(r["size_bytes"] / MiB) if r.get("size_bytes") else "–")
+    cells.append(fmt(r.get("bits_per_weight")))
+    for _, path in speed_columns(report):
+        v = get(r, *path)
+        if path[1] == "decode" and decode and decode["n"] > 1:
+            cells.append(f"{fmt(v)} ({fmt(decode['min'])}–{fmt(decode['max'])})")
+        else:
+            cells.append(fmt(v))
+    cells.append(fmt(mem["peak_rss_bytes"] / MiB) if mem.get("peak_rss_bytes") else "–")
+    cells.append(fmt(mem["model_rss_bytes"] / MiB) if mem.get("model_rss_bytes") is not None else "–")
+    cells.append(fmt(q.get("ppl")))
+    cells.append(drift(q.get("ppl_drift_pct")))
+    cells.append(kld(q.get("kld_mean")))
+    cells.append(f"{100 * q['same_top']:.2f}" if q.get("same_top") is not None else "–")
+    cells.append(f"{100 * roof['fraction']:.1f}" if roof.get("fraction") is not None else "–")
+    return cells
+
+
+def headers(report: dict[str, Any]) -> list[str]:
+    return [
+        "runtime",
+        "quant",
+        "size MiB",
+        "bits/w",
+        *(h for h, _ in speed_columns(report)),
+        "peak RSS MiB",
+        "model MiB",
+        "PPL",
+        "drift %",
+        "KLD",
+        "same top %",
+        "roofline %",
+    ]
+
+
+def md_table(head: list[str], rows: list[list[str]], numeric_from: int = 2) -> list[str]:
+    align = ["---" if i < numeric_from else "--:" for i in range(len(head))]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return lines
+
+
+def device_lines(dev: dict[str, Any]) -> list[str]:
+    lines = [
+        f"CPU: {dev['cpu']} ({dev['arch']}), {dev['physical_cores']} cores / {dev['logical_cores']} threads, "
+        f"{dev['threads_used']} threads used",
+        f"RAM: {dev['ram_bytes'] / 2**30:.1f} GiB; OS: {dev['os']}; Python {dev['python']}",
+    ]
+    if dev.get("cache_bytes"):
+        sizes = ", ".join(
+            f"{k} {v / 2**20:g} MiB" if v >= 2**20 else f"{k} {v // 2**10} KiB"
+            for k, v in dev["cache_bytes"].items()
+        )
+        lines[0] += f"; caches {sizes}"
+    for g in dev.get("gpus", []):
+        mem = f", {g['memory_bytes'] / 2**30:.0f} GiB" if g.get("memory_bytes") else ""
+        lines.append(f"GPU: {g['name']} (driver {g['driver']}{mem})")
+    if dev.get("apple_chip"):
+        lines.append(f"Apple chip: {dev['apple_chip']} ({dev.get('mac_model', '')})")
+    if dev.get("board"):
+        lines.append(f"Board: {dev['board']}")
+    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in dev.get("versions", {}).items()))
+    return lines
+
+
+def bandwidth_line(bw: dict[str, Any]) -> str:
+    if bw.get("given_gbs"):
+        return f"Memory bandwidth: {bw['given_gbs']:.1f} GB/s (given)"
+    text = f"Memory bandwidth: {bw['cpu_gbs']:.1f} GB/s ({bw['cpu_method']})"
+    if bw.get("gpu_gbs"):
+        text += f"; GPU {bw['gpu_gbs']:.0f} GB/s ({bw['gpu_method']})"
+    return text
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """What the numbers mean, in the report's own settings."""
+    s, ev = report["settings"], report.get("eval")
+    out = [
+        f"Speeds are medians of {s['trials']} trials after {s['warmup']} warm-up, random prompt tokens "
+        f"(BOS first), EOS never stops decoding; decode shows (min–max). {s['threads']} threads, "
+        f"device {s['device']}.",
+        "peak RSS: the worker process's high-water mark while loading and timing; model MiB: peak minus the "
+        "process's size before loading (Python and the runtime's libraries).",
+    ]
+    if ev:
+        ref = ev["reference"]
+        out.append(
+            f"Quality against {ref['runtime']} {ref['quant']} on {ev['scored_tokens']} scored tokens "
+            f"({ev['chunks']} chunks of {ev['n_ctx']}, {ev['source']['kind']}: {ev['source']['path']}); "
+            "drift = PPL change in percent, KLD = mean KL(reference || pair) in nats."
+        )
+        if ref.get("status") == "failed":
+            out.append(f"The reference failed ({ref.get('reason')}): no quality numbers.")
+    if any((get(r, "roofline", "fraction") or 0) > 1 for r in report["results"]):
+        out.append(
+            "A roofline above 100% means the weights are served from CPU caches (the model is smaller than "
+            "the last-level cache), so main-memory bandwidth does not bound that pair."
+        )
+    out.append(
+        "roofline: decode tokens/s as a fraction of bandwidth / (weight + KV bytes read per token); "
+        + bandwidth_line(report["bandwidth"])
+        + "."
+    )
+    return out
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    run, dev = report["run"], report["device"]
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    bad = [r for r in report["results"] if r["status"] != "ok"]
+    lines = [
+        f"# kititans bench: {run['name']} on {dev['label']}",
+        "",
+        f"Run `{run['path']}` ({run['family']}, {run['params'] / 1e6:.2f} M parameters, step {run.get('step')}), "
+        f"{report['created']}, kititans {report['kititans_version']}, {report['seconds']:.0f} s.",
+        "",
+    ]
+    lines += md_table(headers(report), [result_cells(report, r) for r in ok])
+    lines.append("")
+    lines += [f"- {n}" for n in notes(report)]
+    partial = [r for r in ok if r.get("quality_error")]
+    if bad or partial:
+        lines += ["", "## Not measured", ""]
+        rows = [[r["runtime"], r["quant"], r.get("reason", "")] for r in bad]
+        rows += [[r["runtime"], r["quant"], f"quality: {r['quality_error']}"] for r in partial]
+        lines += md_table(["runtime", "quant", "reason"], rows, numeric_from=3)
+    lines += ["", "## Device", ""] + [f"- {x}" for x in device_lines(dev)]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    """bench.json, bench.md and bench.html in `out`; their paths."""
+    from kititans.bench.html import render_html
+
+    out = Path(out)
+    paths = {"json": out / "bench.json", "md": out / "bench.md", "html": out / "bench.html"}
+    write_json(paths["json"], report)
+    write_text(paths["md"], render_markdown(report))
+    write_text(paths["html"], render_html(report))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KititansError(f"{path}: not a readable bench report ({e})") from None
+    if not isinstance(data, dict) or "schema_version" not in data or "results" not in data:
+        raise KititansError(f"{path}: not a kititans bench.json (no schema_version/results)")
+    if data["schema_version"] > SCHEMA_VERSION:
+        raise KititansError(f"{path}: written by a newer kititans (schema {data['schema_version']}); upgrade")
+    data["_source"] = str(path)
+    return data
+
+
+def compare_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table of every successful pair of every report, keyed by device label and run."""
+    prompts = [set(r["settings"]["prompt_tokens"]) for r in reports]
+    common = sorted(set.intersection(*prompts)) if prompts else []
+    pp = common[0] if common else None
+    names = report_names(reports)
+    rows = []
+    for rep, name in zip(reports, names):
+        for r in rep["results"]:
+            if r["status"] != "ok":
+                continue
+            rows.append(
+                {
+                    "device": name,
+                    "run": rep["run"]["name"],
+                    "runtime": r["runtime"],
+                    "quant": r["quant"],
+                    "size_bytes": r.get("size_bytes"),
+                    "bits_per_weight": r.get("bits_per_weight"),
+                    "prefill_tps": get(r, "speed", "prefill", str(pp), "median") if pp else None,
+                    "decode_tps": get(r, "speed", "decode", "median"),
+                    "peak_rss_bytes": get(r, "memory", "peak_rss_bytes"),
+                    "ppl_drift_pct": get(r, "quality", "ppl_drift_pct"),
+                    "kld_mean": get(r, "quality", "kld_mean"),
+                    "roofline_fraction": get(r, "roofline", "fraction"),
+                }
+            )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "compare",
+        "prompt_tokens": pp,
+        "reports": [
+            {
+                "name": name,
+                "source": r["_source"],
+                "device": r["device"],
+                "run": r["run"],
+                "settings": r["settings"],
+                "bandwidth": r["bandwidth"],
+                "created": r["created"],
+            }
+            for r, name in zip(reports, names)
+        ],
+        "rows": rows,
+    }
+
+
+def report_names(reports: list[dict[str, Any]]) -> list[str]:
+    """Each report's device label; labels shared by several reports get the run name, then a number."""
+    names = [r["device"]["label"] for r in reports]
+    names = [f"{n} [{r['run']['name']}]" if names.count(n) > 1 else n for n, r in zip(names, reports)]
+    return [f"{n} #{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def compare_cells(row: dict[str, Any]) -> list[str]:
+    return [
+        row["device"],
+        row["run"],
+        row["runtime"],
+        row["quant"],
+        fmt(row["size_bytes"] / MiB) if row.get("size_bytes") else "–",
+        fmt(row.get("prefill_tps")),
+        fmt(row.get("decode_tps")),
+        fmt(row["peak_rss_bytes"] / MiB) if row.get("peak_rss_bytes") else "–",
+        drift(row.get("ppl_drift_pct")),
+        kld(row.get("kld_mean")),
+        f"{100 * row['roofline_fraction']:.1f}" if row.get("roofline_fraction") is not None else "–",
+    ]
+
+
+def compare_headers(cmp: dict[str, Any]) -> list[str]:
+    pp = cmp.get("prompt_tokens")
+    return [
+        "device",
+        "run",
+        "runtime",
+        "quant",
+        "size MiB",
+        f"pp{pp} t/s" if pp else "pp t/s",
+        "tg t/s",
+        "peak RSS MiB",
+        "drift %",
+        "KLD",
+        "roofline %",
+    ]
+
+
+def render_compare_markdown(cmp: dict[str, Any]) -> str:
+    lines = ["# kititans bench: comparison", ""]
+    lines += md_table(compare_headers(cmp), [compare_cells(r) for r in cmp["rows"]], numeric_from=4)
+    lines += ["", "## Devices", ""]
+    for rep in cmp["reports"]:
+        s = rep["settings"]
+        lines.append(f"### {rep['name']} ({rep['source']})")
+        lines.append("")
+        lines += [f"- {x}" for x in device_lines(rep["device"])]
+        lines.append(f"- {bandwidth_line(rep['bandwidth'])}")
+        lines.append(
+            f"- {s['trials']} trials, {s['threads']} threads, device {s['device']}, {rep['created']}"
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_compare(cmp: dict[str, Any], out: Path) -> dict[str, Path]:
+    from kititans.bench.html import render_compare_html
+
+    out = Path(out)
+    paths = {"json": out / "compare.json", "md": out / "compare.md", "html": out / "compare.html"}
+    write_json(paths["json"], cmp)
+    write_text(paths["md"], render_compare_markdown(cmp))
+    write_text(paths["html"], render_compare_html(cmp))
+    return paths

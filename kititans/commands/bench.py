@@ -1,0 +1,233 @@
+"""kititans bench: speed, memory and quality of every runtime x quantization level of a run, one process
+per pair; or a comparison of reports from several devices."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP = "measure speed, memory and quality of every runtime and quantization level of a run"
+EXAMPLES = """  kititans bench runs/tiny                           # every installed runtime at its main levels
+  kititans bench runs/tiny --runtimes llamacpp --quants f16,q8_0,q4_k_m,q4_0
+  kititans bench runs/tiny --runtimes torch:fp32,llamacpp:q4_0,onnx:int4 --trials 3
+  kititans bench runs/tiny --prompt-tokens 128,512 --gen-tokens 128 --eval-text held_out.txt
+  kititans bench compare pc/bench.json mac/bench.json pi/bench.json --out cmp/   # one table across devices
+  kititans bench --compare a.json b.json              # the same (use this if a run is named `compare`)
+
+quantization names per runtime (`--quants` applies each to the runtimes that have it):
+  torch     fp32 bf16 fp16                    (the run itself, cast at load)
+  llamacpp  f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0
+  onnx      fp32 fp16 int8 int4               genai  fp32 fp16 int8 int4 (onnxruntime-genai)
+  coreml    fp16 int8 int4 palettize4         (macOS only)
+  aliases: f16=fp16, f32=fp32, q8 = q8_0/int8, q4 = q4_k_m/int4"""
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return out
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "targets", nargs="+", metavar="RUN", help="a run directory, or `compare` and bench.json files"
+    )
+    p.add_argument(
+        "--runtimes",
+        help="torch,llamacpp,onnx,genai,coreml and/or runtime:quant pairs "
+        "(default: every runtime installed here)",
+    )
+    p.add_argument(
+        "--quants", help="quantization levels, e.g. f16,q8_0,q4_k_m (default: each runtime's main ones)"
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=_ints,
+        default=(128, 512),
+        metavar="N,N",
+        help="prefill lengths (default 128,512)",
+    )
+    p.add_argument(
+        "--gen-tokens", type=_positive, default=128, metavar="N", help="decode length (default 128)"
+    )
+    p.add_argument("--trials", type=_positive, default=5, help="timed repetitions per test (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before each test (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+    p.add_argument("--device", default="cpu", help="torch/onnx device: cpu or cuda (default cpu)")
+    q = p.add_argument_group("quality")
+    q.add_argument(
+        "--eval-text", type=Path, metavar="FILE", help="held-out text (default: the run's validation split)"
+    )
+    q.add_argument(
+        "--ppl-ctx", type=int, default=0, metavar="N", help="chunk length (default min(512, context))"
+    )
+    q.add_argument("--ppl-chunks", type=_positive, default=16, metavar="N", help="chunks scored (default 16)")
+    q.add_argument("--no-quality", dest="quality", action="store_false", help="speed and memory only")
+    q.add_argument("--keep-reference", action="store_true", help="keep OUT/reference.npz (float16 log-probs)")
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        metavar="GB/S",
+        help="memory bandwidth for the roofline (default: measured by a copy test)",
+    )
+    p.add_argument("--out", type=Path, help="report folder (default RUN/bench; compare: ./bench-compare)")
+    p.add_argument("--label", help="the device's name in reports (default: board, GPU or CPU model)")
+    p.add_argument("--reexport", action="store_true", help="export again even when RUN/export is up to date")
+    p.add_argument("--timeout", type=float, default=1800, metavar="S", help="seconds per pair (default 1800)")
+    p.add_argument("--seed", type=int, default=0, help="random prompt tokens seed (default 0)")
+    p.add_argument("--compare", action="store_true", help="the targets are bench.json files to compare")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def compare_targets(args: argparse.Namespace) -> list[str] | None:
+    """The report files when this is a comparison: --compare, `compare A.json ...`, or only .json targets.
+    A single target is always a run, so a run directory named `compare` still benches."""
+    t = args.targets
+    if args.compare:
+        return t
+    if len(t) > 1 and t[0] == "compare":
+        return t[1:]
+    if all(x.endswith(".json") and Path(x).is_file() for x in t):
+        return t
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from kititans.errors import KititansError
+
+    files = compare_targets(args)
+    if files is not None:
+        return run_compare(files, args)
+    if len(args.targets) > 1:
+        raise KititansError(
+            "bench measures one run at a time (to compare reports: kititans bench compare A.json B.json)"
+        )
+    from kititans.bench.harness import BenchConfig, run_bench
+    from kititans.bench.pairs import parse_list
+    from kititans.bench.report import write_reports
+
+    cfg = BenchConfig(
+        run=Path(args.targets[0]),
+        runtimes=parse_list(args.runtimes),
+        quants=parse_list(args.quants),
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        trials=args.trials,
+        warmup=max(0, args.warmup),
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+        quality=args.quality,
+        eval_text=args.eval_text,
+        ppl_ctx=args.ppl_ctx,
+        ppl_chunks=args.ppl_chunks,
+        bandwidth_gbs=args.bandwidth,
+        out=args.out,
+        reexport=args.reexport,
+        timeout_s=args.timeout,
+        label=args.label,
+        keep_reference=args.keep_reference,
+    )
+    progress = Progress(args.quiet)
+    try:
+        report = run_bench(cfg, progress)
+    finally:
+        progress.close()
+    paths = write_reports(report, Path(args.out) if args.out else Path(args.targets[0]) / "bench")
+    ok = sum(r["status"] == "ok" for r in report["results"])
+    print(f"{ok}/{len(report['results'])} pairs measured in {report['seconds']:.0f} s")
+    for kind, path in paths.items():
+        print(f"  {kind:<5} {path}")
+    if ok == 0:
+        print("error: no pair could be measured (reasons in the report)")
+        return 1
+    return 0
+
+
+def run_compare(files: list[str], args: argparse.Namespace) -> int:
+    from kititans.bench.report import compare_reports, load_report, write_compare
+    from kititans.errors import KititansError
+
+    if len(files) < 1:
+        raise KititansError("compare needs at least one bench.json file")
+    cmp = compare_reports([load_report(f) for f in files])
+    paths = write_compare(cmp, args.out or Path("bench-compare"))
+    print(f"compared {len(files)} reports, {len(cmp['rows'])} rows")
+    for kind, path in paths.items():
+        print(f"  {kind:<5} {path}")
+    return 0
+
+
+class Progress:
+    """A bar over the pairs, the current stage as its postfix, one summary line per finished pair."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar: Any = None
+
+    def __call__(self, e: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        kind = e["kind"]
+        if kind == "plan":
+            # a live bar on a terminal; in logs and pipes only the lines below
+            self.bar = tqdm(
+                total=len(e["pairs"]),
+                unit="pair",
+                desc="bench",
+                dynamic_ncols=True,
+                disable=not sys.stderr.isatty(),
+            )
+            self.bar.write(f"measuring {len(e['pairs'])} pairs: {', '.join(e['pairs'])}")
+        elif self.bar is None:
+            return
+        elif kind == "exports":
+            self.bar.write(f"exporting {len(e['tasks'])} missing artifacts: {', '.join(e['tasks'])}")
+        elif kind == "start":
+            self.bar.set_description(e["pair"])
+        elif kind == "stage":
+            self.bar.set_postfix_str(e.get("stage", ""))
+        elif kind == "pair":
+            self.bar.update()
+            self.bar.write(summary(e["result"]))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summary(r: dict[str, Any]) -> str:
+    """One line per pair for the terminal."""
+    from kititans.bench.report import drift, fmt, get, kld
+
+    name = f"{r['runtime']} {r['quant']}"
+    if r["status"] != "ok":
+        return f"  FAIL {name:<18} {r.get('reason', '')}"
+    parts = []
+    for n, s in (get(r, "speed", "prefill") or {}).items():
+        parts.append(f"pp{n} {fmt(s['median'])} t/s")
+    if get(r, "speed", "decode"):
+        parts.append(f"tg {fmt(r['speed']['decode']['median'])} t/s")
+    if get(r, "memory", "peak_rss_bytes"):
+        parts.append(f"RSS {r['memory']['peak_rss_bytes'] / 2**20:.0f} MiB")
+    q = r.get("quality")
+    if q:
+        parts.append(f"PPL {fmt(q['ppl'])} (drift {drift(q['ppl_drift_pct'])}%) KLD {kld(q['kld_mean'])}")
+    elif r.get("quality_error"):
+        parts.append(f"quality: {r['quality_error']}")
+    return f"  ok   {name:<18} " + "  ".join(parts)
