@@ -11,7 +11,7 @@ The reference log-probs can be stored (float16) so each runtime is measured in i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -62,13 +62,32 @@ def targets(chunks: list[list[int]]) -> np.ndarray:
     return np.concatenate([np.asarray(c[scored_slice(len(c)).start + 1 :], dtype=np.int64) for c in chunks])
 
 
-def save_reference(path: str | Path, chunks: list[list[int]], logprobs: Iterator[np.ndarray]) -> Path:
-    """Store reference tokens and log-probs (float16, clipped at the floor) for later comparisons."""
-    lp = np.concatenate([np.maximum(x, LOGP_FLOOR) for x in logprobs]).astype(np.float16)
+def save_reference(path: str | Path, chunks: list[list[int]], logprobs: Iterable[np.ndarray]) -> Quality:
+    """Store the reference: tokens, log-prob rows (float16, clipped at ln p = -16 like llama-perplexity's
+    base file, filled chunk by chunk) and the exact float32 log-prob of each next token. Returns the
+    reference's own quality against what was stored (the float16 rounding only)."""
+    y_all = targets(chunks)
+    per = len(y_all) // len(chunks)
+    store: np.ndarray | None = None
+    exact = np.empty(len(y_all), dtype=np.float32)
+    parts = []
+    for i, lp in enumerate(logprobs):
+        if store is None:
+            store = np.empty((len(y_all), lp.shape[1]), dtype=np.float16)
+        rows, y = slice(i * per, (i + 1) * per), y_all[i * per : (i + 1) * per]
+        stored = np.maximum(lp, LOGP_FLOOR).astype(np.float16)
+        store[rows] = stored
+        exact[rows] = lp[np.arange(len(y)), y]
+        parts.append(token_stats(stored, lp, y))
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, tokens=np.asarray(chunks, dtype=np.int64), logprobs=lp)
-    return path
+        np.savez(f, tokens=np.asarray(chunks, dtype=np.int64), logprobs=store, target_logprobs=exact)
+    return with_exact_base(summarize(concat(parts)), path)
+
+
+def write_reference(path: str | Path, chunks: list[list[int]], rt: Any) -> Quality:
+    """The reference of runtime `rt` on `chunks` (see save_reference)."""
+    return save_reference(path, chunks, chunk_logprobs(rt, chunks))
 
 
 def load_reference(path: str | Path) -> tuple[list[list[int]], np.ndarray]:
@@ -144,14 +163,13 @@ def summarize(st: dict[str, np.ndarray]) -> Quality:
     )
 
 
-def perplexity(logprobs: np.ndarray, y: np.ndarray) -> float:
-    nll = -logprobs[np.arange(len(y)), y].astype(np.float64)
-    return float(np.exp(nll.mean()))
-
-
 def compare(base: np.ndarray, quant: np.ndarray, y: np.ndarray) -> Quality:
     """Statistics of `quant` log-probs against `base` log-probs (both (n, vocab)) for next tokens y."""
     return summarize(token_stats(base, quant, y))
+
+
+def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def measure(rt: Any, reference: str | Path, progress: bool = False, desc: str = "quality") -> Quality:
@@ -167,38 +185,7 @@ def measure(rt: Any, reference: str | Path, progress: bool = False, desc: str = 
     ):
         parts.append(token_stats(base[offset : offset + len(lp)], lp, targets([chunk])))
         offset += len(lp)
-    return summarize({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-
-
-# ---- chunk-by-chunk helpers used by kititans bench (same statistics as compare/measure)
-
-
-def from_token_stats(parts: list[dict[str, np.ndarray]]) -> Quality:
-    """The Quality of concatenated per-token terms (equal to `compare` on the whole arrays)."""
-    return summarize({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-
-
-def write_reference(path: str | Path, chunks: list[list[int]], rt: Any) -> Quality:
-    """Like save_reference(path, chunks, chunk_logprobs(rt, chunks)), filling one float16 array chunk by
-    chunk, plus the exact (unclipped, float32) log-prob of each next token as `target_logprobs`; returns
-    `rt`'s own quality against what was stored (the float16 rounding only)."""
-    y_all = targets(chunks)
-    per = len(y_all) // len(chunks)
-    store: np.ndarray | None = None
-    exact = np.empty(len(y_all), dtype=np.float32)
-    parts = []
-    for i, lp in enumerate(chunk_logprobs(rt, chunks)):
-        if store is None:
-            store = np.empty((len(y_all), lp.shape[1]), dtype=np.float16)
-        rows, y = slice(i * per, (i + 1) * per), y_all[i * per : (i + 1) * per]
-        base = np.maximum(lp, LOGP_FLOOR).astype(np.float16)
-        store[rows] = base
-        exact[rows] = lp[np.arange(len(y)), y]
-        parts.append(token_stats(base.astype(np.float32), lp, y))
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, tokens=np.asarray(chunks, dtype=np.int64), logprobs=store, target_logprobs=exact)
-    return with_exact_base(from_token_stats(parts), path)
+    return with_exact_base(summarize(concat(parts)), reference)
 
 
 def with_exact_base(q: Quality, reference: str | Path) -> Quality:
@@ -211,8 +198,3 @@ def with_exact_base(q: Quality, reference: str | Path) -> Quality:
         exact = z["target_logprobs"].astype(np.float64)
     ppl_b = float(np.exp(-exact.mean()))
     return replace(q, ppl_base=ppl_b, ppl_ratio=q.ppl / ppl_b, ppl_drift_pct=100.0 * (q.ppl / ppl_b - 1.0))
-
-
-def measure_chunked(rt: Any, reference: str | Path) -> Quality:
-    """Kept for callers of the bench worker: `measure` already goes one chunk at a time."""
-    return measure(rt, reference)

@@ -96,7 +96,7 @@ def measure_job(job: dict[str, Any], result: dict[str, Any]) -> None:
 def measure_quality(rt: Any, q: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from kititans.bench.quality import measure, with_exact_base, write_reference
+    from kititans.bench.quality import measure, write_reference
 
     reference = Path(q["reference"])
     if q.get("make_reference"):
@@ -104,7 +104,7 @@ def measure_quality(rt: Any, q: dict[str, Any]) -> dict[str, Any]:
         chunks = np.load(q["make_reference"]).tolist()
         return write_reference(reference, chunks, rt).to_dict()
     emit(stage="quality")
-    return with_exact_base(measure(rt, reference), reference).to_dict()
+    return measure(rt, reference).to_dict()
 
 
 def export_job(job: dict[str, Any], result: dict[str, Any]) -> None:

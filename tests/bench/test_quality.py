@@ -48,7 +48,8 @@ def test_reference_file_round_trip_with_the_torch_runtime(debug_run, tmp_path):
     codec = rt.codec
     ids = codec.encode("Once upon a time, Lily went to the park with her dog. " * 30)
     chunks = make_chunks(ids, 32, codec.bos_id, max_chunks=3)
-    ref = save_reference(tmp_path / "ref.npz", chunks, chunk_logprobs(rt, chunks))
+    ref = tmp_path / "ref.npz"
+    save_reference(ref, chunks, chunk_logprobs(rt, chunks))
     q = measure(rt, ref)
     assert q.tokens == 3 * 15 and q.same_top == 1.0 and q.kld_mean < 1e-4  # float16 storage only
     assert 1.0 < q.ppl < 512
