@@ -6,6 +6,8 @@ llama.cpp's arch=llama rotates interleaved pairs, so the GGUF exporter permutes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -82,3 +84,40 @@ def attention(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
     # is_causal is upper-left aligned: with a past it would hide the cache, so build the mask explicitly
     mask = causal_offset_mask(t_q, k.shape[2], q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class HyperConnection(nn.Module):
+    """Hyper-connections (Zhu et al., arXiv 2409.19606) for one branch over n residual streams h (B,T,n,D):
+    input = alpha_0^T h, h' = A^T h + beta * branch(input), with static + dynamic (tanh, zero-initialised)
+    alpha and beta. `reset()` initialises it to a plain pre-norm residual. Token-local: no decode state."""
+
+    def __init__(self, dim: int, n: int, index: int, eps: float):
+        super().__init__()
+        self.n, self.index = n, index
+        self.norm = RMSNorm(dim, eps)
+        self.static_alpha = nn.Parameter(torch.empty(n, n + 1))
+        self.static_beta = nn.Parameter(torch.empty(n))
+        self.dynamic_alpha = nn.Parameter(torch.empty(dim, n + 1))
+        self.dynamic_beta = nn.Parameter(torch.empty(dim))
+        self.scales = nn.Parameter(torch.empty(2))
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            alpha = torch.zeros(self.n, self.n + 1)
+            alpha[self.index % self.n, 0] = 1.0
+            alpha[:, 1:] = torch.eye(self.n)
+            self.static_alpha.copy_(alpha)
+            self.static_beta.fill_(1.0)
+            self.dynamic_alpha.zero_()
+            self.dynamic_beta.zero_()
+            self.scales.fill_(0.01)
+            self.norm.weight.fill_(1.0)
+
+    def forward(self, h: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        hn = self.norm(h)
+        dyn_alpha = torch.tanh(hn @ self.dynamic_alpha.to(hn.dtype))  # (B,T,n,n+1)
+        alpha = self.static_alpha + self.scales[0] * dyn_alpha
+        beta = self.static_beta + self.scales[1] * torch.tanh(hn @ self.dynamic_beta.to(hn.dtype))  # (B,T,n)
+        mix = alpha.to(h.dtype).transpose(-1, -2) @ h  # (B,T,n+1,D)
+        y = fn(mix[..., 0, :])
+        return mix[..., 1:, :] + beta.to(h.dtype).unsqueeze(-1) * y.unsqueeze(-2)

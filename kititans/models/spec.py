@@ -121,6 +121,8 @@ def find_preset(name: str, family: str | None = None) -> tuple[FamilySpec, Prese
         fam = get_family(family)
         if name in fam.presets:
             return fam, fam.presets[name]
+        if f"{fam.name}-{name}" in fam.presets:  # `--family titans` with the default preset: titans-tiny
+            return fam, fam.presets[f"{fam.name}-{name}"]
         valid = sorted(fam.presets)
     else:
         if name in presets:

@@ -20,8 +20,15 @@ Decode, two ways that share one state layout:
       layers.{i}.{w1,w2,gamma}     (B,H,d,h) (B,H,h,d) (B,H,d)   memory weights (memory layers only; fp32)
       layers.{i}.s_*, layers.{i}.g_*                       momentum, open-chunk gradient accumulator
       layers.{i}.sum_eta, layers.{i}.sum_alpha (B, H)      gate logits summed over the open chunk
-RoPE angles are computed from positions on the fly, so decoding may run past `context_length` (the length the
-model was trained for): the state does not grow.
+    The ring dtype follows the model's; memory tensors are always fp32. Checked: `torch.onnx.export(...,
+    dynamo=True, opset_version=18)` of a module calling `step` runs in ONNX Runtime matching torch to < 1e-4
+    for both graphs (tests/models/test_titans_export.py, slow); the TorchScript exporter (dynamo=False) stops
+    at aten::rms_norm of the shared RMSNorm.
+  The in-place path keeps the open chunk's memory inputs pending and folds them into the accumulator at the
+  chunk end (NeuralMemory.lazy_step; state_to_tensors folds them first), so it costs less per token than
+  `step`, which must add every token's gradient to fixed-shape tensors.
+RoPE angles past the precomputed table are computed from positions on the fly, so decoding may run past
+`context_length` (the length the model was trained for): the state does not grow.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kititans.errors import KititansError
-from kititans.models.layers import RMSNorm, SwiGLU, apply_rope
+from kititans.models.layers import HyperConnection, RMSNorm, SwiGLU, apply_rope
 from kititans.models.spec import FamilySpec, Preset, Unsupported, register
 from kititans.models.titans_memory import ACTIVATIONS, NeuralMemory
 
@@ -158,10 +165,18 @@ def titans_param_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+def _rope_rows(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin (T, hd) with duplicated halves (the rotate-half convention of layers.rope_tables)."""
+    ang = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos(), emb.sin()
+
+
 @dataclass
 class TitansState:
     """Decode state: per layer a dict of tensors (attention ring "k"/"v"; memory weights, momentum, open-chunk
-    gradient, gate sums), and the number of tokens consumed."""
+    gradient, gate sums; on the in-place path also "pending", the open chunk's inputs not yet folded into the
+    gradient accumulator, see NeuralMemory.lazy_step), and the number of tokens consumed."""
 
     layers: list[dict[str, Tensor]]
     pos: int = 0
@@ -177,6 +192,7 @@ class StepCtx:
     pos: int | Tensor  # absolute position of the first token
     write_idx: Tensor | None = None  # (m,) ring slots for the last m = min(T, window) new tokens
     write_onehot: Tensor | None = None  # (m, window) for the functional (out-of-place) write
+    write_slot: int | None = None  # in-place decode of one token: its ring slot
 
 
 class SlidingAttention(nn.Module):
@@ -207,6 +223,10 @@ class SlidingAttention(nn.Module):
 
     def _write(self, st: dict[str, Tensor], k: Tensor, v: Tensor, ctx: StepCtx) -> None:
         """Store the last min(T, window) keys/values in the ring (in place, or out of place by one-hot)."""
+        if ctx.write_slot is not None:
+            st["k"][:, :, ctx.write_slot] = k[:, :, 0]
+            st["v"][:, :, ctx.write_slot] = v[:, :, 0]
+            return
         m = ctx.write_idx.shape[0]
         for name, new in (("k", k[:, :, -m:]), ("v", v[:, :, -m:])):
             ring = st[name]
@@ -216,43 +236,6 @@ class SlidingAttention(nn.Module):
             else:
                 oh = ctx.write_onehot.to(ring.dtype)  # (m, W)
                 st[name] = ring * (1 - oh.sum(0)).unsqueeze(-1) + oh.transpose(0, 1) @ new
-
-
-class HyperConnection(nn.Module):
-    """One branch over n residual streams h (B,T,n,D): input = alpha_0^T h, h' = A^T h + beta * branch(input),
-    with static + dynamic (tanh, zero-initialised) alpha and beta; starts as a pre-norm residual."""
-
-    def __init__(self, dim: int, n: int, index: int, eps: float):
-        super().__init__()
-        self.n, self.index = n, index
-        self.norm = RMSNorm(dim, eps)
-        self.static_alpha = nn.Parameter(torch.empty(n, n + 1))
-        self.static_beta = nn.Parameter(torch.empty(n))
-        self.dynamic_alpha = nn.Parameter(torch.empty(dim, n + 1))
-        self.dynamic_beta = nn.Parameter(torch.empty(dim))
-        self.scales = nn.Parameter(torch.empty(2))
-
-    def reset(self) -> None:
-        with torch.no_grad():
-            alpha = torch.zeros(self.n, self.n + 1)
-            alpha[self.index % self.n, 0] = 1.0
-            alpha[:, 1:] = torch.eye(self.n)
-            self.static_alpha.copy_(alpha)
-            self.static_beta.fill_(1.0)
-            self.dynamic_alpha.zero_()
-            self.dynamic_beta.zero_()
-            self.scales.fill_(0.01)
-            self.norm.weight.fill_(1.0)
-
-    def forward(self, h: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        hn = self.norm(h)
-        alpha = self.static_alpha + self.scales[0] * torch.tanh(
-            hn @ self.dynamic_alpha.to(hn.dtype)
-        )  # (B,T,n,n+1)
-        beta = self.static_beta + self.scales[1] * torch.tanh(hn @ self.dynamic_beta.to(hn.dtype))  # (B,T,n)
-        mix = alpha.to(h.dtype).transpose(-1, -2) @ h  # (B,T,n+1,D)
-        y = fn(mix[..., 0, :])
-        return mix[..., 1:, :] + beta.to(h.dtype).unsqueeze(-1) * y.unsqueeze(-2)
 
 
 class TitansLayer(nn.Module):
@@ -309,17 +292,24 @@ class TitansModel(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
+        self._mask_cache: dict = {}  # in-place decode masks by (device, position class)
         self.activation_checkpointing = False
         self.init_weights()
         self.init_buffers()
 
     def init_buffers(self) -> None:
-        """Fill the non-persistent RoPE frequencies (fp32) on the model's device."""
+        """Fill the non-persistent RoPE frequencies and tables (fp32) on the model's device."""
         if self.rope_inv_freq.device.type == "meta":
             return
-        hd = self.config.head_dim
+        hd, dev = self.config.head_dim, self.rope_inv_freq.device
         inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-        self.rope_inv_freq = inv.to(self.rope_inv_freq.device)
+        self.rope_inv_freq = inv.to(dev)
+        self.rope_cos, self.rope_sin = _rope_rows(
+            torch.arange(self.config.context_length, device=dev), inv.to(dev)
+        )
+        self._mask_cache = {}
 
     def init_weights(self) -> None:
         """Embeddings and input projections normal(0, std); output projections std / sqrt(2 n_layers);
@@ -379,6 +369,9 @@ class TitansModel(nn.Module):
 
     def state_to_tensors(self, state: TitansState) -> tuple[Tensor, ...]:
         """(pos (1,) int64, *tensors in state_spec order); the tensors are the state's own (not copies)."""
+        for layer, st in zip(self.layers, state.layers):
+            if layer.memory is not None:
+                layer.memory.flush(st)  # pending tokens of the in-place path -> the gradient accumulator
         pos = torch.tensor([state.pos], dtype=torch.int64, device=self.embed.weight.device)
         return (pos, *(state.layers[i][key] for i, key in self._state_names()))
 
@@ -394,15 +387,27 @@ class TitansModel(nn.Module):
 
     # -- forward
 
+    def _rope(self, pos: int | Tensor, T: int) -> tuple[Tensor, Tensor]:
+        """cos, sin (T, hd) for positions pos..pos+T-1: table rows where the table reaches, else computed
+        the same way on the fly (so decoding can run past context_length)."""
+        if isinstance(pos, int) and pos + T <= self.rope_cos.shape[0]:
+            return self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        p = pos if isinstance(pos, Tensor) else torch.tensor([pos], device=self.rope_inv_freq.device)
+        return _rope_rows(p + torch.arange(T, device=p.device), self.rope_inv_freq)
+
     def _ctx(self, pos: int | Tensor, T: int, cached: bool, functional: bool) -> StepCtx:
         """RoPE rows, attention mask and ring slots for tokens pos..pos+T-1 (pos an int or a (1,) tensor)."""
         cfg, dev = self.config, self.rope_inv_freq.device
         W = cfg.window
+        cos, sin = self._rope(pos, T)
+        if cached and not functional and T == 1:  # in-place decode: the mask depends only on pos (mod W)
+            key = (dev, pos if pos < W else W + pos % W)
+            if key not in self._mask_cache:
+                self._mask_cache[key] = self._ctx(torch.tensor([pos], device=dev), 1, True, True).mask
+            return StepCtx(cos, sin, self._mask_cache[key], pos, write_slot=pos % W)
         p = pos if isinstance(pos, Tensor) else torch.tensor([pos], dtype=torch.int64, device=dev)
         ar = torch.arange(T, device=dev)
         qpos = p + ar  # (T,)
-        ang = qpos.float()[:, None] * self.rope_inv_freq[None, :]  # (T, hd/2)
-        emb = torch.cat([ang, ang], dim=-1)
         rel = ar[:, None] - ar[None, :]
         parts = [torch.ones(T, cfg.n_persistent, dtype=torch.bool, device=dev)]
         write_idx = onehot = None
@@ -414,8 +419,7 @@ class TitansModel(nn.Module):
             if functional:
                 onehot = (write_idx[:, None] == torch.arange(W, device=dev)[None, :]).float()
         parts.append((rel >= 0) & (rel < W))
-        ctx = StepCtx(emb.cos(), emb.sin(), torch.cat(parts, dim=-1), pos, write_idx, onehot)
-        return ctx
+        return StepCtx(cos, sin, torch.cat(parts, dim=-1), pos, write_idx, onehot)
 
     def _run(self, input_ids: Tensor, ctx: StepCtx, states: list[dict[str, Tensor]] | None) -> Tensor:
         x = self.embed(input_ids)  # (B,T,D)
@@ -480,7 +484,7 @@ PRESETS = {
                 mem_chunk=8,
             ),
             _TRAIN_DEBUG,
-            "tests: 0.4M params, head_dim 64, memory on layer 2, window 32, chunk 8",
+            "tests: 0.5M params, head_dim 64, memory on layer 2, window 32, chunk 8",
         ),
         Preset(
             "titans-tiny",

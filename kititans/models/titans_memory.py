@@ -35,7 +35,6 @@ from kititans.models.layers import RMSNorm
 
 Weights = tuple[Tensor, ...]  # (w1, w2) or (w1, w2, gamma); leading dims broadcast against the tokens'
 LN_EPS = 1e-5
-GATE_NAMES = ("theta", "eta", "alpha", "out")  # the four per-head logits of NeuralMemory.gates
 
 
 # ----------------------------------------------------------------------------- activations and their slopes
@@ -62,18 +61,33 @@ ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
     "gelu": _gelu,
     "gelu_tanh": _gelu_tanh,
 }
+ACT_ONLY: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+}
 
 
 # ----------------------------------------------------------------------------- the memory MLP and its gradient
 
 
-def mlp_forward(x: Tensor, w: Weights, act: str) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """x (..., c, d) through M_W -> (out (..., c, d), cache for mlp_grad). len(w) == 3 means residual_norm."""
+def mlp_forward(x: Tensor, w: Weights, act: str) -> Tensor:
+    """x (..., c, d) through M_W -> (..., c, d), forward only (retrieval). len(w) == 3 means residual_norm."""
     z = x @ w[0]  # (..., c, h)
-    a, da = ACTIVATIONS[act](z)
+    a = ACT_ONLY[act](z)
     y = a @ w[1]  # (..., c, d)
     if len(w) == 2:
-        return y, (a, da, y, None)
+        return y
+    return F.layer_norm(y, (y.shape[-1],), eps=LN_EPS) * (1 + w[2].unsqueeze(-2)) + x
+
+
+def _forward_cached(x: Tensor, w: Weights, act: str) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """mlp_forward keeping what the closed-form gradient needs: (out, (act, act', normalised y, 1/std))."""
+    z = x @ w[0]
+    a, da = ACTIVATIONS[act](z)
+    y = a @ w[1]
+    if len(w) == 2:
+        return y, (a, da, None, None)
     var, mu = torch.var_mean(y, dim=-1, keepdim=True, correction=0)
     rstd = torch.rsqrt(var + LN_EPS)  # (..., c, 1)
     n = (y - mu) * rstd
@@ -85,7 +99,7 @@ def mlp_grad(k: Tensor, v: Tensor, theta: Tensor, w: Weights, act: str) -> tuple
 
     k, v (..., c, d), theta (..., c), w with matching leading dims -> (grads like w, per-token loss (..., c)).
     """
-    p, (a, da, n, rstd) = mlp_forward(k, w, act)
+    p, (a, da, n, rstd) = _forward_cached(k, w, act)
     diff = p - v
     e = diff * (theta.unsqueeze(-1) * (2.0 / k.shape[-1]))  # dL/dP (..., c, d)
     if len(w) == 2:
@@ -203,17 +217,21 @@ class NeuralMemory(nn.Module):
     def project(self, x: Tensor) -> tuple[Tensor, ...]:
         """x (B,T,D) fp32 -> k, v, q (B,H,T,d), theta (B,H,T), eta/alpha logits (B,H,T), out gate (B,H,T)."""
         B, T, _ = x.shape
-        h = self.norm(x)
-        qkv = self.proj(h).view(B, T, 3, self.n_heads, self.head_dim)
-        qkv = F.rms_norm(qkv, (self.head_dim,), eps=1e-6) * (1 + self.qkv_gain.float())
+        h = self.norm(x)  # weights cast to fp32 below: the path stays fp32 in a bf16-stored model too
+        qkv = F.linear(h, self.proj.weight.float()).view(B, T, 3, self.n_heads, self.head_dim)
+        # per-head RMSNorm as an l2-normalisation (the paper's) scaled by sqrt(d) * (1 + gain): fewer ops
+        qkv = F.normalize(qkv, dim=-1, eps=1e-6) * ((1 + self.qkv_gain.float()) * math.sqrt(self.head_dim))
         k, v, q = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,d) each
-        g = self.gates(h).view(B, T, 4, self.n_heads).permute(2, 0, 3, 1)  # (4,B,H,T)
+        g = F.linear(h, self.gates.weight.float(), self.gates.bias.float())
+        g = g.view(B, T, 4, self.n_heads).permute(2, 0, 3, 1)  # (4,B,H,T)
         return k, v, q, self.max_lr * torch.sigmoid(g[0]), g[1], g[2], torch.sigmoid(g[3])
 
     def combine(self, r: Tensor, gate: Tensor) -> Tensor:
         """Retrieved r (B,H,T,d) gated per head (B,H,T) -> (B,T,D)."""
         B, H, T, d = r.shape
-        return self.out((r * gate.unsqueeze(-1)).transpose(1, 2).reshape(B, T, H * d))
+        return F.linear(
+            (r * gate.unsqueeze(-1)).transpose(1, 2).reshape(B, T, H * d), self.out.weight.float()
+        )
 
     def _base(self, w: Weights, lead: int) -> Weights:
         """The weights gradients are taken at: the current W ("chunk") or W_0 with `lead` broadcast dims."""
@@ -225,22 +243,31 @@ class NeuralMemory(nn.Module):
 
     # -- forward
 
-    def forward(self, x: Tensor, state: dict[str, Tensor] | None = None, pos: int | Tensor = 0) -> Tensor:
-        """x (B,T,D) -> memory output (B,T,D) fp32. With `state`, continue from absolute position `pos`
-        (rebinding the state dict's tensors); T == 1 takes the per-token path, where pos may be a tensor."""
-        with torch.autocast(x.device.type, enabled=False):
-            k, v, q, theta, le, la, gate = self.project(x.float())
-            if state is not None and x.shape[1] == 1:
-                flag = (pos + 1) % self.chunk == 0  # does this token close a chunk? (bool or bool tensor)
-                r = self.token_step(k, v, q, theta, le, la, state, flag)
-            else:
-                if isinstance(pos, Tensor):  # the functional chunk prefill: aligned by contract
-                    pos = 0
-                w_all, _, new = self.scan(k, v, theta, le, la, state, pos % self.chunk)
-                r = self.retrieve(q, w_all, pos % self.chunk)
-                if state is not None:
-                    state.update(new)
-            return self.combine(r, gate)
+    def forward(self, x: Tensor, state: dict | None = None, pos: int | Tensor = 0) -> Tensor:
+        """x (B,T,D) -> memory output (B,T,D) fp32. With `state` (a layer's dict, whose entries are rebound),
+        continue from absolute position `pos`: an int for the in-place path, a (1,) tensor for the functional
+        one (T == 1, or T == mem_chunk starting at a chunk boundary)."""
+        if torch.is_autocast_enabled(x.device.type):  # the memory path always runs in fp32
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.float(), state, pos)
+        return self._forward(x.float(), state, pos)
+
+    def _forward(self, x: Tensor, state: dict | None, pos: int | Tensor) -> Tensor:
+        k, v, q, theta, le, la, gate = self.project(x)
+        T = x.shape[1]
+        if state is not None and T == 1 and isinstance(pos, Tensor):
+            r = self.token_step(k, v, q, theta, le, la, state, (pos + 1) % self.chunk == 0)
+        elif state is not None and T == 1:
+            r = self.lazy_step(k, v, q, theta, le, la, state, (pos + 1) % self.chunk == 0)
+        else:
+            off = 0 if isinstance(pos, Tensor) else pos % self.chunk
+            if state is not None:
+                self.flush(state)
+            w_all, _, new = self.scan(k, v, theta, le, la, state, off)
+            r = self.retrieve(q, w_all, off)
+            if state is not None:
+                state.update(new)
+        return self.combine(r, gate)
 
     def scan(
         self,
@@ -317,8 +344,13 @@ class NeuralMemory(nn.Module):
         C, groups = self.chunk, w_all[0].shape[2]
         back = groups * C - (off + 1 + T)
         qg = F.pad(q, (0, 0, off + 1, back)).view(B, H, groups, C, d)
-        r, _ = mlp_forward(qg, w_all, self.act)
+        r = mlp_forward(qg, w_all, self.act)
         return r.reshape(B, H, groups * C, d)[:, :, off + 1 : off + 1 + T]
+
+    def _close(self, w: Weights, s: Weights, g: Weights, se: Tensor, sa: Tensor) -> tuple[Weights, Weights]:
+        """The chunk-end update from the accumulated gradient and gate-logit sums."""
+        eta, alpha = torch.sigmoid(se / self.chunk), torch.sigmoid(sa / self.chunk)
+        return apply_update(w, s, soft_clamp(g, self.max_grad_norm), eta, alpha)
 
     def token_step(
         self,
@@ -328,44 +360,71 @@ class NeuralMemory(nn.Module):
         theta: Tensor,
         le: Tensor,
         la: Tensor,
-        state: dict[str, Tensor],
-        flag: bool | Tensor,
+        state: dict,
+        flag: Tensor,
     ) -> Tensor:
-        """One token (T == 1): accumulate its gradient; at a chunk end (flag) apply the update; retrieve.
-        A tensor flag selects arithmetically (no control flow on values, for export)."""
+        """One token, functional (export) form: add its gradient to the accumulator, apply the update where
+        `flag` (the token closes a chunk) by arithmetic select, retrieve. No control flow on tensor values."""
         names = self.weight_names()
         w = tuple(state[nm] for nm in names)
+        s = tuple(state[f"s_{nm}"] for nm in names)
         g, _ = mlp_grad(k, v, theta, self._base(w, 2), self.act)  # (B,H,...) at W_base
         g = tuple(a + b for a, b in zip(g, (state[f"g_{nm}"] for nm in names)))
-        se = state["sum_eta"] + le[..., 0]
-        sa = state["sum_alpha"] + la[..., 0]
-        if isinstance(flag, Tensor) or flag:
-            s = tuple(state[f"s_{nm}"] for nm in names)
-            w_new, s_new = apply_update(
-                w,
-                s,
-                soft_clamp(g, self.max_grad_norm),
-                torch.sigmoid(se / self.chunk),
-                torch.sigmoid(sa / self.chunk),
+        se, sa = state["sum_eta"] + le[..., 0], state["sum_alpha"] + la[..., 0]  # (B,H)
+        w_new, s_new = self._close(w, s, g, se, sa)
+        w = tuple(torch.where(flag, a, b) for a, b in zip(w_new, w))
+        state.update(dict(zip(names, w)))
+        state.update({f"s_{nm}": torch.where(flag, a, b) for nm, a, b in zip(names, s_new, s)})
+        state.update({f"g_{nm}": torch.where(flag, torch.zeros_like(a), a) for nm, a in zip(names, g)})
+        state.update(sum_eta=torch.where(flag, 0.0, se), sum_alpha=torch.where(flag, 0.0, sa))
+        return mlp_forward(q, w, self.act)  # (B,H,1,d)
+
+    def lazy_step(
+        self,
+        k: Tensor,
+        v: Tensor,
+        q: Tensor,
+        theta: Tensor,
+        le: Tensor,
+        la: Tensor,
+        state: dict,
+        closes: bool,
+    ) -> Tensor:
+        """One token, in-place decode: the weights do not change inside a chunk, so keep the token's inputs
+        pending and fold them into the accumulator only at the chunk end (one batched closed form per chunk
+        instead of one per token). The same math as token_step, about 3x fewer ops per token."""
+        state.setdefault("pending", []).append((k, v, theta, le, la))
+        if closes:
+            self.flush(state)
+            names = self.weight_names()
+            w, s = self._close(
+                tuple(state[nm] for nm in names),
+                tuple(state[f"s_{nm}"] for nm in names),
+                tuple(state[f"g_{nm}"] for nm in names),
+                state["sum_eta"],
+                state["sum_alpha"],
             )
-            if isinstance(flag, Tensor):  # keep the old values unless the chunk closed
-                w_new = tuple(torch.where(flag, a, b) for a, b in zip(w_new, w))
-                s_new = tuple(torch.where(flag, a, b) for a, b in zip(s_new, s))
-                g = tuple(torch.where(flag, torch.zeros_like(a), a) for a in g)
-                se, sa = (
-                    torch.where(flag, torch.zeros_like(se), se),
-                    torch.where(flag, torch.zeros_like(sa), sa),
-                )
-            else:
-                g = tuple(torch.zeros_like(a) for a in g)
-                se, sa = torch.zeros_like(se), torch.zeros_like(sa)
-            w = w_new
-            state.update({f"s_{nm}": t for nm, t in zip(names, s_new)})
             state.update(dict(zip(names, w)))
-        state.update({f"g_{nm}": t for nm, t in zip(names, g)})
-        state.update(sum_eta=se, sum_alpha=sa)
-        r, _ = mlp_forward(q, w, self.act)
-        return r  # (B,H,1,d)
+            state.update({f"s_{nm}": t for nm, t in zip(names, s)})
+            state.update({f"g_{nm}": torch.zeros_like(state[f"g_{nm}"]) for nm in names})
+            state.update(
+                sum_eta=torch.zeros_like(state["sum_eta"]), sum_alpha=torch.zeros_like(state["sum_alpha"])
+            )
+        return mlp_forward(q, tuple(state[nm] for nm in self.weight_names()), self.act)
+
+    def flush(self, state: dict) -> None:
+        """Fold pending tokens (lazy_step) into the gradient accumulator and gate sums."""
+        pending = state.pop("pending", None)
+        if not pending:
+            return
+        k, v, theta, le, la = (
+            torch.cat(parts, dim=-1 if parts[0].ndim == 3 else 2) for parts in zip(*pending)
+        )
+        names = self.weight_names()
+        w = tuple(state[nm] for nm in names)
+        g, _ = mlp_grad(k, v, theta, self._base(w, 2), self.act)
+        state.update({f"g_{nm}": state[f"g_{nm}"] + t for nm, t in zip(names, g)})
+        state.update(sum_eta=state["sum_eta"] + le.sum(-1), sum_alpha=state["sum_alpha"] + la.sum(-1))
 
     @torch.no_grad()
     def inner_losses(self, x: Tensor) -> Tensor:
@@ -378,5 +437,5 @@ class NeuralMemory(nn.Module):
             n = T // self.chunk
             kc = k[:, :, : n * self.chunk].reshape(B, H, n, self.chunk, d)
             vc = v[:, :, : n * self.chunk].reshape(B, H, n, self.chunk, d)
-            p, _ = mlp_forward(kc, tuple(t[:, :, :n] for t in w_all), self.act)
+            p = mlp_forward(kc, tuple(t[:, :, :n] for t in w_all), self.act)
             return (p - vc).pow(2).mean((-1, -2))
