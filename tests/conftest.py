@@ -59,3 +59,15 @@ def debug_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(debug_run) -> Path:
     return debug_run
+
+
+@pytest.fixture(scope="session")
+def titans_run(tmp_path_factory) -> Path:
+    """A `titans-debug` model (window 32, memory chunk 8) pretrained briefly on the built-in corpus (~15 s)."""
+    from kititans.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("runs") / "titans-debug"
+    cfg = make_config(out, preset="titans-debug", family="titans", **{"train.steps": 80})
+    result = pretrain(cfg, progress=False)
+    assert result.val_loss is not None and result.val_loss < 4.0
+    return out

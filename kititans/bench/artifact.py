@@ -97,7 +97,10 @@ def onnx_weight_bytes(folder: Path) -> tuple[int, int]:
     """(all initializer bytes, bytes one token reads) of the .onnx graph(s) in a folder."""
     import onnx
 
-    files = [folder] if folder.is_file() else sorted(Path(folder).glob("*.onnx"))
+    folder = Path(folder)
+    if folder.is_dir() and (folder / "model.onnx").is_file():
+        folder = folder / "model.onnx"  # the decode graph; a prefill graph beside it shares its weights
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.onnx"))
     total = per_token = 0
     for f in files:
         model = onnx.load(str(f), load_external_data=False)

@@ -52,3 +52,16 @@ def open_runtime(args: argparse.Namespace) -> Any:
     from kititans.runtimes import load_runtime
 
     return load_runtime(args.model, args.runtime, device=args.device, threads=args.threads)
+
+
+def export_hint(run_dir: Any) -> str:
+    """The export command to suggest for a run: GGUF q4 where llama.cpp can run the family, else the first
+    format it supports (Titans: onnx int4)."""
+    from kititans.checkpoint import read_meta
+    from kititans.models.spec import Unsupported, get_family
+
+    formats = get_family(read_meta(run_dir)["family"]).formats
+    for fmt in ("gguf", "onnx", "coreml"):
+        if fmt in formats and not isinstance(formats[fmt], Unsupported):
+            return f"kititans export {run_dir} --format {fmt} --q4"
+    return f"kititans export {run_dir} --format onnx"

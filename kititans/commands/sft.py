@@ -126,6 +126,8 @@ def report(r: Any, cfg: Any) -> None:
     if r.interrupted:
         print(f"interrupted; continue with: kititans sft {r.run_dir} --resume")
         return
+    from kititans.commands.common import export_hint
+
     print("next:")
     print(f"  kititans chat {r.run_dir}")
-    print(f"  kititans export {r.run_dir} --format gguf --q4")
+    print(f"  {export_hint(r.run_dir)}")

@@ -138,8 +138,10 @@ def report(result: Any, interrupted_hint: str) -> None:
     if r.interrupted:
         print(f"interrupted; continue with: {interrupted_hint}")
         return
+    from kititans.commands.common import export_hint
+
     print("next:")
     print(f'  kititans generate {r.run_dir} --prompt "Once upon a time"')
     print(f"  kititans chat {r.run_dir}")
     print(f"  kititans sft {r.run_dir}              # chat fine-tuning")
-    print(f"  kititans export {r.run_dir} --format gguf --q4")
+    print(f"  {export_hint(r.run_dir)}")

@@ -45,7 +45,9 @@ SHORTHANDS = {"q8": "int8", "q4": "int4"}
 DEFAULT_QUANT = "fp32"
 
 MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
+PREFILL_FILE = "prefill.onnx"  # families with a separate chunk-prefill graph (Titans)
+SHARED_DATA_FILE = "weights.onnx.data"  # the weights of a multi-graph export, stored once
+INITIAL_STATE_FILE = "initial_state.safetensors"  # families whose state starts at learned values (Titans)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 EXTERNAL_DATA_BYTES = 32 << 20  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
 CHECK_TEXT = "Once upon a time, a little robot found a red ball in the garden and asked who had lost it."
@@ -73,40 +75,68 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
         work = tmp / ".work"
         work.mkdir()
         step = step_cls(export_copy(ckpt.model, quant), fused=opset >= 23)
-        stages.set_postfix_str("torch.onnx.export")
-        trace(step, work / MODEL_FILE)
-        stages.update()
-        stages.set_postfix_str("quantize")
+        graphs = graph_examples(step)
         details: dict[str, Any] = {"method": "none", "weights": quant}
-        src = work / MODEL_FILE
-        if quant in ("int8", "int4"):
-            src = work / f"model.{quant}.onnx"
-            details = (quantize_int8 if quant == "int8" else quantize_int4)(work / MODEL_FILE, src)
-        stages.update()
+        ops: dict[str, dict[str, int]] = {}
+        stages.total = 2 + 3 * len(graphs)
+        protos: dict[str, Any] = {}
+        for name, (example, shapes) in graphs.items():
+            stages.set_postfix_str(f"torch.onnx.export {name}")
+            trace(step, work / name, example, shapes)
+            stages.update()
+            stages.set_postfix_str(f"quantize {name}")
+            src = work / name
+            if quant in ("int8", "int4"):
+                src = work / f"{Path(name).stem}.{quant}.onnx"
+                details = (quantize_int8 if quant == "int8" else quantize_int4)(work / name, src)
+            stages.update()
+            protos[name] = onnx.load(str(src))
+            finish_graph(protos[name], step, ckpt, quant)
+            ops[name] = op_histogram(protos[name])
+            stages.update()
+        ir_version = protos[MODEL_FILE].ir_version
         stages.set_postfix_str("save")
-        proto = onnx.load(str(src))
-        finish_graph(proto, step, ckpt, quant)
-        weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-        external = bool(extra.get("external_data", weight_bytes > EXTERNAL_DATA_BYTES))
-        save_graph(proto, tmp / MODEL_FILE, external)
+        if len(protos) > 1:  # decode + prefill graphs read one weight file: every tensor stored once
+            external_file: str | None = SHARED_DATA_FILE
+            save_shared(protos, tmp, SHARED_DATA_FILE)
+        else:
+            weight_bytes = sum(len(t.raw_data) for t in protos[MODEL_FILE].graph.initializer)
+            external = bool(extra.get("external_data", weight_bytes > EXTERNAL_DATA_BYTES))
+            external_file = f"{MODEL_FILE}.data" if external else None
+            save_graph(protos[MODEL_FILE], tmp / MODEL_FILE, external)
+        del protos
         graph_info = {
-            "opset": opset,
-            "ir_version": proto.ir_version,
-            "ops": op_histogram(proto),
-            "external_data": DATA_FILE if external else None,
+            "kind": getattr(step, "kind", "kv_cache"),
+            "opset": getattr(step, "opset", opset),
+            "ir_version": ir_version,
+            "ops": ops[MODEL_FILE],
+            "external_data": external_file,
             "dtype": "float16" if quant == "fp16" else "float32",
             "inputs": list(step.input_names),
             "outputs": list(step.output_names),
             "states": [asdict(s) for s in step.states],
             "context_length": step.context_length,
         }
-        del proto
+        if len(graphs) > 1:  # a chunk-prefill graph beside the decode graph, same state layout
+            graph_info["prefill"] = {
+                "file": PREFILL_FILE,
+                "tokens": int(step.chunk),
+                "ops": ops[PREFILL_FILE],
+            }
+        if hasattr(step, "initial_state"):  # a recurrent state that does not start at zero
+            from safetensors.torch import save_file
+
+            save_file(step.initial_state(), str(tmp / INITIAL_STATE_FILE))
+            graph_info["initial_state"] = INITIAL_STATE_FILE
         shutil.rmtree(work)
-        stages.update()
-        stages.set_postfix_str("check")
-        check = check_against_torch(tmp / MODEL_FILE, step, ckpt)
-        stages.update()
         copy_tokenizer(Path(ckpt.path), tmp)
+        for (
+            f
+        ) in tmp.iterdir():  # the quantizers' and safetensors' files are 0600; a shipped artifact is readable
+            f.chmod(0o644)
+        stages.set_postfix_str("check")
+        check = check_against_torch(tmp, graph_info, ckpt)
+        stages.update()
         manifest = base_manifest(ckpt, FORMAT, quant, out)
         manifest.update(
             size_bytes=dir_size(tmp),
@@ -139,9 +169,16 @@ def export_copy(model: nn.Module, quant: str) -> nn.Module:
     return model
 
 
-def trace(step: nn.Module, path: Path) -> None:
-    """torch.onnx.export(dynamo=True) of the step wrapper, batch 1 / one token / empty past as example."""
-    example = step.example_inputs(1, 1, 0)
+def graph_examples(step: nn.Module) -> dict[str, tuple[tuple, Any]]:
+    """File name -> (example inputs, dynamic shapes) of every graph the wrapper exports: its own `graphs()`
+    (Titans: decode + chunk prefill), else one graph traced at batch 1 / one token / empty past."""
+    if hasattr(step, "graphs"):
+        return step.graphs()
+    return {MODEL_FILE: (step.example_inputs(1, 1, 0), step.dynamic_shapes())}
+
+
+def trace(step: nn.Module, path: Path, example: tuple, shapes: Any) -> None:
+    """torch.onnx.export(dynamo=True) of the step wrapper."""
     with warnings.catch_warnings(), quiet(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -151,7 +188,7 @@ def trace(step: nn.Module, path: Path) -> None:
                 dynamo=True,
                 input_names=list(step.input_names),
                 output_names=list(step.output_names),
-                dynamic_shapes=step.dynamic_shapes(),
+                dynamic_shapes=shapes,
                 opset_version=getattr(step, "opset", 18),
                 optimize=True,
                 verbose=False,
@@ -184,14 +221,38 @@ def save_graph(proto: Any, path: Path, external: bool) -> None:
             str(path),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=DATA_FILE,
+            location=f"{path.name}.data",
             size_threshold=1024,
         )
     else:
         onnx.save_model(proto, str(path))
-    for p in path.parent.iterdir():  # the quantizers' temp files are 0600; a shipped artifact is readable
-        if p.is_file():
-            p.chmod(0o644)
+
+
+def save_shared(protos: dict[str, Any], folder: Path, data_name: str, align: int = 4096) -> None:
+    """Save several graphs whose weights live in one external file `data_name`: a tensor with the same
+    bytes in two graphs (the decode and prefill graphs share every weight, though the exporter names its
+    folded transposes differently) is written once, at a page-aligned offset so onnxruntime can map it."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    written: dict[str, tuple[int, int]] = {}
+    with open(folder / data_name, "wb") as f:
+        for name, proto in protos.items():
+            for t in proto.graph.initializer:
+                raw = t.raw_data
+                if t.data_location == onnx.TensorProto.EXTERNAL or len(raw) < 1024:
+                    continue  # small tensors stay inline
+                key = hashlib.sha256(raw).hexdigest()
+                if key not in written:
+                    f.write(b"\0" * (-f.tell() % align))
+                    written[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                set_external_data(t, location=data_name, offset=written[key][0], length=written[key][1])
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+            onnx.save_model(proto, str(folder / name))
 
 
 def copy_tokenizer(run_dir: Path, dest: Path) -> None:
@@ -201,47 +262,29 @@ def copy_tokenizer(run_dir: Path, dest: Path) -> None:
             shutil.copyfile(run_dir / name, dest / name)
 
 
-def check_against_torch(path: Path, step: nn.Module, ckpt: Any, decode_steps: int = 4) -> dict[str, Any]:
-    """Prefill a fixed sentence and decode greedily in ONNX Runtime (closed loop, its own cache), then
-    compare every position's logits with the fp32 PyTorch model on the same ids."""
-    import onnxruntime as ort
+def check_against_torch(
+    folder: Path, graph_info: dict[str, Any], ckpt: Any, decode_steps: int = 4
+) -> dict[str, Any]:
+    """Prefill a fixed sentence and decode greedily through the ONNX runtime (closed loop, its own state),
+    then compare every position's logits with the fp32 PyTorch model's parallel forward on the same ids."""
+    from kititans.runtimes.onnx import OnnxRuntime
 
-    ids = [ckpt.tokenizer.bos_id, *ckpt.tokenizer.encode(CHECK_TEXT)][: step.context_length - decode_steps]
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    types = {i.name: i.type for i in sess.get_inputs()}
-    dtype = np.float16 if types[step.states[0].input] == "tensor(float16)" else np.float32
-    past = {s.input: np.zeros(_zero_shape(s.shape, 1), dtype) for s in step.states}
-    got, seq, n = [], list(ids), 0
-    chunk = list(ids)
-    for _ in range(decode_steps + 1):
-        T = len(chunk)
-        feed = {
-            "input_ids": np.array([chunk], np.int64),
-            "attention_mask": np.ones((1, n + T), np.int64),
-            "position_ids": np.arange(n, n + T, dtype=np.int64)[None],
-            **past,
-        }
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
-        logits = outs["logits"][0].astype(np.float32)  # (T, V)
-        got.append(logits)
-        past = {s.input: outs[s.output] for s in step.states}
-        n += T
-        chunk = [int(logits[-1].argmax())]
-        seq += chunk
-    got_all = np.concatenate(got)  # (len(seq) - 1, V)
+    rt = OnnxRuntime(folder, info=graph_info, spin=False)
+    ids = [ckpt.tokenizer.bos_id, *ckpt.tokenizer.encode(CHECK_TEXT)][: rt.context_length - decode_steps]
+    got = [rt.forward(ids, all_logits=True)]
+    seq = list(ids)
+    for _ in range(decode_steps):
+        seq.append(int(got[-1][-1].argmax()))
+        got.append(rt.forward(seq[-1:], all_logits=True))
+    got_all = np.concatenate(got)  # (len(seq), V)
     with torch.no_grad():
-        ref = ckpt.model(torch.tensor([seq[:-1]]))[0].float().numpy()
+        ref = ckpt.model(torch.tensor([seq]))[0].float().numpy()
     return {
-        "tokens": len(seq) - 1,
+        "tokens": len(seq),
         "prefill": len(ids),
         "max_abs_logit_diff": float(np.abs(got_all - ref).max()),
         "top1_agreement": float((got_all.argmax(-1) == ref.argmax(-1)).mean()),
     }
-
-
-def _zero_shape(shape: tuple, batch: int) -> tuple[int, ...]:
-    """A state's empty initial shape: batch for "batch", 0 for the other symbolic (growing) dims."""
-    return tuple(batch if d == "batch" else (0 if isinstance(d, str) else d) for d in shape)
 
 
 # ----------------------------------------------------------------------------- onnxruntime-genai

@@ -46,6 +46,7 @@ from kititans.errors import KititansError
 from kititans.models.layers import HyperConnection, RMSNorm, SwiGLU, apply_rope
 from kititans.models.spec import FamilySpec, Preset, Unsupported, register
 from kititans.models.titans_memory import ACTIVATIONS, NeuralMemory
+from kititans.models.titans_onnx import TitansOnnxStep
 
 
 @dataclass
@@ -530,7 +531,8 @@ SPEC = register(
             "gguf": Unsupported(
                 "llama.cpp has no Titans architecture (it would need a custom graph with recurrent memory "
                 "state); use onnx or coreml"
-            )
+            ),
+            "onnx": TitansOnnxStep,
         },
         param_roles=titans_param_roles,
     )

@@ -18,7 +18,7 @@ import numpy as np
 
 from kititans.errors import KititansError, require
 
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 @dataclass
@@ -72,44 +72,75 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _session(ort: Any, file: Path, so: Any, providers: list[str]) -> Any:
+    try:
+        return ort.InferenceSession(str(file), so, providers=providers)
+    except Exception as e:
+        raise KititansError(f"{file}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+
+
+def _initial_state(folder: Path, info: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """The state a sequence starts from, when it is not all zeros (Titans: the memory's learned W_0)."""
+    name = info.get("initial_state")
+    if not name:
+        return None
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(folder / name))
+    except Exception as e:
+        raise KititansError(f"{folder / name}: unreadable initial state ({e}): re-export the model") from None
+
+
 class OnnxRuntime:
     name = "onnx"
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int = 0, spin: bool = True, **_: Any):
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        threads: int = 0,
+        spin: bool = True,
+        info: dict[str, Any] | None = None,
+        **_: Any,
+    ):
+        """`info` is the manifest's "onnx" section (read from manifest.json next to the graph when None)."""
         ort = require("onnxruntime", "onnx", "the ONNX runtime")
         self.path = Path(path)
         self.file = model_file(self.path)
         folder = self.file.parent
-        manifest = (
-            json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
-        )
+        if info is None and (folder / "manifest.json").is_file():
+            info = json.loads((folder / "manifest.json").read_text()).get("onnx", {})
+        info = info or {}
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
         if not spin:  # spinning threads cost more than they save on a busy, shared CPU
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(self.file), so, providers=providers_for(device))
-        except Exception as e:
-            raise KititansError(
-                f"{self.file}: onnxruntime cannot load it ({str(e).splitlines()[0]})"
-            ) from None
+        providers = providers_for(device)
+        self.session = _session(ort, self.file, so, providers)
+        # a recurrent graph (Titans) carries a fixed-size state and may come with a chunk-prefill graph
+        self.recurrent = info.get("kind") == "recurrent"
+        prefill = info.get("prefill") or {}
+        self.prefill = _session(ort, folder / prefill["file"], so, providers) if prefill else None
+        self.prefill_tokens = int(prefill.get("tokens", 0))
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.states = self._states(manifest.get("onnx", {}))
+        self.states = self._states(info)
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self.vocab_size = int(logits.shape[-1]) if isinstance(logits.shape[-1], int) else 0
-        self.context_length = int(manifest.get("onnx", {}).get("context_length") or self._genai_context())
+        self.context_length = int(info.get("context_length") or self._genai_context())
         self.codec = find_codec(self.path)
         self.vocab_size = self.vocab_size or self.codec.vocab_size
         # host buffers the inputs are bound from by pointer, so a step allocates and copies nothing
-        self._ids = np.zeros((1, self.context_length), np.int64)
+        self._ids = np.zeros((1, max(self.context_length, self.prefill_tokens)), np.int64)
         self._mask = np.ones((1, self.context_length), np.int64)
         self._pos = np.arange(self.context_length, dtype=np.int64)[None]
         out_type = _NP_TYPES.get(logits.type, np.float32)
         self._logits = np.zeros((1, 1, self.vocab_size), out_type)  # a decode step's logits land here
-        self.io = self.session.io_binding()
+        self._bindings = {id(x): x.io_binding() for x in (self.session, self.prefill) if x is not None}
+        self._initial = _initial_state(folder, info)
         self._n = 0
         self._past: list[Any] = []
 
@@ -154,26 +185,47 @@ class OnnxRuntime:
     def reset(self) -> None:
         import onnxruntime as ort
 
-        self._past = [
-            ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for v in self.zero_state(1).values()
-        ]
+        start = self._initial or self.zero_state(1)
+        self._past = [ort.OrtValue.ortvalue_from_numpy(start[s.input], self.device, 0) for s in self.states]
         self._n = 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Run len(ids) tokens after the cached ones; logits (V,) of the last, or (T, V) of all."""
         if not self._past:
             self.reset()
-        T, n = len(ids), self._n
+        T = len(ids)
         if T == 0:
             raise ValueError("forward needs at least one token")
-        if n + T > self.context_length:
-            raise KititansError(f"{n + T} tokens exceed the model's context of {self.context_length}")
-        io = self.io
+        if self.recurrent:
+            return self._forward_recurrent(list(ids), all_logits)
+        if self._n + T > self.context_length:
+            raise KititansError(f"{self._n + T} tokens exceed the model's context of {self.context_length}")
+        logits = self._run(self.session, ids)
+        return (logits if all_logits else logits[-1]).astype(np.float32)  # a copy: buffers are reused
+
+    def _forward_recurrent(self, ids: list[int], all_logits: bool) -> np.ndarray:
+        """A fixed-size state has no length limit; whole memory chunks go through the prefill graph when the
+        position is chunk-aligned, every other token through the decode graph."""
+        C, out, at = self.prefill_tokens, [], 0
+        while at < len(ids):
+            if self.prefill is not None and self._n % C == 0 and len(ids) - at >= C:
+                logits, at = self._run(self.prefill, ids[at : at + C]), at + C
+            else:
+                logits, at = self._run(self.session, ids[at : at + 1]), at + 1
+            out.append(logits.astype(np.float32) if all_logits else logits)
+        return np.concatenate(out) if all_logits else out[-1][-1].astype(np.float32)
+
+    def _run(self, session: Any, ids: Sequence[int]) -> np.ndarray:
+        """One call of `session` with the state bound in place; (T, V) logits (a view of a reused buffer
+        when T == 1)."""
+        T, n = len(ids), self._n
+        io = self._bindings[id(session)]
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         self._ids[0, :T] = ids
         io.bind_input("input_ids", "cpu", 0, np.int64, [1, T], self._ids.ctypes.data)
-        io.bind_input("attention_mask", "cpu", 0, np.int64, [1, n + T], self._mask.ctypes.data)
+        if "attention_mask" in self.inputs:
+            io.bind_input("attention_mask", "cpu", 0, np.int64, [1, n + T], self._mask.ctypes.data)
         if "position_ids" in self.inputs:  # positions n..n+T-1: a window of the arange buffer
             io.bind_input("position_ids", "cpu", 0, np.int64, [1, T], self._pos[:, n:].ctypes.data)
         for s, v in zip(self.states, self._past):
@@ -184,15 +236,13 @@ class OnnxRuntime:
             )
         else:
             io.bind_output("logits", "cpu")
-        for s in self.states:  # presents stay on the provider's device and come back as the next past
+        for s in self.states:  # the new state stays on the provider's device and comes back as the next past
             io.bind_output(s.output, self.device)
-        self.session.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         outs = io.get_outputs()
         self._past = list(outs[1:])
         self._n = n + T
-        logits = self._logits[0] if T == 1 else outs[0].numpy()[0]  # (T, V)
-        logits = logits if all_logits else logits[-1]
-        return logits.astype(np.float32)  # a copy: the buffer is reused by the next step
+        return self._logits[0] if T == 1 else outs[0].numpy()[0]
 
     def step(
         self,

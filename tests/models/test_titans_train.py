@@ -60,6 +60,7 @@ def titans_run(tmp_path_factory) -> Path:
     )
     assert r.returncode == 0, r.stderr
     assert "kititans generate" in r.stdout
+    assert "--format onnx --q4" in r.stdout and "gguf" not in r.stdout  # llama.cpp cannot run Titans
     return out
 
 
