@@ -4,6 +4,8 @@ weights, measured interleaved in one process (timings on shared machines are noi
     python benchmarks/onnx_speed.py --run runs/tiny                       # an existing Lite run
     python benchmarks/onnx_speed.py --run runs/tiny --shape dim=512,n_layers=8,n_heads=8,n_kv_heads=4,ffn_dim=1536
         # random weights of that shape with the run's tokenizer (written to --work), for speed only
+    python benchmarks/onnx_speed.py --run runs/lite-tiny --run runs/titans-tiny --no-genai
+        # two runs at equal dims (Titans vs Lite): every candidate of both, plus second/first ratios
 
 Every candidate goes through the same Runtime protocol loop (prefill the prompt, then one token at a
 time, greedy argmax), so the Python overhead is the same for all; onnxruntime-genai is also timed with
@@ -66,11 +68,16 @@ def genai_native_tps(rt, prompt: list[int], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def build(run: Path, quants: list[str], with_genai: bool, progress: bool) -> dict[str, tuple]:
-    """name -> (runtime factory args) for every candidate; exports what is missing."""
+def build(
+    run: Path, quants: list[str], with_genai: bool, progress: bool, label: str = ""
+) -> dict[str, tuple]:
+    """name -> (runtime factory args) for every candidate; exports what is missing. `label` prefixes the
+    names when several runs are compared; onnxruntime-genai only for runs it can build (Lite)."""
+    from kititans.checkpoint import read_meta
     from kititans.export import ExportOptions, default_output, export_model
     from kititans.export.onnx import export_genai, genai_output
 
+    with_genai = with_genai and read_meta(run)["family"] == "lite"
     cands: dict[str, tuple] = {"torch fp32": (run, "torch", {})}
     for q in quants:
         out = default_output(run, "onnx", q)
@@ -83,12 +90,12 @@ def build(run: Path, quants: list[str], with_genai: bool, progress: bool) -> dic
                 export_genai(run, q, gout, progress=progress)
             cands[f"genai {q}"] = (gout, "genai", {})
             cands[f"genai-graph {q}"] = (gout, "onnx", {})  # genai's graph in our runtime: graph vs loop
-    return cands
+    return {f"{label}{k}": v for k, v in cands.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a Lite run directory")
+    p.add_argument("--run", required=True, action="append", help="a run directory (twice: compare two runs)")
     p.add_argument("--shape", help="random weights of this LiteConfig shape instead (k=v,...)")
     p.add_argument("--work", default="benchmarks/.work", help="where --shape runs are written")
     p.add_argument("--quants", default="fp32,int8,int4")
@@ -103,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from kititans.runtimes import load_runtime
 
-    run = Path(args.run)
+    runs_in = [Path(r) for r in args.run]
     if args.shape:
-        run = random_run(run, args.shape, Path(args.work))
+        runs_in = [random_run(r, args.shape, Path(args.work)) for r in runs_in]
     try:
         import onnxruntime_genai  # noqa: F401
 
@@ -116,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         with_genai = False
     quants = args.quants.split(",")
-    cands = build(run, quants, with_genai, progress=True)
+    labels = [f"{r.name}: " if len(runs_in) > 1 else "" for r in runs_in]
+    cands = {}
+    for r, label in zip(runs_in, labels):
+        cands.update(build(r, quants, with_genai, progress=True, label=label))
     opts = {"threads": args.threads, "spin": not args.no_spin}
     if args.threads:
         import torch
@@ -142,14 +152,17 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].append(timers[name]())
     med = {k: statistics.median(v) for k, v in runs.items()}
     sizes = {name: _size(path) for name, (path, _, _) in cands.items()}
-    print(f"\nrun {run} | prompt {args.prompt}, decode {args.tokens} tokens, {args.reps} interleaved reps")
+    print(
+        f"\nruns {', '.join(map(str, runs_in))} | prompt {args.prompt}, decode {args.tokens} tokens, {args.reps} interleaved reps"
+    )
     print(
         "| candidate | decode tok/s (median) | min-max | size MB | vs torch fp32 (median of per-rep ratios) |"
     )
     print("|---|---|---|---|---|")
     for k, v in med.items():
         size = sizes.get(k.replace("genai-native", "genai").replace("genai-graph", "genai"))
-        vs_torch = statistics.median(a / b for a, b in zip(runs[k], runs["torch fp32"]))
+        label = next(lb for lb in labels if k.startswith(lb))
+        vs_torch = statistics.median(a / b for a, b in zip(runs[k], runs[f"{label}torch fp32"]))
         print(
             f"| {k} | {v:.1f} | {min(runs[k]):.0f}-{max(runs[k]):.0f} | {size / 1e6:.2f} | {vs_torch:.2f}x |"
         )
@@ -163,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                     "q1": per_rep[len(per_rep) // 4],
                     "q3": per_rep[(3 * len(per_rep)) // 4],
                 }
+    if len(runs_in) == 2:  # second run's speed over the first's, per candidate (< 1: the second is slower)
+        for q in ["torch fp32", *(f"ours {q}" for q in quants)]:
+            per_rep = sorted(a / b for a, b in zip(runs[labels[1] + q], runs[labels[0] + q]))
+            ratios[f"{labels[1]}/{labels[0]} {q}".replace(": ", "")] = {
+                "median": statistics.median(per_rep),
+                "q1": per_rep[len(per_rep) // 4],
+                "q3": per_rep[(3 * len(per_rep)) // 4],
+            }
     print("\n| ratio (per-rep, tok/s over tok/s) | median | quartiles |\n|---|---|---|")
     for k, v in ratios.items():
         print(f"| {k} | {v['median']:.2f}x | {v['q1']:.2f}-{v['q3']:.2f} |")

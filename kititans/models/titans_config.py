@@ -1,0 +1,189 @@
+"""Titans configuration: the config dataclass, the presets, parameter components (the size table) and
+optimizer roles (Muon for the 2-D hidden matrices, AdamW for the rest). The model is in titans.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from kititans.errors import KititansError
+from kititans.models.spec import Preset
+from kititans.models.titans_memory import ACTIVATIONS
+
+
+@dataclass
+class TitansConfig:
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 768
+    context_length: int = 512  # training length / generation limit; the state itself is fixed-size
+    window: int = 128  # sliding attention window: a token sees itself and the window-1 tokens before it
+    n_persistent: int = 4  # learned persistent K/V slots per layer, visible to every token
+    memory_layers: list[int] | None = (
+        None  # 1-based layer numbers with memory; None: every second (2, 4, ...)
+    )
+    mem_chunk: int = 16  # C: tokens per memory update
+    mem_grad_base: str = (
+        "chunk"  # "chunk": B = C (paper); "init": B = None (gradients at W_0, fully parallel)
+    )
+    mem_hidden_mult: int = 2  # memory MLP head_dim -> mult * head_dim -> head_dim
+    mem_act: str = "silu"  # silu | gelu | gelu_tanh
+    mem_residual_norm: bool = True  # M(x) = LN(MLP(x)) * (1 + gamma) + x, else M(x) = MLP(x)
+    mem_max_lr: float = 0.1  # bound of the data-dependent inner learning rate theta
+    mem_max_grad_norm: float = 1.0  # soft clamp of each head's chunk-gradient norm (0: off)
+    hyper_streams: int = 1  # hyper-connections: residual streams (1 = plain residual)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.ffn_dim, self.context_length) < 1:
+            raise KititansError("titans: sizes must be positive")
+        if self.dim % self.n_heads or self.head_dim % 2:
+            raise KititansError(f"titans: dim ({self.dim}) must divide by n_heads into an even head_dim")
+        if (
+            min(self.window, self.mem_chunk, self.mem_hidden_mult, self.hyper_streams) < 1
+            or self.n_persistent < 0
+        ):
+            raise KititansError("titans: window, mem_chunk, mem_hidden_mult, hyper_streams must be >= 1")
+        if self.mem_grad_base not in ("chunk", "init"):
+            raise KititansError(f"titans: mem_grad_base must be chunk or init, got {self.mem_grad_base!r}")
+        if self.mem_act not in ACTIVATIONS:
+            raise KititansError(
+                f"titans: mem_act must be one of {', '.join(ACTIVATIONS)}, got {self.mem_act!r}"
+            )
+        if self.mem_max_lr <= 0 or self.mem_max_grad_norm < 0:
+            raise KititansError("titans: mem_max_lr must be > 0 and mem_max_grad_norm >= 0")
+        layers = self.memory_layers
+        if layers is not None and (
+            not isinstance(layers, (list, tuple))
+            or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= self.n_layers for i in layers
+            )
+            or len(set(layers)) != len(layers)
+        ):
+            raise KititansError(
+                f"titans: memory_layers must be distinct layer numbers in 1..{self.n_layers}, got {layers!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def memory_set(self) -> set[int]:
+        """0-based indices of the memory layers."""
+        if self.memory_layers is None:
+            return set(range(1, self.n_layers, 2))
+        return {i - 1 for i in self.memory_layers}
+
+
+def titans_component(name: str) -> str:
+    if name.startswith("embed."):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "lm head"
+    if ".hc." in name:
+        return "hyper-connections"
+    if ".memory." in name:
+        if name.endswith((".w1", ".w2", ".gamma")):
+            return "memory initial weights"
+        if ".proj." in name or ".out." in name:
+            return "memory projections"
+        return "memory gates+norms"
+    if "persistent" in name:
+        return "persistent memory"
+    if ".attn." in name:
+        return "attention"
+    if ".ffn." in name:
+        return "feed-forward"
+    return "norms"
+
+
+# the 2-D hidden matrices: attention, feed-forward, memory projections
+MATRICES = ("qkv.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+MATRICES += ("memory.proj.weight", "memory.out.weight")
+
+
+def titans_param_roles(model: nn.Module) -> dict[str, str]:
+    """Muon: the 2-D hidden matrices. AdamW: embedding, head, persistent K/V ("tensor": decayed like the
+    projections they stand in for), and as "scalar" (no decay) norms, gates, HC weights and the memory's
+    initial weights W_0: W_0 is where the inner optimiser starts, which the memory's own forget gate already
+    shrinks; decaying it too would pull every sequence's memory towards an all-zero start."""
+    roles = {}
+    for name, p in model.named_parameters():
+        if name.startswith("embed."):
+            roles[name] = "embedding"
+        elif name.startswith("lm_head."):
+            roles[name] = "head"
+        elif "persistent" in name:
+            roles[name] = "tensor"
+        elif ".hc." not in name and p.ndim == 2 and name.endswith(MATRICES):
+            roles[name] = "matrix"
+        else:
+            roles[name] = "scalar"
+    return roles
+
+
+_TRAIN_DEBUG = {
+    "train.seq_len": 128,
+    "train.batch_size": 8,
+    "train.steps": 200,
+    "train.eval_every": 100,
+    "train.save_every": 100,
+    "optim.warmup_steps": 20,
+}
+PRESETS = {
+    p.name: p
+    for p in [
+        Preset(
+            "titans-debug",
+            dict(
+                vocab_size=512,
+                dim=128,
+                n_layers=2,
+                n_heads=2,
+                ffn_dim=256,
+                context_length=256,
+                window=32,
+                mem_chunk=8,
+            ),
+            _TRAIN_DEBUG,
+            "tests: 0.5M params, head_dim 64, memory on layer 2, window 32, chunk 8",
+        ),
+        Preset(
+            "titans-tiny",
+            dict(
+                vocab_size=4096, dim=256, n_layers=4, n_heads=4, ffn_dim=768, context_length=512, window=128
+            ),
+            {
+                "train.seq_len": 256,
+                "train.batch_size": 16,
+                "train.steps": 1200,
+                "train.eval_every": 200,
+                "train.save_every": 400,
+            },
+            "the CPU Titans: Lite tiny's dims with memory on layers 2 and 4, window 128, chunk 16",
+        ),
+        Preset(
+            "titans-500m",
+            dict(
+                vocab_size=65024,
+                dim=1024,
+                n_layers=24,
+                n_heads=16,
+                ffn_dim=2880,
+                context_length=4096,
+                window=512,
+                mem_chunk=64,
+                tie_embeddings=False,
+            ),
+            {"train.seq_len": 2048, "train.batch_size": 8, "train.grad_accum": 4, "train.steps": 100000},
+            "the seed's 503M Titans MAC: 24 x 1024, memory on 2,4,...,24 (64->128->64), untied (GPU)",
+        ),
+    ]
+}
