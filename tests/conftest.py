@@ -22,6 +22,16 @@ def _seed_and_dtype():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to the wake-up latency of a second thread on a busy
+    shared machine (which made each small-op step 100x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_config(out: Path, **over):
     """A RunConfig for a quick debug run on a slice of the built-in corpus."""
     from kititans.config import RunConfig, apply_overrides

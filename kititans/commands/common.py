@@ -7,6 +7,19 @@ from typing import Any
 
 from kititans.generate import SamplingConfig
 
+# the training flags `train` and `sft` share -> the config keys they set
+TRAINING_FLAG_KEYS = {
+    "optimizer": "optim.name",
+    "lr": "optim.lr",
+    "muon_lr": "optim.muon_lr",
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "seq_len": "train.seq_len",
+    "device": "train.device",
+    "dtype": "train.dtype",
+    "compile": "train.compile",
+}
+
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling")

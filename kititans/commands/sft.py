@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from kititans.commands.common import TRAINING_FLAG_KEYS
+
 HELP = "chat fine-tuning: teach a pretrained run the chat template (loss on assistant turns only)"
 EXAMPLES = """  kititans sft runs/tiny-base                          # built-in chat examples -> runs/tiny-base-sft
   kititans sft runs/tiny-base --data chats.jsonl --out runs/tiny-chat
@@ -22,15 +24,7 @@ Alpaca {instruction, input, output}, ShareGPT {conversations: [{from, value}]}, 
 FLAG_KEYS = {
     "data": "sft.data",
     "format": "sft.format",
-    "optimizer": "optim.name",
-    "lr": "optim.lr",
-    "muon_lr": "optim.muon_lr",
-    "steps": "train.steps",
-    "batch_size": "train.batch_size",
-    "seq_len": "train.seq_len",
-    "device": "train.device",
-    "dtype": "train.dtype",
-    "compile": "train.compile",
+    **TRAINING_FLAG_KEYS,
 }
 
 

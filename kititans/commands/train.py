@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kititans.commands.common import TRAINING_FLAG_KEYS
+
 HELP = "train a model (Lite or Titans) with AdamW or Muon; no flags: built-in corpus, tiny preset"
 EXAMPLES = """  kititans train                                           # built-in corpus, tiny preset, minutes on a CPU
   kititans train --data my_corpus/ --preset lite-42m --optimizer muon
@@ -22,15 +24,7 @@ FLAG_KEYS = {
     "text_field": "data.text_field",
     "tokenizer": "tokenizer.path",
     "vocab_size": "tokenizer.vocab_size",
-    "optimizer": "optim.name",
-    "lr": "optim.lr",
-    "muon_lr": "optim.muon_lr",
-    "steps": "train.steps",
-    "batch_size": "train.batch_size",
-    "seq_len": "train.seq_len",
-    "device": "train.device",
-    "dtype": "train.dtype",
-    "compile": "train.compile",
+    **TRAINING_FLAG_KEYS,
     "out": "out",
 }
 

@@ -15,14 +15,7 @@ from kititans.train.optim import build_optimizer
 V, L = 100, 45  # vocab, sequence length: > 3 windows, 11 chunk boundaries
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to the wake-up latency of a second thread on a busy
-    shared machine (which made each small-op step 100x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**kw) -> TitansModel:

@@ -14,14 +14,7 @@ from kititans.models.titans_memory import apply_update, mlp_forward, mlp_grad, s
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to the wake-up latency of a second thread on a busy
-    shared machine (which made each small-op step 100x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_loss(k, v, theta, w, act, resnorm):
