@@ -14,11 +14,11 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from kititans.checkpoint import load_checkpoint  # noqa: E402
-from kititans.export import ExportOptions, export_model  # noqa: E402
-from kititans.generate import Generation, SamplingConfig  # noqa: E402
-from kititans.runtimes import load_runtime  # noqa: E402
-from kititans.runtimes.onnx import OnnxRuntime  # noqa: E402
+from kititans.checkpoint import load_checkpoint
+from kititans.export import ExportOptions, export_model
+from kititans.generate import Generation, SamplingConfig
+from kititans.runtimes import load_runtime
+from kititans.runtimes.onnx import OnnxRuntime
 
 PROMPT = "Once upon a time, a little girl named Mia found a red ball in the garden. She asked her mother"
 
