@@ -9,14 +9,28 @@ A CoreML model cannot run on Linux, so the export validates the package it wrote
 converted PyTorch wrapper equals the model, the spec has the expected inputs/outputs/states, every MIL op
 exists in the target's opset, and the decompressed weights match the PyTorch weights within the scheme's
 error. The report goes into the manifest (RUN/export/model.<quant>.mlpackage.json).
+
+Besides the attributes of kititans/models/lite_export.py, a wrapper may describe itself with these (the
+defaults are Lite's: a KV cache addressed by an additive causal mask):
+    kind                 "kv_cache" | "recurrent" (a fixed-size state: no length limit)
+    input_dtypes         {input name: numpy dtype name}; default input_ids int32, causal_mask float16
+    required_ops         MIL ops every function must contain; default read_state, write_state, fused SDPA
+    prefill_exact        True: prefill takes exactly prefill_len tokens at a multiple of prefill_len
+    feeds(ids, start)    forward's inputs for ids (1, T) at positions start..; default ids + causal mask
+    check_plan()         [(start, tokens)] calls the export check runs; default a 9-token prefill + decode
+    numerics(dtype, *m)  a context the float64 check runs in; default none
+    fp32_compute         {"code": files, "except_ops": op types, "angles": bool}: what keeps fp32 compute
+                         (see compute_precision); default none: all fp16
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +59,36 @@ MIN_TARGET = (
 )
 FUNCTIONS = ("decode", "prefill")
 SPEC_DTYPES = {65552: "fp16", 65568: "fp32", 131104: "int32"}
+INPUT_DTYPES = {"input_ids": "int32", "causal_mask": "float16"}  # Lite's, when a wrapper names none
+SPEC_DTYPES_NP = {"float16": "fp16", "float32": "fp32", "int32": "int32"}
+REQUIRED_OPS = ("read_state", "write_state", "scaled_dot_product_attention")
+
+
+def _var_mean(x: torch.Tensor, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> tuple:
+    """aten.var_mean in ops coremltools converts (its own decomposition lands on prims.var, which it lacks)."""
+    mean = x.mean(dim, keepdim=True)
+    d = x - mean
+    n = x.numel() // mean.numel()
+    var = (d * d).sum(dim, keepdim=keepdim) / (n - (1 if correction is None else correction))
+    return var, mean if keepdim else mean.squeeze(dim)
+
+
+def _zeros_like(x: torch.Tensor, **_: Any) -> torch.Tensor:
+    """x * 0: coremltools folds a zeros_like of a static shape into a stored all-zero const (Titans: one per
+    memory weight and function, 2 x 64 KB in titans-debug); of a finite x the product is the same zeros."""
+    return x * 0
+
+
+def decompositions() -> dict:
+    """ATen ops coremltools 9 has no converter for, or converts badly, rewritten in ones it converts well
+    (none occur in Lite's graph)."""
+    aten = torch.ops.aten
+    return {
+        aten.__and__.Tensor: aten.logical_and.default,  # boolean masks combined with `&`
+        aten.var_mean.correction: _var_mean,
+        aten.alias.default: aten.clone.default,
+        aten.zeros_like.default: _zeros_like,
+    }
 
 
 def deployment_target(name: str) -> Any:
@@ -84,7 +128,7 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
     )
     kept: list[str] = []
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as work_dir:
+    with tempfile.TemporaryDirectory(dir=out.parent) as work_dir, state_pass_fix():
         work = Path(work_dir)
         parts = {}
         for fn, (example, shapes) in step.functions().items():
@@ -126,9 +170,8 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
             "default_function": "decode",
             "max_len": step.max_len,
             "prefill_len": step.prefill_len,
-            "compute_precision": "fp16",
             "single_function_bytes": single,
-            "mask": "additive fp16 (1, 1, T, end): 0 where a query may attend, -1e4 elsewhere",
+            **interface(step),
         },
         quantization={**cq.details(quant), "kept_float": kept},
         validation=report,
@@ -142,29 +185,103 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
     return ExportResult(out, mpath, manifest)
 
 
+@contextlib.contextmanager
+def state_pass_fix() -> Iterator[None]:
+    """coremltools 9's canonicalize_inplace_pattern (run by ct.convert and again by every compression) moves
+    each state write right after the op producing its value, inserting it before the op that followed that
+    producer in a list taken before the loop; when that op is a state write it already moved (and removed),
+    it fails with a KeyError. That happens whenever the last state's producer directly precedes the first
+    write (Titans: 15 states). Looking the next op up among the ops still in the block gives the intended
+    order and changes nothing for graphs that converted before."""
+    from coremltools.converters.mil.mil.passes.defs import optimize_state
+
+    cls = optimize_state.canonicalize_inplace_pattern
+    original = cls._try_match_and_transform_pattern
+
+    def fixed(self: Any, op: Any, block: Any, ops: list) -> None:
+        live = [o for o in ops if o is op or o.enclosing_block is not None]
+        return original(self, op, block, live)
+
+    cls._try_match_and_transform_pattern = fixed
+    try:
+        yield
+    finally:
+        cls._try_match_and_transform_pattern = original
+
+
 def convert(ct: Any, step: nn.Module, example: tuple, shapes: tuple, target: Any) -> Any:
-    """torch.export (non-strict) -> ATen dialect -> ct.convert with fp16 inputs/outputs and states."""
+    """torch.export (non-strict) -> ATen dialect -> ct.convert with the wrapper's input dtypes, fp16
+    outputs and states."""
     step.reset()
-    with warnings.catch_warnings(), quiet(), torch.no_grad():
+    dtypes = getattr(step, "input_dtypes", INPUT_DTYPES)
+    with warnings.catch_warnings(), quiet(), torch.no_grad(), state_pass_fix():
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)
-            program = program.run_decompositions({})  # coremltools reads only the ATen dialect
-            names = step.input_names
+            program = program.run_decompositions(decompositions())  # coremltools reads only ATen
             return ct.convert(
                 program,
-                inputs=[
-                    ct.TensorType(name=names[0], dtype=np.int32),
-                    ct.TensorType(name=names[1], dtype=np.float16),
-                ],
+                inputs=[ct.TensorType(name=n, dtype=np.dtype(dtypes[n]).type) for n in step.input_names],
                 outputs=[ct.TensorType(name=n, dtype=np.float16) for n in step.output_names],
                 minimum_deployment_target=target,
-                compute_precision=ct.precision.FLOAT16,
+                compute_precision=compute_precision(ct, getattr(step, "fp32_compute", None)),
                 skip_model_load=True,  # no CoreML framework on Linux; the package is validated instead
             )
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise KititansError(f"CoreML conversion failed: {first}") from e
+
+
+def compute_precision(ct: Any, fp32: dict[str, Any] | None) -> Any:
+    """fp16 compute (coremltools casts every op), except what the wrapper's `fp32_compute` keeps in fp32.
+
+    code: ops traced inside the forward of a module defined in one of these files (torch.export keeps each
+    node's stack trace down to the innermost module forward, coremltools each op's), but not the op types in
+    `except_ops`. angles: sin/cos and every op that only feeds them (RoPE angles computed from positions:
+    fp16 cannot hold position * frequency at large positions).
+    """
+    if not fp32:
+        return ct.precision.FLOAT16
+    from coremltools.converters.mil.mil.scope import ScopeSource
+
+    code, skip = tuple(fp32.get("code", ())), set(fp32.get("except_ops", ()))
+    angles: dict[Any, bool] = {}
+
+    def feeds_angles(op: Any) -> bool:
+        if op not in angles:
+            children = [c for v in op.outputs for c in v.child_ops]
+            angles[op] = bool(children) and all(
+                c.op_type in ("sin", "cos") or feeds_angles(c) for c in children
+            )
+        return angles[op]
+
+    def fp16(op: Any) -> bool:
+        if fp32.get("angles") and (op.op_type in ("sin", "cos") or feeds_angles(op)):
+            return False
+        traces = op.scopes.get(ScopeSource.EXIR_STACK_TRACE) or []
+        in_code = any(t and any(c in t for c in code) for t in traces)
+        return not in_code or op.op_type in skip
+
+    return ct.transform.FP16ComputePrecision(op_selector=fp16)
+
+
+def interface(step: nn.Module) -> dict[str, Any]:
+    """What a runtime needs to drive the package, for the manifest."""
+    dtypes = getattr(step, "input_dtypes", INPUT_DTYPES)
+    fp32 = getattr(step, "fp32_compute", None)
+    out: dict[str, Any] = {
+        "compute_precision": "fp16" if not fp32 else {"default": "fp16", "fp32": fp32},
+        "kind": getattr(step, "kind", "kv_cache"),
+        "inputs": {n: dtypes[n] for n in step.input_names},
+        "states": list(step.state_names),
+        "prefill_exact": bool(getattr(step, "prefill_exact", False)),
+        "context_length": int(getattr(step, "context_length", step.max_len)),
+    }
+    if "causal_mask" in step.input_names:
+        out["mask"] = "additive fp16 (1, 1, T, end): 0 where a query may attend, -1e4 elsewhere"
+    if "position" in step.input_names:
+        out["position"] = "int32 (1,): position of the first new token; 0 starts a new sequence"
+    return out
 
 
 def write_tokenizer(run_dir: Path, dest: Path) -> Path:
@@ -204,16 +321,21 @@ def validate_package(
     if sorted(functions) != sorted(FUNCTIONS):
         problems.append(f"functions {sorted(functions)} != {sorted(FUNCTIONS)}")
     io = {name: _function_io(f) for name, f in functions.items()}
+    dtypes = {n: SPEC_DTYPES_NP.get(d, d) for n, d in getattr(step, "input_dtypes", INPUT_DTYPES).items()}
     for name, f in io.items():
         if list(f["inputs"]) != list(step.input_names) or f["outputs"] != list(step.output_names):
             problems.append(f"{name}: inputs/outputs {list(f['inputs'])}/{f['outputs']}")
+        if wrong := [n for n, i in f["inputs"].items() if i["dtype"] != dtypes.get(n)]:
+            problems.append(f"{name}: input dtypes {[(n, f['inputs'][n]['dtype']) for n in wrong]}")
         if sorted(f["states"]) != sorted(step.state_names):
             problems.append(f"{name}: states {sorted(f['states'])} != {sorted(step.state_names)}")
+        if wrong := [n for n, st in f["states"].items() if st["dtype"] != "fp16"]:
+            problems.append(f"{name}: states not fp16: {', '.join(wrong)}")
     ops = cq.proto_op_histogram(spec)
     bad = cq.unsupported_ops({t for h in ops.values() for t in h}, target)
     if bad:
         problems.append(f"ops outside the {target.name} opset: {', '.join(bad)}")
-    required = {"read_state", "write_state", "scaled_dot_product_attention"}
+    required = set(getattr(step, "required_ops", REQUIRED_OPS))
     required |= {
         "int8": {"constexpr_blockwise_shift_scale"},
         "int4": {"constexpr_blockwise_shift_scale"},
@@ -274,12 +396,14 @@ def weight_report(function: Any, step: nn.Module, quant: str) -> dict[str, Any]:
     for name, p in step.named_parameters(remove_duplicate=False):  # a tied weight has two names
         aliases.setdefault(id(p), []).append(name)
         params[id(p)] = p
-    errors, missing = {}, []
+    errors, missing, folded = {}, [], []
+    folds = tuple(getattr(step, "folded_params", ()))
     for pid, names in aliases.items():
-        keys = ["p_" + n.replace(".", "_") + "_to_fp16" for n in names]
+        # a weight of an fp16 op is stored as <name>_to_fp16, one of an fp32 op under its own name
+        keys = ["p_" + n.replace(".", "_") + suffix for n in names for suffix in ("_to_fp16", "")]
         key = next((k for k in keys if k in values), None)
         if key is None:
-            missing.append(names[0])
+            (folded if any(f in names[0] for f in folds) else missing).append(names[0])
             continue
         errors[names[0]] = cq.relative_error(values[key], params[pid].detach().numpy())
     compressed = [op.name for op in function.operations if op.op_type.startswith("constexpr_")]
@@ -292,27 +416,52 @@ def weight_report(function: Any, step: nn.Module, quant: str) -> dict[str, Any]:
         "worst": worst,
         "per_parameter": {k: round(v, 6) for k, v in errors.items()},
         "missing": missing,
+        "folded": folded,  # folded into a derived const by coremltools (the wrapper says which may be)
         "compressed": len(compressed),
         "compressed_but_float": [n for n in compressed if any(k in n for k in step.keep_float)],
     }
 
 
-def wrapper_report(step: nn.Module, model: nn.Module, prompt: int = 9, decode: int = 6) -> dict[str, float]:
-    """The converted wrapper (static cache, slice updates, additive mask) against the training model over
-    a prefill and `decode` single-token steps, in fp32 and fp64 (fp64 shows the math is the same)."""
+def wrapper_report(step: nn.Module, model: nn.Module, prompt: int = 9, decode: int = 6) -> dict[str, Any]:
+    """The converted wrapper (static state, in-place updates, its own inputs) against the training model's
+    parallel forward over the wrapper's `check_plan` (default: a `prompt`-token prefill and `decode`
+    single-token steps), in fp32 and fp64 (fp64 shows the math is the same). A wrapper whose buffers are
+    fp16 (the package's states) is also run as it is, to show what fp16 state storage alone costs."""
     from kititans.models.lite_export import causal_mask
 
-    n = min(prompt + decode, step.max_len)
+    if hasattr(step, "check_plan"):
+        plan = step.check_plan()
+    else:
+        n = min(prompt + decode, step.max_len)
+        plan = [(0, min(prompt, n))] + [(t, 1) for t in range(prompt, n)]
+    n = plan[-1][0] + plan[-1][1]
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
-    diffs = {}
-    for dtype in (torch.float32, torch.float64):
-        ref_model = copy.deepcopy(model).to(dtype)
-        s = copy.deepcopy(step).to(dtype)
+    numerics = getattr(step, "numerics", lambda dtype, *modules: contextlib.nullcontext())
+    fp16_state = any(b.dtype == torch.float16 for b in step.buffers())
+    runs = [("float32", torch.float32), ("float64", torch.float64)]
+    runs += [("fp16_state", None)] if fp16_state else []
+    diffs: dict[str, float] = {}
+    for key, dtype in runs:
+        ref_model = copy.deepcopy(model).to(dtype or torch.float32)
+        s = copy.deepcopy(step).to(dtype) if dtype else copy.deepcopy(step)  # None: buffers stay fp16
         s.reset()
-        with torch.no_grad():
+        with numerics(dtype or torch.float32, ref_model, s), torch.no_grad():
             ref = ref_model(ids)[0]
-            got = [s(ids[:, :prompt].int(), causal_mask(prompt, prompt, dtype))[0]]
-            for t in range(prompt, n):
-                got.append(s(ids[:, t : t + 1].int(), causal_mask(1, t + 1, dtype))[0])
-        diffs[str(dtype).removeprefix("torch.")] = float((torch.cat(got) - ref).abs().max())
-    return {"max_abs_diff_fp32": diffs["float32"], "max_abs_diff_fp64": diffs["float64"], "tokens": n}
+            got = []
+            for start, t in plan:
+                chunk = ids[:, start : start + t]
+                inputs = (
+                    s.feeds(chunk, start)
+                    if hasattr(s, "feeds")
+                    else (chunk.int(), causal_mask(t, start + t, dtype or torch.float32))
+                )
+                got.append(s(*inputs)[0])
+        diffs[key] = float((torch.cat(got).to(ref.dtype) - ref).abs().max())
+    out: dict[str, Any] = {
+        "max_abs_diff_fp32": diffs["float32"],
+        "max_abs_diff_fp64": diffs["float64"],
+        "tokens": n,
+    }
+    if fp16_state:
+        out["max_abs_diff_fp16_state"] = diffs["fp16_state"]  # informative: what fp16 storage costs
+    return out

@@ -45,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from kititans.models.layers import HyperConnection, RMSNorm, SwiGLU, apply_rope
 from kititans.models.spec import FamilySpec, Unsupported, register
 from kititans.models.titans_config import PRESETS, TitansConfig, titans_component, titans_param_roles
+from kititans.models.titans_coreml import TitansCoreMLStep
 from kititans.models.titans_memory import NeuralMemory
 from kititans.models.titans_onnx import TitansOnnxStep
 
@@ -357,6 +358,7 @@ SPEC = register(
                 "state); use onnx or coreml"
             ),
             "onnx": TitansOnnxStep,
+            "coreml": TitansCoreMLStep,
         },
         param_roles=titans_param_roles,
     )

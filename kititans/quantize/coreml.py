@@ -112,12 +112,32 @@ def compress(mlmodel: Any, scheme: str, keep_float: Callable[[str], bool]) -> tu
     if scheme == "fp16":
         return mlmodel, []
     cto = coremltools("coremltools.optimize.coreml", "CoreML compression")
-    names = list(cto.get_weights_metadata(mlmodel, weight_threshold=0))
-    kept = [n for n in names if keep_float(n)]
+    kept = [n for n in const_names(mlmodel) if keep_float(n)]
     config = cto.OptimizationConfig(global_config=op_config(scheme), op_name_configs=dict.fromkeys(kept))
     if scheme == "palettize4":
         return cto.palettize_weights(mlmodel, config), kept
     return cto.linear_quantize_weights(mlmodel, config), kept
+
+
+def const_names(mlmodel: Any) -> list[str]:
+    """Names of the array consts of a converted model, as cto.get_weights_metadata(weight_threshold=0) lists
+    them; that function fails on a const feeding an op with a list input (a concat of persistent K/V)."""
+    program = getattr(mlmodel, "_mil_program", None)  # set by ct.convert; None for a model read from disk
+    if program is None:
+        cto = coremltools("coremltools.optimize.coreml", "CoreML compression")
+        return list(cto.get_weights_metadata(mlmodel, weight_threshold=0))
+    names: list[str] = []
+
+    def walk(block: Any) -> None:
+        for op in block.operations:
+            for inner in op.blocks:
+                walk(inner)
+            if op.op_type == "const" and isinstance(op.val.val, np.ndarray):
+                names.append(op.name)
+
+    for function in program.functions.values():
+        walk(function)
+    return names
 
 
 def weight_values(function: Any) -> dict[str, np.ndarray]:

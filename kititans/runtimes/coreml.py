@@ -1,8 +1,13 @@
 """The CoreML runtime (macOS 15+): a multifunction .mlpackage from kititans.export.coreml.
 
-One `MLState` holds the KV cache; the `prefill` function takes chunks of up to prefill_len tokens and the
-`decode` function one token, both reading and writing the same state. Core ML runs only on Apple systems:
-elsewhere the runtime refuses with the reason (the export validates packages on Linux instead).
+One `MLState` holds the model's state; the `prefill` function takes a chunk of tokens and `decode` one token,
+both reading and writing the same state. The manifest says how to drive them:
+  kv_cache (Lite)       input_ids + causal_mask; prefill chunks of 1..prefill_len tokens at any position, up
+                        to max_len positions in all
+  recurrent (Titans)    input_ids + position; prefill exactly prefill_len (= mem_chunk) tokens at a multiple of
+                        it, every other token through decode; a fixed-size state, so no length limit
+Core ML runs only on Apple systems: elsewhere the runtime refuses with the reason (the export validates
+packages on Linux instead).
 """
 
 from __future__ import annotations
@@ -62,11 +67,21 @@ class CoreMLRuntime:
             self.prefill = ct.models.MLModel(str(self.path), compute_units=units, function_name="prefill")
         except Exception as e:
             raise KititansError(f"{self.path}: Core ML cannot load it ({str(e).splitlines()[0]})") from None
-        ranges = {i.name: i for i in self.prefill.get_spec().description.input}
-        seq_range = ranges["input_ids"].type.multiArrayType.shapeRange.sizeRanges
-        end_range = ranges["causal_mask"].type.multiArrayType.shapeRange.sizeRanges
-        self.prefill_len = int(info.get("prefill_len") or seq_range[1].upperBound)
-        self.context_length = int(info.get("max_len") or end_range[3].upperBound)
+        inputs = {i.name: i.type.multiArrayType for i in self.prefill.get_spec().description.input}
+        self.inputs = list(info.get("inputs") or inputs)  # manifests before "inputs" are Lite's
+        self.recurrent = info.get("kind") == "recurrent"
+        self.prefill_exact = bool(info.get("prefill_exact"))
+        seq = inputs["input_ids"]
+        self.prefill_len = int(
+            info.get("prefill_len")
+            or (seq.shapeRange.sizeRanges[1].upperBound if seq.shapeRange.sizeRanges else seq.shape[1])
+        )
+        if "context_length" in info:
+            self.context_length = int(info["context_length"])
+        else:
+            self.context_length = int(
+                info.get("max_len") or inputs["causal_mask"].shapeRange.sizeRanges[3].upperBound
+            )
         self.codec = find_codec(self.path)
         self.vocab_size = self.codec.vocab_size
         self.state: Any = None
@@ -84,17 +99,39 @@ class CoreMLRuntime:
         if self.state is None:
             self.reset()
         ids = [int(i) for i in ids]
-        if self._n + len(ids) > self.context_length:
+        if not self.recurrent and self._n + len(ids) > self.context_length:
             raise KititansError(
                 f"{self._n + len(ids)} tokens exceed the model's context of {self.context_length}"
             )
         outs = []
-        for at in range(0, len(ids), self.prefill_len):
-            chunk = ids[at : at + self.prefill_len]
+        for chunk in plan_chunks(ids, self._n, self.prefill_len, self.prefill_exact):
             model = self.decode if len(chunk) == 1 else self.prefill
-            end = self._n + len(chunk)
-            feed = {"input_ids": np.array([chunk], np.int32), "causal_mask": causal_mask(len(chunk), end)}
+            feed = make_feeds(self.inputs, chunk, self._n)
             outs.append(np.asarray(model.predict(feed, state=self.state)["logits"])[0])  # (T, V)
-            self._n = end
+            self._n += len(chunk)
         logits = np.concatenate(outs).astype(np.float32)
         return logits if all_logits else logits[-1]
+
+
+def plan_chunks(ids: list[int], n_past: int, prefill_len: int, exact: bool) -> list[list[int]]:
+    """How `ids` go in after n_past tokens: chunks of up to prefill_len; with an exact prefill (Titans: a
+    memory chunk), whole chunks where the position is a multiple of prefill_len, single tokens elsewhere."""
+    C, out, at, n = prefill_len, [], 0, n_past
+    while at < len(ids):
+        if not exact:
+            take = min(C, len(ids) - at)
+        else:
+            take = C if n % C == 0 and len(ids) - at >= C else 1
+        out.append(ids[at : at + take])
+        at, n = at + take, n + take
+    return out
+
+
+def make_feeds(inputs: Sequence[str], chunk: list[int], start: int) -> dict[str, np.ndarray]:
+    """The inputs a package lists, for tokens `chunk` at positions start..start+len-1."""
+    feed = {"input_ids": np.array([chunk], np.int32)}
+    if "causal_mask" in inputs:
+        feed["causal_mask"] = causal_mask(len(chunk), start + len(chunk))
+    if "position" in inputs:
+        feed["position"] = np.array([start], np.int32)
+    return feed
