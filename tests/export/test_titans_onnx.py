@@ -49,10 +49,14 @@ def test_folder_has_both_graphs_and_the_state_layout(exports, ckpt):
     # the two graphs read one weight file, each weight stored once (the memory's W_0 ships as the state)
     params = sum(p.numel() for p in ckpt.model.parameters())
     assert (folder / "weights.onnx.data").stat().st_size < 1.1 * 4 * params
-    assert info["external_data"] == "weights.onnx.data" and info["initial_state"] == "initial_state.safetensors"
+    assert (
+        info["external_data"] == "weights.onnx.data" and info["initial_state"] == "initial_state.safetensors"
+    )
     rt = OnnxRuntime(folder)
     assert [i.name for i in rt.prefill.get_inputs()] == [i.name for i in rt.session.get_inputs()]
-    assert [tuple(i.shape) for i in rt.session.get_inputs()][1:] == [tuple(s["shape"]) for s in info["states"]]
+    assert [tuple(i.shape) for i in rt.session.get_inputs()][1:] == [
+        tuple(s["shape"]) for s in info["states"]
+    ]
 
 
 def test_fp32_logits_equal_pytorch_over_chunks_and_past_the_window(exports, ckpt):
