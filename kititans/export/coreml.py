@@ -10,14 +10,14 @@ converted PyTorch wrapper equals the model, the spec has the expected inputs/out
 exists in the target's opset, and the decompressed weights match the PyTorch weights within the scheme's
 error. The report goes into the manifest (RUN/export/model.<quant>.mlpackage.json).
 
-Besides the attributes of kititans/models/lite_export.py, a wrapper may describe itself with these (the
-defaults are Lite's: a KV cache addressed by an additive causal mask):
+Besides the attributes of kititans/models/lite_export.py, a wrapper describes itself with
+    input_dtypes         {input name: numpy dtype name}
+    required_ops         MIL ops every function must contain
+    feeds(ids, start)    forward's inputs for ids (1, T) at positions start..start+T-1
+    check_plan()         [(start, tokens)] calls the export check runs against the parallel forward
+and optionally (the defaults are Lite's: a KV cache addressed by an additive causal mask)
     kind                 "kv_cache" | "recurrent" (a fixed-size state: no length limit)
-    input_dtypes         {input name: numpy dtype name}; default input_ids int32, causal_mask float16
-    required_ops         MIL ops every function must contain; default read_state, write_state, fused SDPA
     prefill_exact        True: prefill takes exactly prefill_len tokens at a multiple of prefill_len
-    feeds(ids, start)    forward's inputs for ids (1, T) at positions start..; default ids + causal mask
-    check_plan()         [(start, tokens)] calls the export check runs; default a 9-token prefill + decode
     numerics(dtype, *m)  a context the float64 check runs in; default none
     fp32_compute         {"code": files, "except_ops": op types, "angles": bool}: what keeps fp32 compute
                          (see compute_precision); default none: all fp16
@@ -59,9 +59,7 @@ MIN_TARGET = (
 )
 FUNCTIONS = ("decode", "prefill")
 SPEC_DTYPES = {65552: "fp16", 65568: "fp32", 131104: "int32"}
-INPUT_DTYPES = {"input_ids": "int32", "causal_mask": "float16"}  # Lite's, when a wrapper names none
 SPEC_DTYPES_NP = {"float16": "fp16", "float32": "fp32", "int32": "int32"}
-REQUIRED_OPS = ("read_state", "write_state", "scaled_dot_product_attention")
 
 
 def _var_mean(x: torch.Tensor, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> tuple:
@@ -211,10 +209,10 @@ def state_pass_fix() -> Iterator[None]:
 
 def convert(ct: Any, step: nn.Module, example: tuple, shapes: tuple, target: Any) -> Any:
     """torch.export (non-strict) -> ATen dialect -> ct.convert with the wrapper's input dtypes, fp16
-    outputs and states."""
+    outputs and states. Call it inside `state_pass_fix()` (export does, around conversion and compression)."""
     step.reset()
-    dtypes = getattr(step, "input_dtypes", INPUT_DTYPES)
-    with warnings.catch_warnings(), quiet(), torch.no_grad(), state_pass_fix():
+    dtypes = step.input_dtypes
+    with warnings.catch_warnings(), quiet(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)
@@ -267,7 +265,7 @@ def compute_precision(ct: Any, fp32: dict[str, Any] | None) -> Any:
 
 def interface(step: nn.Module) -> dict[str, Any]:
     """What a runtime needs to drive the package, for the manifest."""
-    dtypes = getattr(step, "input_dtypes", INPUT_DTYPES)
+    dtypes = step.input_dtypes
     fp32 = getattr(step, "fp32_compute", None)
     out: dict[str, Any] = {
         "compute_precision": "fp16" if not fp32 else {"default": "fp16", "fp32": fp32},
@@ -321,7 +319,7 @@ def validate_package(
     if sorted(functions) != sorted(FUNCTIONS):
         problems.append(f"functions {sorted(functions)} != {sorted(FUNCTIONS)}")
     io = {name: _function_io(f) for name, f in functions.items()}
-    dtypes = {n: SPEC_DTYPES_NP.get(d, d) for n, d in getattr(step, "input_dtypes", INPUT_DTYPES).items()}
+    dtypes = {n: SPEC_DTYPES_NP.get(d, d) for n, d in step.input_dtypes.items()}
     for name, f in io.items():
         if list(f["inputs"]) != list(step.input_names) or f["outputs"] != list(step.output_names):
             problems.append(f"{name}: inputs/outputs {list(f['inputs'])}/{f['outputs']}")
@@ -335,7 +333,7 @@ def validate_package(
     bad = cq.unsupported_ops({t for h in ops.values() for t in h}, target)
     if bad:
         problems.append(f"ops outside the {target.name} opset: {', '.join(bad)}")
-    required = set(getattr(step, "required_ops", REQUIRED_OPS))
+    required = set(step.required_ops)
     required |= {
         "int8": {"constexpr_blockwise_shift_scale"},
         "int4": {"constexpr_blockwise_shift_scale"},
@@ -422,18 +420,12 @@ def weight_report(function: Any, step: nn.Module, quant: str) -> dict[str, Any]:
     }
 
 
-def wrapper_report(step: nn.Module, model: nn.Module, prompt: int = 9, decode: int = 6) -> dict[str, Any]:
+def wrapper_report(step: nn.Module, model: nn.Module) -> dict[str, Any]:
     """The converted wrapper (static state, in-place updates, its own inputs) against the training model's
-    parallel forward over the wrapper's `check_plan` (default: a `prompt`-token prefill and `decode`
-    single-token steps), in fp32 and fp64 (fp64 shows the math is the same). A wrapper whose buffers are
-    fp16 (the package's states) is also run as it is, to show what fp16 state storage alone costs."""
-    from kititans.models.lite_export import causal_mask
-
-    if hasattr(step, "check_plan"):
-        plan = step.check_plan()
-    else:
-        n = min(prompt + decode, step.max_len)
-        plan = [(0, min(prompt, n))] + [(t, 1) for t in range(prompt, n)]
+    parallel forward over the wrapper's `check_plan`, in fp32 and fp64 (fp64 shows the math is the same).
+    A wrapper whose buffers are fp16 (the package's states) is also run as it is, to show what fp16 state
+    storage alone costs."""
+    plan = step.check_plan()
     n = plan[-1][0] + plan[-1][1]
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     numerics = getattr(step, "numerics", lambda dtype, *modules: contextlib.nullcontext())
@@ -450,12 +442,7 @@ def wrapper_report(step: nn.Module, model: nn.Module, prompt: int = 9, decode: i
             got = []
             for start, t in plan:
                 chunk = ids[:, start : start + t]
-                inputs = (
-                    s.feeds(chunk, start)
-                    if hasattr(s, "feeds")
-                    else (chunk.int(), causal_mask(t, start + t, dtype or torch.float32))
-                )
-                got.append(s(*inputs)[0])
+                got.append(s(*s.feeds(chunk, start))[0])
         diffs[key] = float((torch.cat(got).to(ref.dtype) - ref).abs().max())
     out: dict[str, Any] = {
         "max_abs_diff_fp32": diffs["float32"],

@@ -130,9 +130,8 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
             graph_info["initial_state"] = INITIAL_STATE_FILE
         shutil.rmtree(work)
         copy_tokenizer(Path(ckpt.path), tmp)
-        for (
-            f
-        ) in tmp.iterdir():  # the quantizers' and safetensors' files are 0600; a shipped artifact is readable
+        # the quantizers' and safetensors' files are 0600; a shipped artifact is readable
+        for f in tmp.iterdir():
             f.chmod(0o644)
         stages.set_postfix_str("check")
         check = check_against_torch(tmp, graph_info, ckpt)

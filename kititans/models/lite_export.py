@@ -20,6 +20,8 @@ CoreML step wrapper (static cache as registered buffers, which coremltools turns
 `cls(model, max_len=..., prefill_len=...)`:
     forward(input_ids (1,T) int32, causal_mask (1,1,T,end) float) -> logits (1,T,V)
     input_names, output_names, state_names, max_len, prefill_len, reset()
+    input_dtypes, required_ops     numpy dtype per input; MIL ops every function must contain
+    feeds(ids, start), check_plan() forward's inputs for tokens at start..; the calls the export check runs
     functions()                    {"decode": (example, dynamic_shapes), "prefill": (...)}: one torch.export
                                    each, merged into one multifunction package with shared weights
     keep_float                     parts of const names compression must leave in fp16 (RoPE, norms)
@@ -30,6 +32,7 @@ position input is needed and the same forward serves prefill and decode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +206,9 @@ class LiteCoreMLStep(nn.Module):
 
     input_names = ("input_ids", "causal_mask")
     output_names = ("logits",)
+    input_dtypes: ClassVar[dict[str, str]] = {"input_ids": "int32", "causal_mask": "float16"}
     state_names = ("key_cache", "value_cache")
+    required_ops = ("read_state", "write_state", "scaled_dot_product_attention")
     keep_float = ("rope_cos", "rope_sin", "norm")  # const-name parts that stay fp16 when compressing
 
     def __init__(self, model: nn.Module, max_len: int | None = None, prefill_len: int = 128):
@@ -235,6 +240,15 @@ class LiteCoreMLStep(nn.Module):
             "decode": ((ids(1), causal_mask(1, e, dtype)), (None, {3: end})),
             "prefill": ((ids(2), causal_mask(2, e, dtype)), ({1: seq}, {2: seq, 3: end})),
         }
+
+    def feeds(self, ids: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """forward's inputs for tokens `ids` (1, T) at positions start..start+T-1."""
+        return ids.to(torch.int32), causal_mask(ids.shape[1], start + ids.shape[1], self.key_cache.dtype)
+
+    def check_plan(self, prompt: int = 9, decode: int = 6) -> list[tuple[int, int]]:
+        """(start, tokens) calls the export check runs: a `prompt`-token prefill, then single-token decodes."""
+        n = min(prompt + decode, self.max_len)
+        return [(0, min(prompt, n))] + [(t, 1) for t in range(prompt, n)]
 
     def forward(self, input_ids: Tensor, causal_mask: Tensor) -> Tensor:
         m = self.model

@@ -58,3 +58,17 @@ def runtime_class(name: str) -> Any:
 def load_runtime(path: str | Path, runtime: str | None = None, **options: Any) -> Any:
     name = runtime or detect_runtime(path)
     return runtime_class(name)(Path(path), **options)
+
+
+def plan_chunks(ids: list[int], n_past: int, prefill_len: int, exact: bool) -> list[list[int]]:
+    """How `ids` go in after n_past tokens: chunks of up to prefill_len; with an exact prefill (Titans: a
+    memory chunk), whole chunks where the position is a multiple of prefill_len, single tokens elsewhere."""
+    C, out, at, n = prefill_len, [], 0, n_past
+    while at < len(ids):
+        if not exact:
+            take = min(C, len(ids) - at)
+        else:
+            take = C if n % C == 0 and len(ids) - at >= C else 1
+        out.append(ids[at : at + take])
+        at, n = at + take, n + take
+    return out

@@ -22,6 +22,7 @@ import numpy as np
 
 from kititans.errors import KititansError
 from kititans.quantize.coreml import coremltools
+from kititans.runtimes.base import plan_chunks
 from kititans.runtimes.onnx import find_codec
 
 MASK_FILL = -1e4  # as the export documents: exp underflows to 0 in fp16, no row can become NaN
@@ -111,20 +112,6 @@ class CoreMLRuntime:
             self._n += len(chunk)
         logits = np.concatenate(outs).astype(np.float32)
         return logits if all_logits else logits[-1]
-
-
-def plan_chunks(ids: list[int], n_past: int, prefill_len: int, exact: bool) -> list[list[int]]:
-    """How `ids` go in after n_past tokens: chunks of up to prefill_len; with an exact prefill (Titans: a
-    memory chunk), whole chunks where the position is a multiple of prefill_len, single tokens elsewhere."""
-    C, out, at, n = prefill_len, [], 0, n_past
-    while at < len(ids):
-        if not exact:
-            take = min(C, len(ids) - at)
-        else:
-            take = C if n % C == 0 and len(ids) - at >= C else 1
-        out.append(ids[at : at + take])
-        at, n = at + take, n + take
-    return out
 
 
 def make_feeds(inputs: Sequence[str], chunk: list[int], start: int) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kititans.errors import KititansError, require
+from kititans.runtimes.base import plan_chunks
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -206,12 +207,10 @@ class OnnxRuntime:
     def _forward_recurrent(self, ids: list[int], all_logits: bool) -> np.ndarray:
         """A fixed-size state has no length limit; whole memory chunks go through the prefill graph when the
         position is chunk-aligned, every other token through the decode graph."""
-        C, out, at = self.prefill_tokens, [], 0
-        while at < len(ids):
-            if self.prefill is not None and self._n % C == 0 and len(ids) - at >= C:
-                logits, at = self._run(self.prefill, ids[at : at + C]), at + C
-            else:
-                logits, at = self._run(self.session, ids[at : at + 1]), at + 1
+        C = self.prefill_tokens if self.prefill is not None else 1
+        out = []
+        for chunk in plan_chunks(ids, self._n, C, exact=True):
+            logits = self._run(self.prefill if len(chunk) > 1 else self.session, chunk)
             out.append(logits.astype(np.float32) if all_logits else logits)
         return np.concatenate(out) if all_logits else out[-1][-1].astype(np.float32)
 
@@ -252,6 +251,10 @@ class OnnxRuntime:
         past: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One batched call of the graph in numpy (tests, batched scoring): logits (B,T,V), new past."""
+        if self.recurrent:
+            raise KititansError(
+                f"{self.file}: a recurrent (Titans) graph has no attention_mask: use forward()"
+            )
         past = past if past is not None else self.zero_state(input_ids.shape[0])
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         if "position_ids" in self.inputs:

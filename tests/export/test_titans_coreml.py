@@ -23,7 +23,8 @@ from kititans.export.coreml import deployment_target, validate_package  # noqa: 
 from kititans.models.titans import SPEC  # noqa: E402
 from kititans.models.titans_coreml import TitansCoreMLStep  # noqa: E402
 from kititans.quantize.coreml import ERROR_BOUND  # noqa: E402
-from kititans.runtimes.coreml import make_feeds, plan_chunks  # noqa: E402
+from kititans.runtimes.base import plan_chunks  # noqa: E402
+from kititans.runtimes.coreml import make_feeds  # noqa: E402
 
 SCHEMES = ("fp16", "int8", "int4")
 COMPRESSED_OP = {"int8": "constexpr_blockwise_shift_scale", "int4": "constexpr_blockwise_shift_scale"}

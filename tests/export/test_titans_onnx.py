@@ -15,6 +15,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from kititans.checkpoint import load_checkpoint
+from kititans.errors import KititansError
 from kititans.export import ExportOptions, export_model
 from kititans.generate import Generation, SamplingConfig
 from kititans.runtimes import load_runtime
@@ -54,6 +55,8 @@ def test_folder_has_both_graphs_and_the_state_layout(exports, ckpt):
     )
     rt = OnnxRuntime(folder)
     assert [i.name for i in rt.prefill.get_inputs()] == [i.name for i in rt.session.get_inputs()]
+    with pytest.raises(KititansError, match="recurrent"):  # the KV-cache batch API does not apply
+        rt.step(np.zeros((1, 1)), np.ones((1, 1)), np.zeros((1, 1)))
     assert [tuple(i.shape) for i in rt.session.get_inputs()][1:] == [
         tuple(s["shape"]) for s in info["states"]
     ]
