@@ -29,13 +29,14 @@ from kititans.models.lite import lm_loss
 from kititans.models.spec import count_params, find_preset
 
 
-def build(preset: str, width: int = 0) -> torch.nn.Module:
-    """The preset, or with --width its 4-layer shape widened (head_dim 64, ffn ~2.8x: the 500M layer shape)."""
+def build(preset: str, width: int = 0, **extra) -> torch.nn.Module:
+    """The preset, or with --width its 4-layer shape widened (head_dim 64, ffn ~2.8x: the 500M layer shape);
+    `extra` overrides config fields (memory_layers=[] removes the memory)."""
     spec, p = find_preset(preset)
-    over = {}
+    over = dict(extra)
     if width:
         heads, ffn = width // 64, 64 * round(2.8 * width / 64)
-        over = {"dim": width, "n_heads": heads, "ffn_dim": ffn}
+        over.update(dim=width, n_heads=heads, ffn_dim=ffn)
         if spec.name == "lite":
             over["n_kv_heads"] = heads
     torch.manual_seed(0)
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     ids = torch.randint(0, 4096, (1, 16 + args.decode_tokens), generator=g)
     kinds = {"lite tiny": (models["lite tiny"], False), "titans-tiny": (models["titans-tiny"], False)}
     kinds["titans-tiny functional step"] = (models["titans-tiny"], True)
-    for m in models.values():
+    # where the cost is: the same Titans without its memory layers (window attention + persistent slots only)
+    kinds["titans-tiny memory off"] = (build("titans-tiny", args.width, memory_layers=[]), False)
+    for m, _ in kinds.values():
         m.eval()
     for m, fn in kinds.values():
         decode_seconds(m, ids[:, :48], fn)  # warm-up
@@ -144,6 +147,8 @@ def report(res: dict) -> str:
         f"-> {res['decode_cost_ratio']:.2f}x; functional step {d['titans-tiny functional step']:,.0f} tok/s "
         f"-> {res['decode_cost_ratio_functional']:.2f}x"
     )
+    per_token = ", ".join(f"{n} {1e6 / t:,.0f}" for n, t in d.items())
+    lines.append(f"decode us/token: {per_token}")
     return "\n".join(lines)
 
 
