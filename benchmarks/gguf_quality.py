@@ -29,7 +29,7 @@ from tqdm import tqdm
 from benchmarks.common import machine, md_table, write_json
 from kititans.bench.quality import chunk_logprobs, make_chunks, measure, save_reference
 from kititans.checkpoint import read_meta
-from kititans.data.shards import TokenData
+from kititans.data.tokendata import TokenData
 from kititans.export import ExportOptions, export_model
 from kititans.quantize.imatrix import run_shards
 from kititans.runtimes import load_runtime

@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from kititans.config import RunConfig, apply_overrides
 from kititans.train.pretrain import pretrain
-from kititans.train.setup import prepare_data
+from kititans.data.prepare import prepare_data
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CORPORA = {

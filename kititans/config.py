@@ -22,17 +22,40 @@ from kititans.errors import KititansError
 
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=list)  # files, directories, globs, or a prepared shards dir
-    dataset: str | None = None  # hub dataset NAME[:CONFIG] through the `datasets` library
+    sources: list[str] = field(default_factory=list)  # files, directories, globs, or prepared shards dirs
+    dataset: str | None = None  # hub dataset NAME[:CONFIG] (or a local dataset folder), streamed
+    split: str = "train"  # the hub dataset's split
     text_field: str = "text"
     val_fraction: float = 0.02
     seed: int = 0
-    skip_invalid: bool = False  # skip undecodable files with a counted warning instead of failing
+    skip_invalid: bool = False  # skip undecodable/truncated files with a counted warning instead of failing
     builtin_bytes: int = 6_000_000  # size of the built-in corpus when no data is given
+    weights: list[float] = field(default_factory=list)  # several prepared datasets: mixture weights
+    workers: int = 0  # tokenizer worker processes; 0 = one per CPU core
+    dedup: bool = True  # drop exact duplicate documents (by a 64-bit content hash)
+    max_docs: int = 0  # stop reading after this many documents (0 = all)
+    max_tokens: int = 0  # stop writing after this many tokens (0 = all)
+    shard_mb: float = 1024.0  # token shard size cap
+    tokenizer_sample_mb: float = 100.0  # the tokenizer's training sample, drawn uniformly while streaming
+    tokenizer_read_mb: float = (
+        0.0  # draw it from the first N MB; 0 = all of local files, 1000 MB of a hub stream
+    )
+    character_coverage: float = 0.9995  # SentencePiece: characters covered before falling back to bytes
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:
             raise KititansError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        for name in ("workers", "max_docs", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise KititansError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.shard_mb <= 0 or self.tokenizer_sample_mb <= 0 or self.tokenizer_read_mb < 0:
+            raise KititansError(
+                "data.shard_mb and data.tokenizer_sample_mb must be > 0, tokenizer_read_mb >= 0"
+            )
+        if not 0.9 <= self.character_coverage <= 1.0:
+            raise KititansError(f"data.character_coverage must be in [0.9, 1], got {self.character_coverage}")
+        if self.weights and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
+            raise KititansError(f"data.weights must be >= 0 with a positive sum, got {self.weights}")
 
 
 @dataclass

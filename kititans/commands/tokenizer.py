@@ -22,8 +22,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from kititans.data.prepare import open_corpus
+    from kititans.data.sampling import build_tokenizer
     from kititans.errors import KititansError
-    from kititans.train.setup import build_tokenizer, open_corpus
 
     out = Path(args.out)
     if (out / "tokenizer.model").exists():

@@ -10,6 +10,7 @@ from kititans.commands.common import TRAINING_FLAG_KEYS
 HELP = "train a model (Lite or Titans) with AdamW or Muon; no flags: built-in corpus, tiny preset"
 EXAMPLES = """  kititans train                                           # built-in corpus, tiny preset, minutes on a CPU
   kititans train --data my_corpus/ --preset lite-42m --optimizer muon
+  kititans train --data data/ja data/wiki --weights 0.7,0.3     # a mixture of prepared datasets
   kititans train --data data/prepared --tokenizer data/prepared --steps 5000 --out runs/mine
   kititans train --config configs/tiny-muon.yaml --set optim.muon_lr=0.03 --set train.batch_size=32
   kititans train --resume runs/mine --steps 8000           # continue (and extend) a run exactly
@@ -20,6 +21,7 @@ FLAG_KEYS = {
     "preset": "preset",
     "family": "family",
     "data": "data.sources",
+    "weights": "data.weights",
     "dataset": "data.dataset",
     "text_field": "data.text_field",
     "tokenizer": "tokenizer.path",
@@ -29,11 +31,25 @@ FLAG_KEYS = {
 }
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like 0.7,0.3, got {text!r}"
+        ) from None
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML recipe (see configs/)")
     p.add_argument("--preset", help="model preset: debug, tiny, lite-42m, lite-125m, lite-350m, titans-*")
     p.add_argument("--family", choices=["lite", "titans"], help="model family (default: the preset's)")
     p.add_argument("--data", nargs="+", help="text files/dirs/globs, or a folder prepared by `kititans data`")
+    p.add_argument(
+        "--weights",
+        type=_weights,
+        help="mixture weights for several prepared --data datasets, e.g. 0.7,0.3 (sampled at train time)",
+    )
     p.add_argument("--dataset", help="a Hugging Face dataset NAME[:CONFIG] (needs network)")
     p.add_argument("--text-field", help="JSON/parquet/dataset text column (default: text)")
     p.add_argument("--tokenizer", help="reuse a tokenizer (tokenizer dir, run dir or shards dir)")

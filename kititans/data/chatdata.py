@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from kititans.data.chat import ROLES, Message
-from kititans.data.readers import JSON_SUFFIXES, PARQUET_SUFFIXES, expand_sources
+from kititans.data.readers import expand_sources
+from kititans.data.streams import JSON_SUFFIXES, PARQUET_SUFFIXES, decode_errors, formats, open_stream
 from kititans.errors import KititansError, require
 
 FORMATS = ("auto", "messages", "alpaca", "sharegpt", "guanaco", "text")
@@ -207,7 +208,7 @@ def _json_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         for line, rec in _json_array(path, text):
             yield f"{path}:{line}", rec
         return
-    if path.suffix.lower() == ".json" and head.startswith("{"):
+    if formats(path)[0] == ".json" and head.startswith("{"):
         try:  # one record in a .json file (else: JSON Lines with a .json suffix)
             yield f"{path}:1", json.loads(text)
             return
@@ -276,14 +277,18 @@ def read_chat_file(path: str | Path, fmt: str = "auto") -> list[Conversation]:
     path = Path(path)
     if fmt not in FORMATS:
         raise KititansError(f"unknown chat format {fmt!r} (valid: {', '.join(FORMATS)})")
-    suffix = path.suffix.lower()
+    suffix, comp = formats(path)
     if suffix in PARQUET_SUFFIXES:
         records: Iterator[tuple[str, Any]] = _parquet_records(path)
     else:
-        try:
-            text = path.read_text(encoding="utf-8")
+        try:  # chat sets are small: read whole (decompressed) files
+            stream, _ = open_stream(path)
+            with stream:
+                text = stream.read().decode("utf-8")
         except UnicodeDecodeError as e:
             raise KititansError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+        except decode_errors() as e:
+            raise KititansError(f"{path}: truncated or corrupt {comp} data ({e})") from None
         if fmt == "text" or (fmt == "auto" and suffix not in JSON_SUFFIXES):
             return parse_text(path, text)
         records = _json_records(path, text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,10 +42,10 @@ def run_shards(run: str | Path) -> Path | None:
     return None
 
 
-def calibration_ids(ckpt: Checkpoint, source: str) -> np.ndarray:
+def calibration_ids(ckpt: Checkpoint, source: str) -> Any:
     """Token ids of the calibration text: a split of the run's shards (`val`, `train`) or a text file."""
     if source in SPLITS:
-        from kititans.data.shards import TokenData
+        from kititans.data.tokendata import TokenData
 
         data_dir = run_shards(ckpt.path)
         if data_dir is None:
@@ -53,7 +54,7 @@ def calibration_ids(ckpt: Checkpoint, source: str) -> np.ndarray:
             )
         data = TokenData(data_dir)
         data.check_tokenizer(ckpt.tokenizer)
-        return np.asarray(data.splits[source])
+        return data.splits[source]  # memmapped shards: only the windows used are read
     path = Path(source)
     if not path.is_file():
         raise KititansError(

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kititans.config import RunConfig
+from kititans.data.prepare import prepare_data
 from kititans.data.tokenizer import Tokenizer
 from kititans.errors import KititansError
 from kititans.models.spec import find_preset
@@ -17,7 +18,6 @@ from kititans.train.loop import (
     model_for_run,
     run_training,
 )
-from kititans.train.setup import prepare_data
 
 
 def pretrain(

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from kititans.config import DataConfig
+from kititans.data.prepare import prepare_dataset
 from kititans.data.readers import Corpus, split_text
-from kititans.data.shards import TokenData, is_val, prepare_shards
+from kititans.data.shards import is_val
+from kititans.data.tokendata import TokenData
 from kititans.data.tokenizer import train_tokenizer
 from kititans.errors import KititansError
 
@@ -48,7 +51,11 @@ def test_reads_every_format(tmp_path):
         )
     )
     assert STORY in docs and "a jsonl doc" in docs and "from a json list" in docs and "parquet two" in docs
-    assert "<|user|>Hi<|end|>\n<|assistant|>Hello!<|end|>\n" in docs  # chat records use the template
+    from kititans.data.chat import render_text
+    from kititans.data.tokenizer import BOS, CHAT_TEMPLATE
+
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert render_text(CHAT_TEMPLATE, msgs).removeprefix(BOS) in docs  # chat records use the template
 
 
 @pytest.mark.parametrize(
@@ -107,14 +114,24 @@ def test_split_text_groups_paragraphs():
 def test_shards_split_is_deterministic_and_windows_are_exact(tmp_path):
     docs = [f"Story number {i}. " * 20 for i in range(300)]
     tok = train_tokenizer(docs, tmp_path / "tok", vocab_size=300)
-    m1 = prepare_shards(docs, tok, tmp_path / "s1", sources=["x"], val_fraction=0.1, seed=3)
-    m2 = prepare_shards(list(reversed(docs)), tok, tmp_path / "s2", sources=["x"], val_fraction=0.1, seed=3)
-    assert (m1.train_documents, m1.val_documents) == (m2.train_documents, m2.val_documents)
-    assert m1.val_documents == sum(is_val(d, 3, 0.1) for d in docs) > 0
-    assert m1.dtype == "uint16" and m1.train_tokens + m1.val_tokens == sum(
+    write(tmp_path / "fwd.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write(tmp_path / "rev.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in reversed(docs)))
+    m1, m2 = (
+        prepare_dataset(
+            DataConfig(sources=[str(tmp_path / f"{name}.jsonl")], val_fraction=0.1, seed=3, workers=1),
+            tmp_path / name,
+            300,
+            str(tmp_path / "tok"),
+            progress=False,
+        )
+        for name in ("fwd", "rev")
+    )
+    assert (m1["train_documents"], m1["val_documents"]) == (m2["train_documents"], m2["val_documents"])
+    assert m1["val_documents"] == sum(is_val(d, 3, 0.1) for d in docs) > 0
+    assert m1["dtype"] == "uint16" and m1["train_tokens"] + m1["val_tokens"] == sum(
         len(tok.encode(d)) + 2 for d in docs
     )
-    data = TokenData(tmp_path / "s1")
+    data = TokenData(tmp_path / "fwd")
     x, y = data.batch("train", 4, 16, torch.Generator().manual_seed(0))
     x2, _ = data.batch("train", 4, 16, torch.Generator().manual_seed(0))
     assert torch.equal(x, x2) and torch.equal(x[:, 1:], y[:, :-1])

@@ -21,7 +21,7 @@ from kititans.bench.quality import compare, log_softmax, make_chunks, scored_sli
 from kititans.cli import main
 from kititans.data.builtin import generate_chat_examples, generate_corpus
 from kititans.data.chat import render_prompt, render_text
-from kititans.data.shards import TokenData
+from kititans.data.tokendata import TokenData
 from kititans.export import ExportOptions, export_model
 from kititans.generate import Generation, SamplingConfig
 from kititans.runtimes import load_runtime
