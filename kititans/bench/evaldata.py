@@ -1,5 +1,5 @@
 """Held-out tokens for the quality measurements: --eval-text, else the run's validation split (the
-val.bin its training wrote; an SFT run uses its base run's), cut into llama-perplexity chunks."""
+validation split its training prepared; an SFT run uses its base run's), cut into llama-perplexity chunks."""
 
 from __future__ import annotations
 
@@ -34,18 +34,18 @@ def _candidates(run: Path) -> list[Path]:
 
 
 def validation_tokens(run: Path) -> tuple[np.ndarray, str] | None:
-    """The val.bin token ids of the run's shards, if they were made with the run's tokenizer."""
+    """The validation split of the run's prepared data, if it was made with the run's tokenizer."""
+    from kititans.data.shards import load_manifest, open_split
+
     tok_sha = sha256_file(run / "tokenizer.model")
     for d in _candidates(run):
-        manifest = d / "manifest.json"
-        if not manifest.is_file():
+        if not (d / "manifest.json").is_file():
             continue
-        m = json.loads(manifest.read_text())
-        val = d / m.get("files", {}).get("val", "val.bin")
-        if m.get("tokenizer_sha256") != tok_sha or not val.is_file() or not m.get("val_tokens"):
+        m = load_manifest(d)
+        if m.get("tokenizer_sha256") != tok_sha or not m["splits"]["val"]["tokens"]:
             continue
-        ids = np.fromfile(val, dtype=m["dtype"], count=int(m["val_tokens"])).astype(np.int64)
-        return ids, str(val)
+        ids = np.asarray(open_split(d, m, "val")).astype(np.int64)
+        return ids, f"{d} (val split)"
     return None
 
 
@@ -68,7 +68,7 @@ def eval_chunks(
         found = validation_tokens(run)
         if found is None:
             raise KititansError(
-                f"{run} has no validation split (data/val.bin) to measure quality on: "
+                f"{run} has no validation split (data/ with a val split) to measure quality on: "
                 "pass --eval-text FILE, or --no-quality for speed only"
             )
         ids, where = found

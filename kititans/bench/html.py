@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import html
-import io
 from typing import Any
 
 from kititans.bench.report import (
@@ -17,6 +15,9 @@ from kititans.bench.report import (
     notes,
     result_cells,
 )
+from kititans.htmlpage import esc, page, svg
+from kititans.htmlpage import pyplot as _plt
+from kititans.htmlpage import table as _table
 
 COLORS = {
     "torch": "#d9480f",
@@ -27,31 +28,6 @@ COLORS = {
 }
 DEVICE_COLORS = ["#1c7ed6", "#d9480f", "#2b8a3e", "#7048e8", "#e8590c", "#0c8599", "#c2255c", "#5c940d"]
 
-CSS = """
-body { font: 15px/1.45 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #212529;
-       max-width: 1240px; margin: 24px auto; padding: 0 20px; }
-h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8px; }
-.sub { color: #495057; margin-bottom: 16px; }
-table { border-collapse: collapse; font-size: 13.5px; margin: 8px 0; }
-th, td { padding: 5px 9px; border-bottom: 1px solid #dee2e6; white-space: nowrap; }
-th { background: #f1f3f5; text-align: left; position: sticky; top: 0; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
-tr:hover td { background: #f8f9fa; }
-.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
-.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 18px; }
-figure { margin: 0; border: 1px solid #e9ecef; border-radius: 6px; padding: 10px; }
-figure svg { width: 100%; height: auto; }
-figcaption { font-size: 13px; color: #495057; margin-top: 4px; }
-figure.wide { grid-column: 1 / -1; } figure.wide svg { max-width: 900px; display: block; margin: auto; }
-td.wrap { white-space: normal; min-width: 420px; }
-ul.notes { color: #495057; font-size: 13.5px; padding-left: 20px; }
-.fail td { color: #862e2e; } .wide { overflow-x: auto; }
-"""
-
-
-def esc(x: Any) -> str:
-    return html.escape(str(x))
-
 
 def table(
     head: list[str],
@@ -60,53 +36,11 @@ def table(
     color_col: int | None = 0,
     wrap_last: bool = False,
 ) -> str:
-    """An HTML table; cells from numeric_from on are right-aligned; a runtime column gets its color."""
-    out = ["<div class='wide'><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
-    for row in rows:
-        cells = []
-        for i, c in enumerate(row):
-            cls = " class='n'" if i >= numeric_from else ""
-            if wrap_last and i == len(row) - 1:
-                cls = " class='wrap'"
-            sw = ""
-            if i == color_col and c in COLORS:
-                sw = f"<span class='swatch' style='background:{COLORS[c]}'></span>"
-            cells.append(f"<td{cls}>{sw}{esc(c)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    return "\n".join(out) + "</table></div>"
+    """An HTML table whose runtime column shows the runtime's plot color."""
+    return _table(head, rows, numeric_from, color_col, wrap_last, colors=COLORS)
 
 
 # ------------------------------------------------------------------------------------------ plots
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update(
-        {
-            "svg.fonttype": "none",
-            "font.size": 10,
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-            "axes.grid": True,
-            "grid.color": "#e9ecef",
-            "axes.axisbelow": True,
-        }
-    )
-    return plt
-
-
-def svg(fig: Any) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    text = buf.getvalue()
-    return text[text.index("<svg") :]
 
 
 def _label_points(
@@ -288,14 +222,6 @@ def _plots_or_note(make: Any) -> str:
         return _figures_html(make())
     except ImportError:
         return "<p class='sub'>Plots need matplotlib: pip install 'kititans[bench]'</p>"
-
-
-def page(title: str, body: str) -> str:
-    return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{esc(title)}</title>"
-        f"<style>{CSS}</style></head><body>{body}</body></html>\n"
-    )
 
 
 def render_html(report: dict[str, Any]) -> str:
