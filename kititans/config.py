@@ -103,15 +103,29 @@ class TrainConfig:
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     compile: str = "auto"  # auto | on | off
     activation_checkpointing: bool = False
-    threads: int = 0  # CPU threads, 0 = all cores
+    threads: int = 0  # CPU threads, 0 = all cores (divided among the ranks on one machine)
+    # several devices (torchrun): sequences per optimizer step over all ranks; 0 = batch_size x grad_accum x
+    # ranks. Set, it fixes grad_accum = global_batch / (batch_size x ranks), so a resume on another number of
+    # devices trains on the same windows
+    global_batch: int = 0
+    parallel: str = "auto"  # auto (FSDP2 from 300M parameters, else DDP) | none | ddp | fsdp
+    dist_timeout: int = 1800  # seconds a collective may wait for a peer before the job stops
+    keep: int = 2  # committed checkpoints kept (the newest)
+    keep_best: bool = False  # also keep the checkpoint with the best val loss
+    log: str = "none"  # none | tensorboard | wandb | trackio (same scalars as metrics.jsonl)
+    report: bool = True  # write RUN/report/training.{png,html} at the end (needs matplotlib)
 
     def __post_init__(self) -> None:
         _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("train.compile", str(self.compile).lower(), ("auto", "on", "off", "true", "false"))
         _choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
+        _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
+        _choice("train.log", self.log, ("none", "tensorboard", "wandb", "trackio"))
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "keep"):
             if getattr(self, name) < 1:
                 raise KititansError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch < 0 or self.dist_timeout < 1 or self.threads < 0:
+            raise KititansError("train.global_batch and train.threads must be >= 0, train.dist_timeout >= 1")
 
 
 @dataclass

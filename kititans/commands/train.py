@@ -14,7 +14,10 @@ EXAMPLES = """  kititans train                                           # built
   kititans train --data data/prepared --tokenizer data/prepared --steps 5000 --out runs/mine
   kititans train --config configs/tiny-muon.yaml --set optim.muon_lr=0.03 --set train.batch_size=32
   kititans train --resume runs/mine --steps 8000           # continue (and extend) a run exactly
-  kititans train --preset titans-500m --dry-run           # print the parameter table only"""
+  kititans train --preset titans-500m --dry-run           # print the parameter table only
+  kititans train --nproc 2 --data data/ja --preset lite-125m --log tensorboard   # 2 processes (DDP)
+  torchrun --nproc-per-node 8 -m kititans train --data data/ja --preset titans-500m --optimizer muon
+  kititans report runs/mine                               # loss / lr / throughput curves (PNG + HTML)"""
 
 # flag -> dotted config key
 FLAG_KEYS = {
@@ -27,6 +30,14 @@ FLAG_KEYS = {
     "tokenizer": "tokenizer.path",
     "vocab_size": "tokenizer.vocab_size",
     **TRAINING_FLAG_KEYS,
+    "grad_accum": "train.grad_accum",
+    "global_batch": "train.global_batch",
+    "parallel": "train.parallel",
+    "save_every": "train.save_every",
+    "eval_every": "train.eval_every",
+    "keep": "train.keep",
+    "keep_best": "train.keep_best",
+    "log": "train.log",
     "out": "out",
 }
 
@@ -65,8 +76,43 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where fast, else fp32"
     )
     p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on where it works)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step on each rank")
     p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue RUN from its newest committed checkpoint (any number of devices)",
+    )
+    g = p.add_argument_group("several devices, checkpoints, tracking")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        help="launch N processes on this machine (torchrun for you; one per GPU, or CPU ranks)",
+    )
+    g.add_argument(
+        "--parallel",
+        choices=["auto", "none", "ddp", "fsdp"],
+        help="under torchrun: ddp, or fsdp (FSDP2 sharding); auto = fsdp from 300M parameters (default)",
+    )
+    g.add_argument(
+        "--global-batch",
+        type=int,
+        help="sequences per optimizer step over all ranks (fixes grad-accum = global / (batch-size x ranks))",
+    )
+    g.add_argument("--save-every", type=int, help="commit a checkpoint every N steps (checkpoints/step-N/)")
+    g.add_argument("--eval-every", type=int, help="validation every N steps")
+    g.add_argument("--keep", type=int, help="checkpoints to keep (default 2, the newest)")
+    g.add_argument(
+        "--keep-best",
+        action="store_true",
+        default=None,
+        help="also keep the checkpoint with the best val loss",
+    )
+    g.add_argument(
+        "--log",
+        choices=["none", "tensorboard", "wandb", "trackio"],
+        help="also send the metrics to a tracker (pip install 'kititans[tensorboard|wandb|trackio]')",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--dry-run", action="store_true", help="print the model and parameter table, do not train")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -83,7 +129,9 @@ def resolve(args: argparse.Namespace) -> Any:
         run = read_meta(args.resume).get("run")
         if not run:
             raise KititansError(f"{args.resume} has no saved run config to resume")
-        layers += [*flatten(run), ("out", args.resume)]
+        # how the saved run was launched is not part of the run: a resume may use other devices
+        launch = {"train.parallel", "train.threads"}
+        layers += [*(kv for kv in flatten(run) if kv[0] not in launch), ("out", args.resume)]
     if args.config:
         layers += load_recipe(args.config)
     layers += parse_set(args.set)
@@ -122,14 +170,37 @@ def print_dry_run(cfg: Any) -> None:
     )
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
     cfg = resolve(args)
     if args.dry_run:
         print_dry_run(cfg)
         return 0
+    if args.nproc and "WORLD_SIZE" not in os.environ:
+        from kititans.train.distributed import launch
+
+        return launch(args.nproc, _without_nproc(list(args._argv)))
     from kititans.train.pretrain import pretrain
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        logging.getLogger("kititans").setLevel(logging.ERROR)
     result = pretrain(cfg, resume=bool(args.resume), progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 130 if result.interrupted else 0
     report(result, interrupted_hint=f"kititans train --resume {result.run_dir}")
     return 130 if result.interrupted else 0
 

@@ -1,11 +1,20 @@
-"""The training loop: get lr -> micro-steps -> clip -> step -> log -> eval -> save. Runs pretraining (here)
-and chat fine-tuning (train/sft.py feeds it a different batch source)."""
+"""The training loop: get lr -> micro-steps -> clip -> step -> log -> eval -> checkpoint. Runs pretraining
+(train/pretrain.py) and chat fine-tuning (train/sft.py), on one device or on every rank of a torchrun job
+(train/distributed.py: DDP / FSDP2), with committed checkpoints (train/checkpoints.py), experiment tracking
+(train/tracking.py) and a curves report at the end (train/report.py).
+
+Batches: each optimizer step consumes `count` = grad_accum x world micro-batches; the micro-batch at global
+index i (rank r runs i = micro * world + r) is `setup.train_batch(step, i, count)`, deterministic, so a step
+trains on the same windows whatever the world size, and resuming is exact.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,14 +24,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kititans.checkpoint import load_checkpoint, load_train_state, save_checkpoint, save_train_state, unwrap
 from kititans.config import RunConfig
 from kititans.data.tokenizer import Tokenizer
 from kititans.errors import KititansError
+from kititans.files import write_text
 from kititans.models.spec import FamilySpec, autocast_dtype, count_params, find_preset
+from kititans.train import checkpoints as ckpts
+from kititans.train import distributed as D
 from kititans.train.device import resolve_compile, resolve_device, resolve_dtype, set_threads
-from kititans.train.optim import CombinedOptimizer, build_optimizer
+from kititans.train.mfu import flops_per_token, peak_flops
+from kititans.train.optim import build_optimizer
 from kititans.train.schedule import lr_multiplier
+from kititans.train.state import Snapshotter, restore_into
+from kititans.train.tracking import Tracker, check_available, open_tracker
 
 log = logging.getLogger("kititans")
 Batch = tuple[torch.Tensor, ...]  # (x, y) or (x, y, loss_mask)
@@ -54,7 +68,7 @@ class TrainSetup:
     model_config: Any
     model: torch.nn.Module
     tokenizer: Tokenizer
-    train_batch: Callable[[int, int], Batch]  # (step, micro) -> batch, deterministic
+    train_batch: Callable[[int, int, int], Batch]  # (step, global micro index, micro-batches per step)
     eval_batches: list[Batch]
     extra_meta: dict[str, Any] = field(default_factory=dict)
     # SFT: a token-weighted masked eval, and a step-0 eval (the base model's val loss on the same split)
@@ -99,50 +113,104 @@ def model_for_run(cfg: RunConfig, vocab_size: int) -> tuple[FamilySpec, Any, tor
     return spec, mcfg, spec.build(mcfg)
 
 
+def resolve_accum(t: Any, world: int) -> int:
+    """grad_accum for this world size: global_batch / (batch_size x world) when a global batch is fixed."""
+    if not t.global_batch:
+        return t.grad_accum
+    per = t.batch_size * world
+    if t.global_batch % per:
+        raise KititansError(
+            f"the global batch of {t.global_batch} sequences does not divide into micro-batches of "
+            f"{t.batch_size} on {world} rank(s): use a --batch-size that divides {t.global_batch // world} "
+            f"or a --global-batch that is a multiple of {per}"
+        )
+    return t.global_batch // per
+
+
 class Trainer:
-    """One training run over a TrainSetup: device/precision/compile, optimizer, metrics, checkpoints."""
+    """One training run over a TrainSetup: devices and ranks, precision, compile, optimizer, checkpoints."""
 
     def __init__(self, cfg: RunConfig, setup: TrainSetup, run_dir: Path, resume: bool, progress: bool):
         t = self.t = cfg.train
-        self.cfg, self.setup, self.run_dir, self.progress = cfg, setup, run_dir, progress
-        self.device = resolve_device(t.device)
+        self.cfg, self.setup, self.run_dir = cfg, setup, run_dir
+        self.dist, device_name = D.init_distributed(t.device, t.dist_timeout)
+        self.device = resolve_device(device_name)
         self.dtype = resolve_dtype(t.dtype, self.device)
-        self.compiled = resolve_compile(t.compile, self.device, count_params(setup.model))
-        self.threads = set_threads(t.threads) if self.device.type == "cpu" else 0
+        self.progress = progress and self.dist.main
+        n_params = count_params(setup.model)
+        self.parallel = D.choose_parallel(t.parallel, self.dist.world, n_params)
+        self.accum = resolve_accum(t, self.dist.world)
+        t.grad_accum, t.global_batch = self.accum, t.batch_size * self.accum * self.dist.world
+        self.compiled = resolve_compile(t.compile, self.device, n_params)
+        self.threads = (
+            set_threads(t.threads or _cpu_share(self.dist.world)) if self.device.type == "cpu" else 0
+        )
+        if self.dist.main:
+            check_available(t.log)
+        restored = ckpts.load_for_resume(run_dir) if resume else None
+        if restored is not None:
+            import dataclasses
+
+            ckpts.check_same_model(run_dir, dataclasses.asdict(setup.model_config))
+            restore_into(setup.model, restored.weights, run_dir)
+            if restored.rng is not None:
+                ckpts.set_rng_state(restored.rng)
         self.model = setup.model.to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
         self.model.train()
-        self.opt = build_optimizer(self.model, setup.spec, cfg.optim)
+        self.wrapped = D.wrap(self.model, self.parallel, self.dist, self.device, self.dtype)
+        fused = self.device.type == "cuda" and self.parallel != "fsdp"
+        self.opt = build_optimizer(self.model, setup.spec, cfg.optim, fused=fused)
+        self.snap = Snapshotter(self.model, self.opt, self.parallel, self.dist)
+        self.start = self.step = 0
+        self.tokens_seen, self.seconds_before = 0, 0.0
+        if restored is not None:
+            self.snap.load_optimizer(restored, self.parallel)
+            self.start = self.step = restored.step
+            self.tokens_seen = int(restored.state.get("tokens", 0))
+            self.seconds_before = float(restored.state.get("seconds", 0.0))
+            log.info("resuming %s from step %d", run_dir, restored.step)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.ctx = autocast_dtype(self.device, self.dtype)
-        self.start = self.step = _restore(run_dir, self.model, self.opt, self.scaler) if resume else 0
-        self.fwd = torch.compile(self.model) if self.compiled else self.model
+        self.fwd = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.eval_fn = setup.eval_fn or evaluate
         self.val_loss: float | None = None
-        self.metrics = _open_metrics(run_dir, self.start)
+        self.stop_requested = False
+        self.metrics = _open_metrics(run_dir, self.start) if self.dist.main else None
+        self.tracker: Tracker = (
+            open_tracker(t.log, run_dir, cfg.to_dict(), resume) if self.dist.main else Tracker()
+        )
+        self.peak = peak_flops(self.device, self.dtype)
+        self.flops_per_token = flops_per_token(self.model, setup.model_config, t.seq_len)
 
     def describe(self) -> str:
         t, n = self.t, count_params(self.model)
         threads = f", {self.threads} threads" if self.threads else ""
+        ranks = f" x {self.dist.world} ranks ({self.parallel})" if self.dist.enabled else ""
         return (
-            f"{self.setup.spec.name} {self.cfg.preset}: {n / 1e6:.2f}M params on {self.device} "
+            f"{self.setup.spec.name} {self.cfg.preset}: {n / 1e6:.2f}M params on {self.device}{ranks} "
             f"({str(self.dtype).removeprefix('torch.')}, compile {'on' if self.compiled else 'off'}{threads}), "
-            f"optimizer {self.cfg.optim.name}, {t.steps} steps x {t.batch_size * t.seq_len * t.grad_accum} tokens"
+            f"optimizer {self.cfg.optim.name}, {t.steps} steps x {t.global_batch * t.seq_len:,} tokens "
+            f"({t.global_batch} sequences: {t.batch_size} per micro-batch x {self.accum} accumulation"
+            f"{f' x {self.dist.world} ranks' if self.dist.enabled else ''})"
         )
 
     def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """lr -> micro-batches -> clip -> step; returns (loss, grad norm, tokens)."""
-        o, t = self.cfg.optim, self.t
-        mult = lr_multiplier(self.step, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_fraction)
+        """lr -> micro-batches -> clip -> step; returns (this rank's loss, grad norm, tokens of all ranks)."""
+        o, world, rank = self.cfg.optim, self.dist.world, self.dist.rank
+        mult = lr_multiplier(
+            self.step, self.t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_fraction
+        )
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        loss_sum, tokens = torch.zeros((), device=self.device), 0
-        for micro in range(t.grad_accum):
-            batch = self.setup.train_batch(self.step, micro)
+        loss_sum, tokens, count = torch.zeros((), device=self.device), 0, self.accum * world
+        for micro in range(self.accum):
+            batch = self.setup.train_batch(self.step, micro * world + rank, count)
             tokens += batch[0].numel()  # SFT batches are padded to their longest example
-            loss = batch_loss(self.fwd, batch, self.device, self.ctx) / t.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with D.no_grad_sync(self.wrapped, self.parallel, sync=micro == self.accum - 1):
+                loss = batch_loss(self.fwd, batch, self.device, self.ctx) / self.accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
         if self.scaler:
             for opt in self.opt.optimizers:
@@ -156,38 +224,52 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_sum, grad_norm, tokens
+        return loss_sum, None if grad_norm is None else D.full_value(grad_norm), tokens * world
 
     def write(self, row: dict[str, Any]) -> None:
-        self.metrics.write(json.dumps(row) + "\n")
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.tracker.log(row)
 
     def evaluate(self) -> float:
+        """Every rank evaluates the same batches (FSDP needs them in lockstep); rank 0 records it."""
         self.val_loss = self.eval_fn(self.model, self.setup.eval_batches, self.device, self.ctx)
         ppl = math.exp(min(self.val_loss, 50))
         self.write({"step": self.step, "val_loss": round(self.val_loss, 6), "val_ppl": round(ppl, 4)})
         return self.val_loss
 
-    def save(self) -> None:
+    def save(self, seconds: float) -> None:
         state = {
             "step": self.step,
-            "optimizer": self.opt.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-        }
-        save_train_state(self.run_dir, state)
-        extra = {
-            "run": self.cfg.to_dict(),
-            "step": self.step,
+            "tokens": self.tokens_seen,
+            "seconds": round(self.seconds_before + seconds, 3),
             "val_loss": self.val_loss,
-            **self.setup.extra_meta,
+            "data": {"seed": self.t.seed, "global_batch": self.t.global_batch, "next_step": self.step},
+            "world_size": self.dist.world,
+            "parallel": self.parallel,
         }
-        save_checkpoint(
-            self.run_dir,
-            self.model,
-            self.setup.spec,
-            self.setup.model_config,
-            self.setup.tokenizer,
-            extra=extra,
-        )
+        snap = self.snap.take(self.step, state)  # a collective under FSDP2
+        if self.dist.main:
+            extra = {
+                "run": self.cfg.to_dict(),
+                "step": self.step,
+                "val_loss": self.val_loss,
+                **self.setup.extra_meta,
+            }
+            ckpts.commit(self.run_dir, snap, self.setup, extra, self.t.keep, self.t.keep_best)
+        self.dist.barrier()  # no rank runs ahead (or exits) before the checkpoint is committed
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        self.tracker.close()
+
+
+def _cpu_share(world: int) -> int:
+    import os
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return max(1, (os.cpu_count() or 1) // max(local, 1))
 
 
 def run_training(
@@ -200,28 +282,42 @@ def run_training(
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     tr = Trainer(cfg, setup, run_dir, resume, progress)
-    t = cfg.train
+    try:
+        with D.collective("training") if tr.dist.enabled else contextlib.nullcontext():
+            return _loop(tr, on_step)
+    finally:
+        tr.close()
+
+
+def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainResult:
+    t = tr.t
     log.info("%s", tr.describe())
     extra: dict[str, Any] = {}
     loss_val: float | None = None
     t0 = time.perf_counter()
     tokens, window = 0, (t0, 0)  # tokens/s is reported over the last log interval
     bar = tqdm(
-        total=t.steps, initial=tr.start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+        total=t.steps,
+        initial=tr.start,
+        desc="train",
+        unit="step",
+        disable=not tr.progress,
+        dynamic_ncols=True,
     )
-    say = bar.write if progress else (lambda _: None)
-    if setup.eval_at_start and tr.start == 0:
+    say = bar.write if tr.progress else (lambda _: None)
+    if tr.setup.eval_at_start and tr.start == 0:
         extra["initial_val_loss"] = tr.evaluate()
         say(f"step 0: val loss {tr.val_loss:.4f}")
-    interrupted = False
+    handlers = _catch_stop_signals(tr)
     try:
         while tr.step < t.steps:
             loss, grad_norm, n = tr.optimizer_step()
             tokens += n
+            tr.tokens_seen += n
             bar.update(1)
             step = tr.step
             if step % t.log_every == 0 or step == t.steps:
-                loss_val = loss.item()
+                loss_val = tr.dist.mean(loss).item()
                 if not math.isfinite(loss_val):
                     raise KititansError(
                         f"training diverged at step {step} (loss {loss_val}): lower the learning rate"
@@ -230,38 +326,89 @@ def run_training(
                 tps, window = (tokens - window[1]) / max(now - window[0], 1e-9), (now, tokens)
                 lr = tr.opt.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                row = {"step": step, "loss": round(loss_val, 6), "lr": lr, "tokens_per_s": round(tps, 1)}
+                row = {
+                    "step": step,
+                    "loss": round(loss_val, 6),
+                    "lr": lr,
+                    "tokens_per_s": round(tps, 1),
+                    "tokens": tr.tokens_seen,
+                    "time": round(tr.seconds_before + now - t0, 3),
+                }
                 if grad_norm is not None:
                     row["grad_norm"] = round(float(grad_norm), 4)
+                if tr.peak:
+                    row["mfu"] = round(tps * tr.flops_per_token / (tr.peak * tr.dist.world), 4)
                 tr.write(row)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 say(f"step {step}: val loss {tr.evaluate():.4f}")
-            tr.metrics.flush()
-            if (t.save_every and step % t.save_every == 0) or step == t.steps:
-                tr.save()
+            if tr.metrics is not None:
+                tr.metrics.flush()
+            stop = tr.dist.any(tr.stop_requested, tr.device)
+            if (t.save_every and step % t.save_every == 0) or step == t.steps or stop:
+                tr.save(time.perf_counter() - t0)
             if on_step is not None:
                 on_step(step, loss.item())
-    except KeyboardInterrupt:
-        interrupted = True
-        log.warning("interrupted: saving step %d", tr.step)
-        if tr.step > tr.start:
-            tr.save()
+            if stop:
+                log.warning(
+                    "stopped at step %d on a signal; continue with: kititans train --resume %s",
+                    step,
+                    tr.run_dir,
+                )
+                break
     finally:
         bar.close()
-        tr.metrics.close()
-    seconds = time.perf_counter() - t0
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+    interrupted = tr.step < t.steps
+    if tr.dist.main and t.report and not interrupted:
+        _write_report(tr.run_dir)
     return TrainResult(
-        run_dir,
+        tr.run_dir,
         tr.step,
         t.steps,
         loss_val,
         tr.val_loss,
         tokens,
-        seconds,
+        time.perf_counter() - t0,
         interrupted,
         count_params(tr.model),
         extra,
     )
+
+
+def _write_report(run_dir: Path) -> None:
+    from kititans.train.report import write_report
+
+    try:
+        paths = write_report(run_dir)
+        log.info("training curves: %s", paths["html"])
+    except KititansError as e:  # matplotlib missing: the run itself succeeded
+        log.info("no training report (%s)", e)
+
+
+def _catch_stop_signals(tr: Trainer) -> dict[int, Any]:
+    """SIGTERM (preemption, torchrun stopping the job) and a first Ctrl-C finish the step, save and stop;
+    a second Ctrl-C aborts at once."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        if tr.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        tr.stop_requested = True
+        log.warning("%s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread (a test runner thread): leave them alone
+            handlers[sig] = signal.signal(sig, stop)
+    return handlers
+
+
+def _row_step(line: str) -> float:
+    """A metrics row's step; a line cut short by a crash counts as past any step (it is dropped)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _open_metrics(run_dir: Path, start: int) -> Any:
@@ -269,29 +416,8 @@ def _open_metrics(run_dir: Path, start: int) -> Any:
     path = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
     if start and path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [ln for ln in path.read_text().splitlines() if _row_step(ln) <= start]
+        write_text(path, "".join(ln + "\n" for ln in keep))
     elif path.is_file():
         path.unlink()
     return open(path, "a", encoding="utf-8")
-
-
-def _restore(run_dir: Path, model: torch.nn.Module, opt: CombinedOptimizer, scaler: Any) -> int:
-    state = load_train_state(run_dir)
-    ckpt = load_checkpoint(run_dir)
-    if ckpt.meta.get("step") != state["step"]:
-        raise KititansError(
-            f"{run_dir}: weights (step {ckpt.meta.get('step')}) and train_state (step {state['step']}) differ: "
-            "the last save was interrupted; the run cannot be resumed exactly"
-        )
-    unwrap(model).load_state_dict(ckpt.model.state_dict())
-    try:
-        opt.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise KititansError(
-            f"{run_dir}: optimizer state does not fit (was the optimizer changed?): {e}"
-        ) from None
-    if scaler and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    log.info("resuming %s from step %d", run_dir, state["step"])
-    return int(state["step"])

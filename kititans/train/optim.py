@@ -48,13 +48,18 @@ class CombinedOptimizer:
             o.load_state_dict(s)
 
 
-def build_optimizer(model: nn.Module, spec: FamilySpec, cfg: OptimConfig) -> CombinedOptimizer:
+def build_optimizer(
+    model: nn.Module, spec: FamilySpec, cfg: OptimConfig, fused: bool = False
+) -> CombinedOptimizer:
+    """The optimizer for a model's parameter roles; `fused`: CUDA's single-kernel AdamW."""
     roles = spec.roles(model)
     params = dict(model.named_parameters())
     by_role: dict[str, list[torch.Tensor]] = {}
     for name, role in roles.items():
         by_role.setdefault(role, []).append(params[name])
-    adam_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    adam_kw: dict[str, Any] = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if fused:
+        adam_kw["fused"] = True
     muon_roles = ("matrix",) if cfg.name == "muon" else ()
     decay = [
         p

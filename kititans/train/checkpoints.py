@@ -1,0 +1,257 @@
+"""Checkpoints that survive any crash: each one is written whole into a new folder and committed by one
+atomic rename, then the `latest` pointer; only after that are the run directory's top-level files (what
+export, generate and bench read) refreshed.
+
+RUN/checkpoints/
+  step-00001000/       model.safetensors, config.json, tokenizer files, generation_config.json (a complete model
+                       directory), optimizer.{safetensors,json} (FQN-keyed full state: any world size or
+                       parallelism resumes it), state.json (step, tokens, wall time, data position, RNG, val loss)
+  latest               "step-00001000", written after the rename
+  best                 the best validation loss so far (with --keep-best)
+A crash while writing leaves a hidden `.step-N.tmp-PID` folder (ignored, removed next time) and the previous
+checkpoint intact. Resume takes `latest`, or the newest complete folder if the pointer is missing or stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kititans
+from kititans.checkpoint import WEIGHTS, read_meta, read_tree, save_checkpoint, write_tree
+from kititans.errors import KititansError
+from kititans.files import read_json, write_json, write_text
+
+log = logging.getLogger("kititans")
+DIRNAME = "checkpoints"
+STEP_RE = re.compile(r"^step-(\d{8,})$")
+REQUIRED = (WEIGHTS, "config.json", "optimizer.safetensors", "optimizer.json", "state.json")
+NOT_MIRRORED = {"optimizer.safetensors", "optimizer.json", "state.json", "rng.safetensors", "rng.json"}
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete(folder: Path) -> bool:
+    return folder.is_dir() and all((folder / f).is_file() for f in REQUIRED)
+
+
+def committed(root: Path) -> list[Path]:
+    """Complete step folders, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: `latest` if it names a complete folder, else the newest complete one."""
+    root = Path(run_dir) / DIRNAME
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if complete(named):
+            return named
+        log.warning(
+            "%s names %s, which is not a complete checkpoint: using the newest complete one",
+            pointer,
+            named.name,
+        )
+    found = committed(root)
+    return found[-1] if found else None
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(folder: Path) -> None:
+    """Take a folder out of view atomically (rename), then delete it."""
+    hidden = folder.with_name(f".{folder.name}.deleting-{os.getpid()}")
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+@dataclass
+class Snapshot:
+    """What a checkpoint holds besides the model definition, gathered on every rank, written by rank 0."""
+
+    step: int
+    weights: dict[str, torch.Tensor]
+    optimizers: list[dict[str, Any]]
+    state: dict[str, Any]  # JSON-able: step, tokens, seconds, val_loss, data position, world, parallel, ...
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def commit(
+    run_dir: Path, snap: Snapshot, setup: Any, extra: dict[str, Any], keep: int, keep_best: bool
+) -> Path:
+    """Write the snapshot whole, rename it into place, point `latest` at it, prune, refresh the top level."""
+    root = run_dir / DIRNAME
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step-*"):  # a crash while writing or deleting
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / step_name(snap.step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        save_checkpoint(
+            tmp,
+            setup.model,
+            setup.spec,
+            setup.model_config,
+            setup.tokenizer,
+            extra=extra,
+            weights=snap.weights,
+        )
+        write_tree(tmp, "optimizer", {"optimizers": snap.optimizers})
+        write_tree(tmp, "rng", rng_state())
+        write_json(
+            tmp / "state.json",
+            {**snap.state, "kititans": kititans.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        )
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. SIGTERM right after a scheduled save)
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KititansError(
+            f"could not write checkpoint {final} ({e.strerror or e}): free disk space and resume; the previous "
+            "checkpoint is intact"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text(root / "latest", final.name + "\n")
+    best = _update_best(root, final, snap.state.get("val_loss")) if keep_best else None
+    prune(root, keep, protect={final, *([best] if best else [])})
+    refresh_top_level(run_dir, final)
+    return final
+
+
+def _update_best(root: Path, final: Path, val: float | None) -> Path | None:
+    pointer = root / "best"
+    current = root / pointer.read_text().strip() if pointer.is_file() else None
+    if current is not None and not complete(current):
+        current = None
+    old = read_json(current / "state.json").get("val_loss") if current else None
+    if val is not None and (old is None or val < old):
+        write_text(pointer, final.name + "\n")
+        return final
+    return current
+
+
+def prune(root: Path, keep: int, protect: set[Path]) -> None:
+    """Keep the newest `keep` checkpoints (and the protected ones); delete the rest."""
+    found = committed(root)
+    doomed = [p for p in found[: max(0, len(found) - max(keep, 1))] if p not in protect]
+    for p in doomed:
+        _remove(p)
+
+
+def refresh_top_level(run_dir: Path, folder: Path) -> None:
+    """Make the run directory's model files those of `folder` (hard links where the filesystem allows, else
+    copies), each replaced atomically, config.json last."""
+    names = sorted(
+        (p.name for p in folder.iterdir() if p.is_file() and p.name not in NOT_MIRRORED),
+        key=lambda n: n == "config.json",
+    )
+    for name in names:
+        tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(folder / name, tmp)
+        except OSError:
+            shutil.copy2(folder / name, tmp)
+        os.replace(tmp, run_dir / name)
+    legacy = run_dir / "train_state"
+    if legacy.is_dir():  # the format-1 resume state is superseded by the committed checkpoint
+        shutil.rmtree(legacy, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- resume
+@dataclass
+class Restored:
+    step: int
+    weights: dict[str, torch.Tensor]
+    optimizers: list[dict[str, Any]] | None  # None: a format-1 run (index-keyed state in `legacy`)
+    state: dict[str, Any]
+    legacy: dict[str, Any] | None = None
+    rng: dict[str, torch.Tensor] | None = None
+
+
+def load_for_resume(run_dir: str | Path) -> Restored:
+    """The newest committed checkpoint of a run (or a format-1 run's train_state/)."""
+    from safetensors.torch import load_file
+
+    from kititans.checkpoint import load_train_state
+
+    run_dir = Path(run_dir)
+    folder = find_latest(run_dir)
+    if folder is None:
+        if (run_dir / "train_state").is_dir():  # format 1: one checkpoint, written in place
+            state = load_train_state(run_dir)
+            meta = read_meta(run_dir)
+            if meta.get("step") != state["step"]:
+                raise KititansError(
+                    f"{run_dir}: weights (step {meta.get('step')}) and train_state (step {state['step']}) differ: "
+                    "the last save was interrupted; the run cannot be resumed exactly"
+                )
+            weights = load_file(str(run_dir / WEIGHTS))
+            return Restored(int(state["step"]), weights, None, {"step": state["step"]}, legacy=state)
+        raise KititansError(
+            f"{run_dir}: no committed checkpoint to resume from (one is written every train.save_every steps)"
+        )
+    state = read_json(folder / "state.json")
+    weights = load_file(str(folder / WEIGHTS))
+    optim = read_tree(folder, "optimizer")["optimizers"]
+    rng = read_tree(folder, "rng") if (folder / "rng.json").is_file() else None
+    return Restored(int(state["step"]), weights, optim, state, rng=rng)
+
+
+def check_same_model(run_dir: Path, model_config: dict[str, Any]) -> None:
+    """A resume must build the model it saved."""
+    folder = find_latest(run_dir)
+    saved = read_meta(folder if folder else run_dir)["model"]
+    diff = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {model_config.get(k)!r}" for k in diff[:4])
+        raise KititansError(
+            f"{run_dir}: the resumed model differs from the saved one ({shown}); resume without changing the "
+            "model (or start a new run with --out)"
+        )
