@@ -150,6 +150,20 @@ class SftConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    """Training an "embed" family (train/contrastive.py)."""
+
+    temperature: float = 0.05  # fixed InfoNCE temperature (similarity scale 20)
+    val_fraction: float = 0.05  # held-out pairs for retrieval@1 / MRR / margin (at most 2000)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.temperature <= 1.0:
+            raise KititansError(f"contrastive.temperature must be in (0, 1], got {self.temperature}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise KititansError(f"contrastive.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
 class RunConfig:
     family: str = "lite"
     preset: str = "tiny"
@@ -159,6 +173,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    init: str | None = None  # start from this run's matching weights (an encoder from a Lite run)
     out: str | None = None  # run directory; default runs/<preset>-<timestamp>
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from kititans.bench.report import (
@@ -13,6 +14,7 @@ from kititans.bench.report import (
     get,
     headers,
     notes,
+    quant_label,
     result_cells,
 )
 from kititans.htmlpage import esc, page, svg
@@ -29,15 +31,7 @@ COLORS = {
 DEVICE_COLORS = ["#1c7ed6", "#d9480f", "#2b8a3e", "#7048e8", "#e8590c", "#0c8599", "#c2255c", "#5c940d"]
 
 
-def table(
-    head: list[str],
-    rows: list[list[str]],
-    numeric_from: int = 2,
-    color_col: int | None = 0,
-    wrap_last: bool = False,
-) -> str:
-    """An HTML table whose runtime column shows the runtime's plot color."""
-    return _table(head, rows, numeric_from, color_col, wrap_last, colors=COLORS)
+table = functools.partial(_table, colors=COLORS)  # tables whose runtime column shows its plot color
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -59,10 +53,20 @@ def _label_points(
 
 
 def _by_runtime(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Points per legend entry: each runtime, and its QAT rows apart (`llamacpp QAT`, drawn as stars)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(r["runtime"], []).append(r)
+        groups.setdefault(r["runtime"] + (" QAT" if r.get("qat") else ""), []).append(r)
     return groups
+
+
+def _style(group: str) -> dict[str, Any]:
+    """Color by runtime; QAT points are stars with a dark edge."""
+    rt, _, qat = group.partition(" ")
+    style: dict[str, Any] = {"color": COLORS.get(rt)}
+    if qat:
+        style.update(marker="*", edgecolors="#212529", linewidths=0.6)
+    return style
 
 
 def _log_if_wide(ax: Any, values: list[float], axis: str = "x") -> None:
@@ -84,7 +88,17 @@ def plot_speed_vs_size(plt: Any, rows: list[dict[str, Any]], gen: int) -> str | 
             [y - r["speed"]["decode"]["min"] for y, r in zip(ys, group)],
             [r["speed"]["decode"]["max"] - y for y, r in zip(ys, group)],
         ]
-        ax.errorbar(xs, ys, yerr=err, fmt="o", ms=7, color=COLORS.get(rt), label=rt, capsize=3)
+        fmt = "*" if rt.endswith(" QAT") else "o"
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=err,
+            fmt=fmt,
+            ms=11 if fmt == "*" else 7,
+            color=COLORS.get(rt.split()[0]),
+            label=rt,
+            capsize=3,
+        )
     _log_if_wide(ax, [r["size_bytes"] / MiB for r in pts])
     ax.set_xlabel("file size on disk (MiB)")
     ax.set_ylabel(f"decode tokens/s (tg{gen}, median)")
@@ -94,7 +108,7 @@ def plot_speed_vs_size(plt: Any, rows: list[dict[str, Any]], gen: int) -> str | 
     for rt, group in groups.items():
         xs = [r["size_bytes"] / MiB for r in group]
         ys = [r["speed"]["decode"]["median"] for r in group]
-        _label_points(ax, xs, ys, [r["quant"] for r in group], COLORS.get(rt, "#343a40"))
+        _label_points(ax, xs, ys, [quant_label(r) for r in group], COLORS.get(rt.split()[0], "#343a40"))
     return svg(fig)
 
 
@@ -110,7 +124,8 @@ def plot_quality(plt: Any, rows: list[dict[str, Any]], metric: str) -> str | Non
         ys = [
             r["quality"][metric] if metric != "kld_mean" else max(r["quality"][metric], 1e-7) for r in group
         ]
-        ax.scatter(xs, ys, s=46, color=COLORS.get(rt), label=rt, zorder=3)
+        style = _style(rt)
+        ax.scatter(xs, ys, s=120 if "marker" in style else 46, label=rt, zorder=3, **style)
     if metric == "kld_mean":
         ax.set_yscale("log")
         ax.set_ylabel("mean KLD vs reference (nats; floor 1e-7)")
@@ -126,7 +141,7 @@ def plot_quality(plt: Any, rows: list[dict[str, Any]], metric: str) -> str | Non
         ys = [
             r["quality"][metric] if metric != "kld_mean" else max(r["quality"][metric], 1e-7) for r in group
         ]
-        _label_points(ax, xs, ys, [r["quant"] for r in group])
+        _label_points(ax, xs, ys, [quant_label(r) for r in group])
     return svg(fig)
 
 
@@ -135,7 +150,7 @@ def plot_memory(plt: Any, rows: list[dict[str, Any]]) -> str | None:
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6.2, 0.75 + 0.34 * len(pts)))
-    names = [f"{r['runtime']} {r['quant']}" for r in pts][::-1]
+    names = [f"{r['runtime']} {quant_label(r)}" for r in pts][::-1]
     base = [r["memory"]["baseline_rss_bytes"] / MiB for r in pts][::-1]
     model = [max(r["memory"]["peak_rss_bytes"] - r["memory"]["baseline_rss_bytes"], 0) / MiB for r in pts][
         ::-1
@@ -174,7 +189,7 @@ def plot_prefill(plt: Any, rows: list[dict[str, Any]], prompts: list[int]) -> st
         ax.barh(
             ys, vals, height=h, color=[COLORS.get(r["runtime"]) for r in pts], alpha=alpha, label=f"pp{n}"
         )
-    ax.set_yticks(range(len(pts)), [f"{r['runtime']} {r['quant']}" for r in pts])
+    ax.set_yticks(range(len(pts)), [f"{r['runtime']} {quant_label(r)}" for r in pts])
     ax.invert_yaxis()
     ax.set_xlabel("prefill tokens/s (median)")
     ax.grid(axis="y", visible=False)
@@ -187,6 +202,7 @@ def figures(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
     ok = [r for r in report["results"] if r["status"] == "ok"]
     s = report["settings"]
     plt = _plt()
+    qat_note = " (stars: QAT runs, against this run's reference)" if any(r.get("qat") for r in ok) else ""
     made = [
         (
             "Decode speed vs file size (bars: min–max over trials). torch reads the run's float32 "
@@ -195,9 +211,9 @@ def figures(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
             False,
         ),
         ("Peak resident memory per pair", plot_memory(plt, ok), False),
-        ("Perplexity drift vs bits per weight", plot_quality(plt, ok, "ppl_drift_pct"), False),
+        ("Perplexity drift vs bits per weight" + qat_note, plot_quality(plt, ok, "ppl_drift_pct"), False),
         (
-            "Mean KL divergence from the reference vs bits per weight",
+            "Mean KL divergence from the reference vs bits per weight" + qat_note,
             plot_quality(plt, ok, "kld_mean"),
             False,
         ),
@@ -240,8 +256,8 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     partial = [r for r in ok if r.get("quality_error")]
     if bad or partial:
-        rows = [[r["runtime"], r["quant"], r.get("reason", "")] for r in bad]
-        rows += [[r["runtime"], r["quant"], f"quality: {r['quality_error']}"] for r in partial]
+        rows = [[r["runtime"], quant_label(r), r.get("reason", "")] for r in bad]
+        rows += [[r["runtime"], quant_label(r), f"quality: {r['quality_error']}"] for r in partial]
         parts += [
             "<h2>Not measured</h2>",
             table(["runtime", "quant", "reason"], rows, numeric_from=3, wrap_last=True),

@@ -28,6 +28,7 @@ FLAG_KEYS = {
     "dataset": "data.dataset",
     "text_field": "data.text_field",
     "tokenizer": "tokenizer.path",
+    "init": "init",
     "vocab_size": "tokenizer.vocab_size",
     **TRAINING_FLAG_KEYS,
     "grad_accum": "train.grad_accum",
@@ -54,7 +55,14 @@ def _weights(text: str) -> list[float]:
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML recipe (see configs/)")
     p.add_argument("--preset", help="model preset: debug, tiny, lite-42m, lite-125m, lite-350m, titans-*")
-    p.add_argument("--family", choices=["lite", "titans"], help="model family (default: the preset's)")
+    p.add_argument(
+        "--family", choices=["lite", "titans", "encoder"], help="model family (default: the preset's)"
+    )
+    p.add_argument(
+        "--init",
+        metavar="RUN",
+        help="start from RUN's matching weights (an encoder from a Lite run, same tokenizer)",
+    )
     p.add_argument("--data", nargs="+", help="text files/dirs/globs, or a folder prepared by `kititans data`")
     p.add_argument(
         "--weights",
@@ -194,15 +202,34 @@ def run(args: argparse.Namespace) -> int:
         from kititans.train.distributed import launch
 
         return launch(args.nproc, _without_nproc(list(args._argv)))
-    from kititans.train.pretrain import pretrain
-
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         logging.getLogger("kititans").setLevel(logging.ERROR)
-    result = pretrain(cfg, resume=bool(args.resume), progress=not args.quiet)
+    result = trainer_for(cfg)(cfg, resume=bool(args.resume), progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":
         return 130 if result.interrupted else 0
     report(result, interrupted_hint=f"kititans train --resume {result.run_dir}")
     return 130 if result.interrupted else 0
+
+
+def trainer_for(cfg: Any) -> Any:
+    """The training driver of the family's task: next-token pretraining, or contrastive for "embed"."""
+    from kititans.models.spec import find_preset
+
+    spec, _ = find_preset(cfg.preset, cfg.family)
+    if spec.task == "embed":
+        from kititans.train.contrastive import train_encoder
+
+        return train_encoder
+    if cfg.init:
+        from kititans.errors import KititansError
+
+        raise KititansError(
+            f"--init starts an encoder from a Lite run; a {spec.name} run continues with --resume, or is "
+            "fine-tuned with `kititans sft`"
+        )
+    from kititans.train.pretrain import pretrain
+
+    return pretrain
 
 
 def report(result: Any, interrupted_hint: str) -> None:
@@ -214,10 +241,26 @@ def report(result: Any, interrupted_hint: str) -> None:
         f"\nrun: {r.run_dir}  (step {r.step}/{r.total_steps}, {r.tokens:,} tokens in {mins}m{secs:02d}s, "
         f"{r.tokens_per_s:,.0f} tokens/s)"
     )
-    if r.val_loss is not None:
+    report_ = r.extra.get("eval_report")
+    if report_:  # an encoder: retrieval on the held-out pairs, with TanAILite's acceptance for context
+        m, th = report_["metrics"], report_["thresholds"]
+        print(f"held-out retrieval ({m.get('pairs', 0)} queries, {m.get('candidates', 0)} candidates):")
+        for key, name in (("retrieval_at1", "retrieval@1"), ("mrr", "MRR"), ("mean_margin", "mean margin")):
+            if key in m:
+                ok = "ok" if m[key] > th[key] else "below"
+                print(f"  {name:<12} {m[key]:.4f}   (TanAILite accepts > {th[key]}: {ok})")
+        if "recall_at5" in m:
+            print(f"  {'recall@5':<12} {m['recall_at5']:.4f}")
+    elif r.val_loss is not None:
         print(f"val loss {r.val_loss:.4f} (perplexity {math.exp(min(r.val_loss, 50)):.2f})")
     if r.interrupted:
         print(f"interrupted; continue with: {interrupted_hint}")
+        return
+    if report_:
+        print("next:")
+        print(f'  kititans embed {r.run_dir} --text "how do I reset my password?"')
+        print(f'  kititans search {r.run_dir} --docs notes/ --query "reset password" --top 5')
+        print(f"  kititans export {r.run_dir} --format onnx --quant int8")
         return
     from kititans.commands.common import export_hint
 

@@ -107,8 +107,8 @@ class _Pass2:
         chunks = {s: _Chunk() for s in SPLITS}
         held: _Chunk | None = None  # the newest full train chunk: kept back so val can never end up empty
         with (
-            EncoderPool(
-                self.tok.model_path.read_bytes(), self.tok.bos_id, self.tok.eos_id, dtype, workers
+            EncoderPool(  # chat tokens of chat records rendered as text become their ids
+                self.tok.document_model_proto(), self.tok.bos_id, self.tok.eos_id, dtype, workers
             ) as pool,
             progress_bar(corpus, f"tokenize ({workers} worker{'s' * (workers > 1)})", progress) as bar,
         ):
@@ -200,6 +200,83 @@ def clean_stale(out_dir: Path, manifest: dict | None = None) -> list[Path]:
     return removed
 
 
+def _open_append(out_dir: Path, tokenizer: str | None, cfg: DataConfig) -> tuple[dict[str, Any], Tokenizer]:
+    """The dataset being extended and its tokenizer; the split rule becomes the dataset's own."""
+    if not is_shards_dir(out_dir):
+        raise KititansError(
+            f"--append {out_dir}: not a prepared dataset (no {MANIFEST}); run `kititans data`"
+        )
+    base = load_manifest(out_dir)
+    verify_shards(out_dir)
+    if tokenizer and sha256_file(Tokenizer.load(tokenizer).model_path) != base["tokenizer_sha256"]:
+        raise KititansError(
+            f"--append {out_dir}: --tokenizer {tokenizer} is not the tokenizer of this dataset; drop --tokenizer "
+            "(the dataset's own is used) or prepare a new dataset"
+        )
+    cfg.val_fraction, cfg.seed = base["val_fraction"], base["seed"]
+    clean_stale(out_dir, base)
+    return base, Tokenizer.load(out_dir)
+
+
+def _new_tokenizer(
+    cfg: DataConfig, out_dir: Path, vocab_size: int, tokenizer: str | None, progress: bool, stages: dict
+) -> tuple[Tokenizer, Any]:
+    """The given tokenizer copied into out_dir, or one trained on a sample (pass 1); (tokenizer, report)."""
+    if tokenizer:
+        Tokenizer.load(tokenizer).save(out_dir)
+        return Tokenizer.load(out_dir), None
+    tok, report = build_tokenizer(open_corpus(cfg), cfg, vocab_size, out_dir, progress)
+    for line in report.lines():
+        log.info("tokenizer: %s", line)
+    s = report.sample or {}
+    stages["read"] = {"mb": round(s.get("read_bytes", 0) / MB, 3), "seconds": s.get("seconds"),
+                      "mb_per_s": s.get("mb_per_s")}  # fmt: skip
+    stages["tokenizer"] = {"mb": round(s.get("bytes", 0) / MB, 3), "seconds": s.get("train_seconds"),
+                           "mb_per_s": s.get("train_mb_per_s")}  # fmt: skip
+    return tok, report
+
+
+def _encode_segment(
+    out_dir: Path, tok: Tokenizer, cfg: DataConfig, base: dict | None, progress: bool, stages: dict
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pass 2 into new shard files: (their shard lists, the segment record for the manifest)."""
+    segment = 0 if base is None else max(1, len(base.get("segments", [])))  # format-1 content is segment 0
+    corpus = open_corpus(cfg)
+    p2 = _Pass2(out_dir, tok, cfg, segment, base)
+    t0 = time.perf_counter()
+    try:
+        p2.run(corpus, progress)
+        shards = p2.finish()
+    except OSError as e:
+        p2.abort()
+        if e.errno in FULL_DISK:
+            raise disk_full(e, out_dir) from None
+        raise
+    except BaseException:
+        p2.abort()
+        raise
+    seconds = time.perf_counter() - t0
+    stages["encode"] = {"mb": round(p2.read_bytes / MB, 3), "seconds": round(seconds, 3),
+                        "mb_per_s": round(p2.read_bytes / MB / max(seconds, 1e-9), 2),
+                        "workers": cfg.workers or default_workers()}  # fmt: skip
+    record = {
+        "index": segment,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sources": [
+            {"source": src, "documents": d, "bytes": b, "duplicates": p2.dups.get(src, 0)}
+            for src, (d, b) in corpus.stats.per_source.items()
+        ],
+        "documents_read": corpus.stats.documents,
+        "duplicates": p2.duplicates,
+        "skipped_files": corpus.stats.skipped_files,
+        "hashes": p2.hash_path.name if cfg.dedup else None,
+        "tokens": p2.written,
+        "shards": {s: [x["file"] for x in shards[s]] for s in SPLITS},
+        "stages": stages,
+    }
+    return shards, record
+
+
 def prepare_dataset(
     cfg: DataConfig,
     out_dir: str | Path,
@@ -211,24 +288,9 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Write (or with append, extend) a dataset in out_dir and return its committed manifest."""
     out_dir = Path(out_dir)
-    base = None
-    stages: dict[str, Any] = {}
-    report = None
+    base, report, stages = None, None, {}
     if append:
-        if not is_shards_dir(out_dir):
-            raise KititansError(
-                f"--append {out_dir}: not a prepared dataset (no {MANIFEST}); run `kititans data`"
-            )
-        base = load_manifest(out_dir)
-        verify_shards(out_dir)
-        tok = Tokenizer.load(out_dir)
-        if tokenizer and sha256_file(Tokenizer.load(tokenizer).model_path) != base["tokenizer_sha256"]:
-            raise KititansError(
-                f"--append {out_dir}: --tokenizer {tokenizer} is not the tokenizer of this dataset; drop --tokenizer "
-                "(the dataset's own is used) or prepare a new dataset"
-            )
-        cfg.val_fraction, cfg.seed = base["val_fraction"], base["seed"]  # the split rule of what is there
-        clean_stale(out_dir, base)
+        base, tok = _open_append(out_dir, tokenizer, cfg)
     else:
         if is_shards_dir(out_dir):
             raise KititansError(f"{out_dir} already holds prepared shards; choose another --out or delete it")
@@ -236,64 +298,9 @@ def prepare_dataset(
         if clean_stale(out_dir):
             log.info("removed the files of an interrupted run in %s", out_dir)
     try:
-        if not append and tokenizer:
-            tok = Tokenizer.load(tokenizer)
-            tok.save(out_dir)
-            tok = Tokenizer.load(out_dir)
-        elif not append:
-            tok, report = build_tokenizer(open_corpus(cfg), cfg, vocab_size, out_dir, progress)
-            for line in report.lines():
-                log.info("tokenizer: %s", line)
-            s = report.sample or {}
-            stages["read"] = {
-                "mb": round(s.get("read_bytes", 0) / MB, 3),
-                "seconds": s.get("seconds"),
-                "mb_per_s": s.get("mb_per_s"),
-            }
-            stages["tokenizer"] = {
-                "mb": round(s.get("bytes", 0) / MB, 3),
-                "seconds": s.get("train_seconds"),
-                "mb_per_s": s.get("train_mb_per_s"),
-            }
-        segment = (
-            0 if base is None else max(1, len(base.get("segments", [])))
-        )  # format 1 content is segment 0
-        corpus = open_corpus(cfg)
-        p2 = _Pass2(out_dir, tok, cfg, segment, base)
-        t0 = time.perf_counter()
-        try:
-            p2.run(corpus, progress)
-            shards = p2.finish()
-        except OSError as e:
-            p2.abort()
-            if e.errno in FULL_DISK:
-                raise disk_full(e, out_dir) from None
-            raise
-        except BaseException:
-            p2.abort()
-            raise
-        seconds = time.perf_counter() - t0
-        stages["encode"] = {
-            "mb": round(p2.read_bytes / MB, 3),
-            "seconds": round(seconds, 3),
-            "mb_per_s": round(p2.read_bytes / MB / max(seconds, 1e-9), 2),
-            "workers": cfg.workers or default_workers(),
-        }
-        record = {
-            "index": segment,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "sources": [
-                {"source": src, "documents": d, "bytes": b, "duplicates": p2.dups.get(src, 0)}
-                for src, (d, b) in corpus.stats.per_source.items()
-            ],
-            "documents_read": corpus.stats.documents,
-            "duplicates": p2.duplicates,
-            "skipped_files": corpus.stats.skipped_files,
-            "hashes": p2.hash_path.name if cfg.dedup else None,
-            "tokens": p2.written,
-            "shards": {s: [x["file"] for x in shards[s]] for s in SPLITS},
-            "stages": stages,
-        }
+        if not append:
+            tok, report = _new_tokenizer(cfg, out_dir, vocab_size, tokenizer, progress, stages)
+        shards, record = _encode_segment(out_dir, tok, cfg, base, progress, stages)
         manifest = _manifest(tok, cfg, base, shards, record, report)
         if manifest["splits"]["train"]["documents"] == 0:
             raise KititansError("the corpus is too small to split: it needs at least 2 documents")

@@ -5,10 +5,13 @@ documents). Memory is the sample's budget, whatever the corpus size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,30 @@ def progress_bar(corpus: Any, desc: str, progress: bool) -> tqdm:
     return tqdm(
         total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False, smoothing=0.1
     )
+
+
+@contextlib.contextmanager
+def elapsed_bar(desc: str, progress: bool) -> Iterator[None]:
+    """A bar that shows the elapsed time of work with no progress callback (SentencePiece training, which
+    releases the GIL, so a thread can refresh it)."""
+    if not progress:
+        yield
+        return
+    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", leave=False)
+    done = threading.Event()
+
+    def refresh() -> None:
+        while not done.wait(0.5):
+            bar.refresh()
+
+    th = threading.Thread(target=refresh, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        done.set()
+        th.join()
+        bar.close()
 
 
 # ------------------------------------------------------------------------------------ pass 1: the sample
@@ -133,7 +160,9 @@ def build_tokenizer(
         sample.info["read_bytes"] / MB,
     )
     t0 = time.perf_counter()
-    tok = train_tokenizer(sample.train, out_dir, vocab_size, character_coverage=cfg.character_coverage)
+    desc = f"train tokenizer (vocab {vocab_size}, {sample.info['bytes'] / MB:.0f} MB)"
+    with elapsed_bar(desc, progress):
+        tok = train_tokenizer(sample.train, out_dir, vocab_size, character_coverage=cfg.character_coverage)
     seconds = time.perf_counter() - t0
     report = evaluate_tokenizer(tok, sample.val)
     report.sample = {

@@ -186,19 +186,21 @@ def prune(root: Path, keep: int, protect: set[Path]) -> None:
 
 def refresh_top_level(run_dir: Path, folder: Path) -> None:
     """Make the run directory's model files those of `folder` (hard links where the filesystem allows, else
-    copies), each replaced atomically, config.json last."""
-    names = sorted(
-        (p.name for p in folder.iterdir() if p.is_file() and p.name not in NOT_MIRRORED),
-        key=lambda n: n == "config.json",
-    )
-    for name in names:
-        tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    copies; subfolders too, e.g. sentence-transformers' 1_Pooling/), each replaced atomically, config.json
+    last."""
+    files = [
+        p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in NOT_MIRRORED
+    ]
+    for src in sorted(files, key=lambda p: p.relative_to(folder).as_posix() == "config.json"):
+        dst = run_dir / src.relative_to(folder)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
         try:
-            os.link(folder / name, tmp)
+            os.link(src, tmp)
         except OSError:
-            shutil.copy2(folder / name, tmp)
-        os.replace(tmp, run_dir / name)
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
     legacy = run_dir / "train_state"
     if legacy.is_dir():  # the format-1 resume state is superseded by the committed checkpoint
         shutil.rmtree(legacy, ignore_errors=True)

@@ -74,6 +74,9 @@ class TrainSetup:
     # SFT: a token-weighted masked eval, and a step-0 eval (the base model's val loss on the same split)
     eval_fn: Callable[[torch.nn.Module, list[Batch], torch.device, Any], float] | None = None
     eval_at_start: bool = False
+    # the training loss of one micro-batch (default: next-token cross entropy, batch_loss); another task
+    # (e.g. a contrastive loss for an "embed" family) plugs in here
+    loss_fn: Callable[[torch.nn.Module, Batch, torch.device, Any], torch.Tensor] | None = None
 
 
 def default_run_dir(cfg: RunConfig, prefix: str = "") -> Path:
@@ -174,8 +177,10 @@ class Trainer:
         self.ctx = autocast_dtype(self.device, self.dtype)
         self.fwd = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.loss_fn = setup.loss_fn or batch_loss
         self.eval_fn = setup.eval_fn or evaluate
         self.val_loss: float | None = None
+        self.val_metrics: dict[str, Any] = {}
         self.stop_requested = False
         self.metrics = _open_metrics(run_dir, self.start) if self.dist.main else None
         self.tracker: Tracker = (
@@ -209,7 +214,7 @@ class Trainer:
             batch = self.setup.train_batch(self.step, micro * world + rank, count)
             tokens += batch[0].numel()  # SFT batches are padded to their longest example
             with D.no_grad_sync(self.wrapped, self.parallel, sync=micro == self.accum - 1):
-                loss = batch_loss(self.fwd, batch, self.device, self.ctx) / self.accum
+                loss = self.loss_fn(self.fwd, batch, self.device, self.ctx) / self.accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
         if self.scaler:
@@ -232,10 +237,22 @@ class Trainer:
             self.tracker.log(row)
 
     def evaluate(self) -> float:
-        """Every rank evaluates the same batches (FSDP needs them in lockstep); rank 0 records it."""
-        self.val_loss = self.eval_fn(self.model, self.setup.eval_batches, self.device, self.ctx)
-        ppl = math.exp(min(self.val_loss, 50))
-        self.write({"step": self.step, "val_loss": round(self.val_loss, 6), "val_ppl": round(ppl, 4)})
+        """Every rank evaluates the same batches (FSDP needs them in lockstep); rank 0 records it. An eval_fn
+        returns the val loss, or a dict of metrics with a "loss" (e.g. retrieval@1 for an encoder)."""
+        out = self.eval_fn(self.model, self.setup.eval_batches, self.device, self.ctx)
+        metrics = out if isinstance(out, dict) else {"loss": out}
+        self.val_loss, self.val_metrics = float(metrics["loss"]), metrics
+        row: dict[str, Any] = {"step": self.step, "val_loss": round(self.val_loss, 6)}
+        if not isinstance(out, dict):
+            row["val_ppl"] = round(math.exp(min(self.val_loss, 50)), 4)
+        row.update(
+            {
+                f"val_{k}": round(v, 6) if isinstance(v, float) else v
+                for k, v in metrics.items()
+                if k != "loss"
+            }
+        )
+        self.write(row)
         return self.val_loss
 
     def save(self, seconds: float) -> None:
@@ -362,6 +379,7 @@ def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainRes
     interrupted = tr.step < t.steps
     if tr.dist.main and t.report and not interrupted:
         _write_report(tr.run_dir)
+    extra["val_metrics"] = tr.val_metrics
     return TrainResult(
         tr.run_dir,
         tr.step,

@@ -215,3 +215,30 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(data, one_rank, tmp_
     p.communicate(timeout=300)
     assert p.returncode == 0
     close(losses(out), losses(one_rank["adamw"]), 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_compile_and_activation_checkpointing_compose(data, tmp_path, parallel):
+    """torch.compile (20-120 s on this CPU) and activation checkpointing under both wrappers."""
+    ref, out = tmp_path / "ref", tmp_path / parallel
+    assert kititans(*train_args(data, ref, "--steps", "4", "--grad-accum", "2")).returncode == 0
+    r = kititans(
+        *train_args(
+            data,
+            out,
+            "--steps",
+            "4",
+            "--nproc",
+            "2",
+            "--parallel",
+            parallel,
+            "--set",
+            "train.compile=on",
+            "--set",
+            "train.activation_checkpointing=true",
+        ),
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr
+    close(losses(out), losses(ref), 1e-4)  # inductor fuses differently: fp32 agreement to 1e-4

@@ -1,0 +1,59 @@
+"""kititans embed: sentence vectors from an encoder (run dir, ONNX folder, .gguf or .mlpackage)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kititans.commands.common import add_runtime_args, open_runtime
+
+HELP = "embed texts with an encoder: print the vectors, or save them as .npy"
+EXAMPLES = """  kititans embed runs/enc --text "how do I reset my password?"
+  kititans embed runs/enc --text "first" --text "second"          # one JSON vector per line
+  kititans embed runs/enc --file questions.txt --out vecs.npy     # one text per line -> (N, dim) float32
+  kititans embed runs/enc/export/onnx/int8 --file questions.txt --out vecs.npy"""
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    add_runtime_args(p)
+    p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
+    p.add_argument("--file", help="a UTF-8 file with one text per line")
+    p.add_argument("--out", help="write the vectors to this .npy file instead of printing them")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from kititans.embedding import embed_texts
+    from kititans.errors import KititansError
+    from kititans.files import atomic_path
+
+    texts = list(args.text)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise KititansError(f"--file: no such file: {path}")
+        try:
+            texts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise KititansError(f"--file {path}: not UTF-8 text (byte {e.start})") from None
+    if not texts:
+        raise KititansError("nothing to embed: pass --text TEXT or --file FILE")
+    if args.batch_size < 1:
+        raise KititansError(f"--batch-size must be >= 1, got {args.batch_size}")
+    rt = open_runtime(args, task="embed")
+    vecs = embed_texts(rt, texts, args.batch_size)
+    if args.out:
+        out = Path(args.out)
+        if out.suffix != ".npy":
+            raise KititansError(f"--out {out}: give a .npy file name")
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, vecs, allow_pickle=False)
+        print(f"wrote {out}: {vecs.shape[0]} vectors of {vecs.shape[1]} floats")
+        return 0
+    for v in vecs:
+        print(json.dumps([round(float(x), 6) for x in v]))
+    return 0
