@@ -60,9 +60,17 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     }
 
 
+# runs kititans from another checkout: the editable install's import hook must not win over it
+OTHER_CHECKOUT = (
+    "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+    "sys.path.insert(0, sys.argv.pop(1)); from kititans.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def kititans_data(args: list[str], py_path: str | None = None) -> dict:
-    env = {"PYTHONPATH": py_path} if py_path else None
-    return run_measured([sys.executable, "-m", "kititans", "data", *args, "-q"], env)
+    if py_path:
+        return run_measured([sys.executable, "-c", OTHER_CHECKOUT, py_path, "data", *args, "-q"])
+    return run_measured([sys.executable, "-m", "kititans", "data", *args, "-q"])
 
 
 def raw_spm_mb_per_s(corpus: Path, model: Path, threads: int) -> float:
@@ -98,6 +106,7 @@ def main() -> None:
         "--old", help="also run this git revision's pipeline on the smallest corpus (e.g. HEAD~3)"
     )
     ap.add_argument("--out", default="bench_out/data_scale")
+    ap.add_argument("--only-old", action="store_true", help="re-measure only the --old revision")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +116,9 @@ def main() -> None:
     workers = a.workers or default_workers()
     rows, results = [], {"workers": workers, "vocab": a.vocab, "cpu_count": os.cpu_count()}
     sizes = [float(s) for s in a.sizes.split(",")]
-    for mb in sizes:
+    if a.only_old:  # keep the other measurements of an earlier run
+        results = json.loads((out / "data_scale.json").read_text())
+    for mb in [] if a.only_old else sizes:
         corpus = out / f"corpus-{mb:g}mb.txt"
         if not corpus.is_file():
             print(f"generating {corpus} ...", flush=True)
@@ -130,20 +141,21 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    results["runs"] = rows
+    results["runs"] = results.get("runs", []) if a.only_old else rows
     # workers 1 vs 2 on the smallest corpus, with its tokenizer (pass 2 only), interleaved twice
     mb = sizes[0]
     corpus, tok = out / f"corpus-{mb:g}mb.txt", out / f"ds-{mb:g}"
     scaling: dict[int, list[float]] = {1: [], 2: []}
-    for _ in range(2):
+    for _ in range(0 if a.only_old else 2):
         for w in (1, 2):
             ds = out / f"ds-w{w}"
             subprocess.run(["rm", "-rf", str(ds)], check=True)
             kititans_data([str(corpus), "--tokenizer", str(tok), "--workers", str(w), "--out", str(ds)])
             m = json.loads((ds / "manifest.json").read_text())
             scaling[w].append(m["segments"][-1]["stages"]["encode"]["mb_per_s"])
-    results["workers_scaling"] = {str(k): v for k, v in scaling.items()}
-    print(json.dumps(results["workers_scaling"]), flush=True)
+    if not a.only_old:
+        results["workers_scaling"] = {str(k): v for k, v in scaling.items()}
+        print(json.dumps(results["workers_scaling"]), flush=True)
     if a.old:
         wt = Path("/tmp/kititans-old")
         subprocess.run(

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import interleaved, machine, md_table, median, write_json
+from kititans.device import resolve_compile, resolve_dtype
 from kititans.models.lite import SPEC, LiteModel, hf_llama_config, lm_loss
 from kititans.models.spec import count_params
-from kititans.train.device import resolve_compile, resolve_dtype
 
 
 def make_pair(preset: str, seed: int = 0):

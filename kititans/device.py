@@ -1,4 +1,5 @@
-"""Device, precision and compile choices ("auto" resolves per machine)."""
+"""Device, precision and compile choices ("auto" resolves per machine), shared by training and the runtimes
+(below both: a runtime never imports the trainer)."""
 
 from __future__ import annotations
 

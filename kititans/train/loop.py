@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 from kititans.config import RunConfig
 from kititans.data.tokenizer import Tokenizer
+from kititans.device import resolve_compile, resolve_device, resolve_dtype, set_threads
 from kititans.errors import KititansError
 from kititans.files import write_text
 from kititans.models.spec import FamilySpec, autocast_dtype, count_params, find_preset
 from kititans.train import checkpoints as ckpts
 from kititans.train import distributed as D
-from kititans.train.device import resolve_compile, resolve_device, resolve_dtype, set_threads
 from kititans.train.mfu import flops_per_token, peak_flops
 from kititans.train.optim import build_optimizer
 from kititans.train.schedule import lr_multiplier
