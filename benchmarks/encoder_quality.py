@@ -8,7 +8,7 @@ Two tasks:
 The TF-IDF baseline (scikit-learn, word unigrams + bigrams, fitted on the train split's texts) ranks the
 same candidates for the same queries; both use the metric code of training (train/contrastive.py).
 
-    python -m benchmarks.encoder_quality --out bench_out/encoder --steps 800
+    python -m benchmarks.encoder_quality --out bench_out/encoder --steps 250
 """
 
 from __future__ import annotations
@@ -67,6 +67,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--qa-conversations", type=int, default=4000)
     ap.add_argument("--tasks", default="spans,qa")
+    ap.add_argument(
+        "--tokenizer",
+        help="a run whose tokenizer the qa task reuses (default: the spans run; the chat data alone is too "
+        "small a vocabulary for 4096 pieces)",
+    )
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +81,8 @@ def main() -> None:
         if not (run / "eval_report.json").is_file():
             subprocess.run(["rm", "-rf", str(run)])
             data = [] if task == "spans" else ["--data", qa_file(out / "qa.jsonl", a.qa_conversations)]
+            if task == "qa":
+                data += ["--tokenizer", a.tokenizer or out / "encoder-tiny-spans"]
             kititans("train", "--preset", "encoder-tiny", "--steps", a.steps, *data, "--out", run, "-q")
         ours = json.loads((run / "eval_report.json").read_text())["metrics"]
         base = tfidf(run)

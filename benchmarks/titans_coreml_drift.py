@@ -67,12 +67,10 @@ def memory_in_fp16() -> Iterator[None]:
     """The neural memory computes in fp16: its fp32 casts become fp16 while NeuralMemory.forward runs."""
     forward, to_float = NeuralMemory.forward, torch.Tensor.float
 
-    def half_forward(self, x, state=None, pos=0):
+    def half_forward(self, x, ctx=None, io=None, read_frozen=False):
         torch.Tensor.float = lambda t, *a, **k: t.half() if t.is_floating_point() else t.to(torch.float16)
-        try:
-            if state is not None:
-                state.update({k: v.half() for k, v in state.items() if torch.is_tensor(v)})
-            return self._forward(x.half(), state, pos)
+        try:  # the state it reads comes through stored_read's .float(): fp16 now
+            return self._forward(x.half(), ctx, io, read_frozen)
         finally:
             torch.Tensor.float = to_float
 
@@ -90,15 +88,17 @@ def schedule(n: int, prefill: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def w1_state(step: TitansCoreMLStep) -> torch.Tensor:
-    name = next(n for n in step.state_names if n.endswith("_w1"))
-    return getattr(step, name).double()
+    """The first memory layer's current W1 (the package stores its change from W_0)."""
+    name = next(n for n in step.state_names if n.endswith("_w1") and "seg_" not in n)
+    layer = int(name.split("_")[1])
+    return getattr(step, name).double() + step.model.layers[layer].memory.w1.double()
 
 
 @torch.inference_mode()
 def run(ckpt, ids: list[int], prefill: int, window: int) -> dict:
     model = copy.deepcopy(ckpt.model).float().eval()
-    ref = TitansCoreMLStep(model).to(torch.float32)  # fp32 state: the reference
-    fp16_state = TitansCoreMLStep(model)  # fp16 buffers, fp32 model
+    ref = TitansCoreMLStep(model)  # fp32 state: the reference
+    fp16_state = ref.fp16_state_copy()  # fp16 buffers, fp32 model
     package = fp16_state.fp16_copy()
     variants = {"fp16_state": (fp16_state, None), "package": (package, None)}
     variants["all_fp16"] = (package.fp16_copy(), memory_in_fp16)

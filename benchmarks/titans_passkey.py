@@ -3,18 +3,21 @@
 A synthetic task over a 64-token vocabulary (0-9 digits, KEY, QUERY, BOS, 51 filler words):
     BOS f f f ... KEY d1 d2 d3 d4 f f f ... f QUERY d1 d2 d3 d4
 Filler words are random, the KEY block sits at a uniformly random depth, and the loss counts only the four
-answer digits. Two models with the same backbone and the same sliding window are trained on lengths drawn from
-[32, 4 x window]: Titans (titans-tiny's width, 2 layers, neural memory on layer 2) and the same model with the
-memory turned off (memory_layers = []). Sliding windows stack across layers, so attention alone reaches
-2 x (window - 1) tokens back; the memory has no such limit. Evaluation greedily
-decodes the 4-digit answer with the in-place decode state at 1x, 2x, 4x (and 8x, beyond the training
-lengths) the window; chance is 10% per digit, 0.01% per key. Results are split by the key's distance.
+answer digits. Models with the same backbone and the same attention window are trained on lengths drawn from
+[32, 4 x window]: Titans (titans-tiny's width, 2 layers, neural memory on layer 2) with a given block (mal,
+mac, mag) and memory details (--conv, --norm-v, --forget-bias), and the same model with the memory turned off
+(memory_layers = []: sliding-window attention only, "Lite with the same window"). Sliding windows stack
+across layers, so attention alone reaches 2 x (window - 1) tokens back (mac's segments: less); the memory has
+no such limit. Evaluation greedily decodes the 4-digit answer with the in-place decode state at 1x, 2x, 4x
+(and 8x, beyond the training lengths) the window; chance is 10% per digit, 0.01% per key. Results are split
+by the key's distance.
 
     nice -n 10 python benchmarks/titans_passkey.py train --memory on  --out runs/passkey-mem
+    nice -n 10 python benchmarks/titans_passkey.py train --memory on --block mac --out runs/passkey-mac
     nice -n 10 python benchmarks/titans_passkey.py train --memory off --out runs/passkey-nomem
-    nice -n 10 python benchmarks/titans_passkey.py eval runs/passkey-mem runs/passkey-nomem
+    nice -n 10 python benchmarks/titans_passkey.py eval runs/passkey-mem runs/passkey-mac runs/passkey-nomem
 
-(the two trainings are independent: run them side by side, one thread each).
+(the trainings are independent: run them side by side, one thread each).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ N_DIGITS = 4
 MULTIPLES = (1, 2, 4, 8)  # eval lengths in windows; training lengths reach 4 windows, 8 is extrapolation
 
 
-def model_config(memory: bool, window: int, **over) -> TitansConfig:
+def model_config(memory: bool, window: int, **over: object) -> TitansConfig:
     """titans-tiny's width (256, 4 heads of 64, memory MLP 64->128->64 per head) with 2 layers: attention alone
     then reaches 2 * (window - 1) tokens back (sliding windows stack across layers), the memory (layer 2)
     any distance."""
@@ -98,6 +101,13 @@ def train(args: argparse.Namespace) -> None:
         mem_max_lr=args.mem_max_lr,
         mem_chunk=args.mem_chunk,
         n_layers=args.layers,
+        block=args.block,
+        mem_conv=args.conv,
+        mem_norm_v=args.norm_v == "on",
+        mem_forget_bias=args.forget_bias,
+        dim=args.dim,
+        n_heads=args.dim // 64,
+        ffn_dim=3 * args.dim,
     )
     torch.manual_seed(args.seed)
     model = TitansModel(cfg).train()
@@ -105,7 +115,7 @@ def train(args: argparse.Namespace) -> None:
         model, SPEC, OptimConfig(name=args.optimizer, lr=args.lr, muon_lr=args.muon_lr, weight_decay=0.0)
     )
     gen = torch.Generator().manual_seed(args.seed)
-    lengths = torch.randint(32, 4 * args.window + 1, (args.steps,), generator=gen)
+    lengths = torch.randint(32, args.max_windows * args.window + 1, (args.steps,), generator=gen)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     t0, rows, run = time.perf_counter(), [], 0.0
     bar = tqdm(range(args.steps), desc=f"passkey memory={args.memory}", dynamic_ncols=True)
@@ -185,13 +195,16 @@ def eval_cmd(args: argparse.Namespace) -> None:
     for run in args.runs:
         model, meta = load(Path(run))
         W = model.config.window
-        name = f"{Path(run).name} (memory {meta['args']['memory']})"
+        a = meta["args"]
+        details = f"{a.get('block', 'mal')}, conv {a.get('conv', 0)}, norm_v {a.get('norm_v', 'on')}, "
+        details += f"forget {a.get('forget_bias', 'chunk')}, C {a.get('mem_chunk', 16)}"
+        name = f"{Path(run).name} ({details if a['memory'] == 'on' else 'memory off'})"
         results[name] = {f"{m}x": evaluate(model, m * W, args.n) for m in MULTIPLES}
         results[name]["train_seconds"] = meta["train_seconds"]
         results[name]["steps"] = meta["args"]["steps"]
     print(f"pass-key greedy decode, {args.n} sequences per length (chance: digit 10%, key 0.01%)")
     print("key accuracy (digit accuracy); 'beyond reach' = key further back than layers x (window - 1)")
-    print(f"{'model':<30} {'len':>4} {'all keys':>16} {'beyond window':>22} {'beyond reach':>22}")
+    print(f"{'model':<64} {'len':>4} {'all keys':>16} {'beyond window':>22} {'beyond reach':>22}")
     for name, r in results.items():
         for m in MULTIPLES:
             e = r[f"{m}x"]
@@ -202,7 +215,7 @@ def eval_cmd(args: argparse.Namespace) -> None:
                     if e[f"n_{b}"]
                     else "-"
                 )
-            print(f"{name:<30} {m:>3}x {cells[0]:>16} {cells[1]:>22} {cells[2]:>22}")
+            print(f"{name:<64} {m:>3}x {cells[0]:>16} {cells[1]:>22} {cells[2]:>22}")
     if args.json:
         write_json(Path(args.json), results)
 
@@ -222,6 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--mem-max-lr", type=float, default=0.1)
     t.add_argument("--mem-chunk", type=int, default=16)
     t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--dim", type=int, default=256, help="model width (heads of 64, ffn 3x)")
+    t.add_argument("--max-windows", type=int, default=4, help="training lengths reach this many windows")
+    t.add_argument("--block", choices=["mal", "mac", "mag"], default="mal")
+    t.add_argument("--conv", type=int, default=0, help="memory q/k/v causal conv kernel (0: off)")
+    t.add_argument("--norm-v", choices=["on", "off"], default="on", help="l2-normalise the memory's values")
+    t.add_argument("--forget-bias", choices=["chunk", "token"], default="chunk")
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     t.add_argument("--threads", type=int, default=1)

@@ -1,15 +1,18 @@
-"""Training and decode speed of Titans `titans-tiny` against Lite `tiny` (same dims: 256 x 4 layers, vocab 4096),
-measured interleaved in one process so both see the same machine load.
+"""Decode (and training) speed of Titans `titans-tiny` (every block) against Lite `tiny` (same dims: 256 x 4 layers,
+vocab 4096), measured interleaved in one process so all see the same machine load.
 
-    nice -n 10 python benchmarks/titans_speed.py                      # both measurements, 1 thread
-    nice -n 10 python benchmarks/titans_speed.py --threads 2 --reps 5 --json out.json
-    nice -n 10 python benchmarks/titans_speed.py --width 1024 --skip-train   # the 500M layer shape, 4 layers
+    nice -n 10 python benchmarks/titans_speed.py --skip-train --onnx            # torch + ONNX decode, tiny width
+    nice -n 10 python benchmarks/titans_speed.py --skip-train --onnx --width 1024 --blocks mal
+    nice -n 10 python benchmarks/titans_speed.py --threads 2 --reps 5 --json out.json   # + training
 
 train:  one optimizer step (AdamW, forward + backward) on batch x seq_len random tokens, fp32 and bf16 autocast;
         tokens/s = tokens per step / median step time over `reps` interleaved rounds.
-decode: batch 1, a 16-token prefill, then `decode_tokens` single-token calls with the in-place state (what the
-        torch runtime does); Titans also through the functional `step` (what ONNX/CoreML will run).
-Ratios are Titans cost / Lite cost (> 1 = Titans slower).
+torch decode: batch 1, a 16-token prefill, then `decode_tokens` single-token calls with the in-place state,
+        every model fused for inference as the torch runtime fuses it; also Titans without its memory layers
+        (where the cost is).
+onnx decode: random weights of the same shapes exported to fp32 ONNX (cached under --work), run by kititans'
+        OnnxRuntime (1 intra-op thread, no spinning): a 64-token prompt, then greedy single-token steps.
+Ratios: torch = Titans per-token time / Lite's (> 1: Titans slower); onnx = Titans tok/s / Lite's (< 1: slower).
 """
 
 from __future__ import annotations
@@ -20,18 +23,20 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np
 import torch
 
 from kititans.models.lite import lm_loss
 from kititans.models.spec import count_params, find_preset
 
 
-def build(preset: str, width: int = 0, **extra) -> torch.nn.Module:
-    """The preset, or with --width its 4-layer shape widened (head_dim 64, ffn ~2.8x: the 500M layer shape);
-    `extra` overrides config fields (memory_layers=[] removes the memory)."""
+def shape(preset: str, width: int = 0, **extra: object) -> tuple:
+    """(spec, config): the preset, or with `width` its 4-layer shape widened (head_dim 64, ffn ~2.8x: the 500M
+    layer shape); `extra` overrides config fields (memory_layers=[] removes the memory)."""
     spec, p = find_preset(preset)
     over = dict(extra)
     if width:
@@ -39,8 +44,13 @@ def build(preset: str, width: int = 0, **extra) -> torch.nn.Module:
         over.update(dim=width, n_heads=heads, ffn_dim=ffn)
         if spec.name == "lite":
             over["n_kv_heads"] = heads
+    return spec, spec.make_config(p.name, over)
+
+
+def build(preset: str, width: int = 0, **extra: object) -> torch.nn.Module:
+    spec, cfg = shape(preset, width, **extra)
     torch.manual_seed(0)
-    return spec.build(spec.make_config(p.name, over))
+    return spec.build(cfg)
 
 
 def train_step_seconds(model, opt, x, dtype) -> float:
@@ -54,21 +64,104 @@ def train_step_seconds(model, opt, x, dtype) -> float:
 
 
 @torch.inference_mode()
-def decode_seconds(model, ids, functional: bool = False) -> float:
-    """Seconds for single-token decode of ids[16:] after a 16-token prefill."""
-    if functional:
-        state = model.state_to_tensors(model.new_state(1))
-        _, *state = model.step(ids[:, :16], *state)  # one chunk-sized prefill (mem_chunk = 16)
-        t0 = time.perf_counter()
-        for i in range(16, ids.shape[1]):
-            _, *state = model.step(ids[:, i : i + 1], *state)
-        return time.perf_counter() - t0
+def decode_seconds(model, ids) -> float:
+    """Seconds for single-token decode of ids[16:] after a 16-token prefill, in place."""
     state = model.new_state(1)
     model(ids[:, :16], state=state)
     t0 = time.perf_counter()
     for i in range(16, ids.shape[1]):
         model(ids[:, i : i + 1], state=state)
     return time.perf_counter() - t0
+
+
+def train_speed(models: dict, args: argparse.Namespace) -> dict:
+    g, res = torch.Generator().manual_seed(0), {}
+    x = torch.randint(0, 4096, (args.batch, args.seq_len + 1), generator=g)
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
+    for dtype in ("fp32", "bf16"):
+        times: dict[str, list[float]] = {n: [] for n in models}
+        for n, m in models.items():  # warm-up (oneDNN kernels, allocator)
+            m.train()
+            train_step_seconds(m, opts[n], x, dtype)
+        for _ in range(args.reps):
+            for n, m in models.items():
+                times[n].append(train_step_seconds(m, opts[n], x, dtype))
+        res[dtype] = {n: args.batch * args.seq_len / statistics.median(t) for n, t in times.items()}
+    return res
+
+
+def torch_decode(args: argparse.Namespace) -> dict:
+    kinds = {"lite": build("tiny", args.width)}
+    kinds.update({b: build("titans-tiny", args.width, block=b) for b in args.blocks})
+    kinds["titans memory off"] = build("titans-tiny", args.width, memory_layers=[])
+    for m in kinds.values():
+        m.eval().fuse_for_inference()
+    ids = torch.randint(0, 4096, (1, 16 + args.decode_tokens), generator=torch.Generator().manual_seed(1))
+    for m in kinds.values():
+        decode_seconds(m, ids[:, :48])  # warm-up
+    times: dict[str, list[float]] = {n: [] for n in kinds}
+    for _ in range(args.reps):
+        for n, m in kinds.items():
+            times[n].append(decode_seconds(m, ids) / args.decode_tokens)
+    us = {n: 1e6 * statistics.median(t) for n, t in times.items()}
+    ratio = {n: statistics.median(a / b for a, b in zip(times[n], times["lite"])) for n in kinds}
+    return {
+        "us_per_token": us,
+        "time_ratio_vs_lite": ratio,
+        "params": {n: count_params(m) for n, m in kinds.items()},
+    }
+
+
+def onnx_runs(args: argparse.Namespace) -> dict[str, Path]:
+    """fp32 ONNX exports of random-weight Lite tiny and titans-tiny (each block) at the width, cached."""
+    from kititans.checkpoint import save_checkpoint
+    from kititans.data.builtin import generate_corpus
+    from kititans.data.tokenizer import Tokenizer, train_tokenizer
+    from kititans.export import ExportOptions, export_model
+
+    work = Path(args.work) / f"width{args.width or 256}"
+    tok_dir = Path(args.work) / "tokenizer4096"
+    if not (tok_dir / "tokenizer.model").is_file():
+        train_tokenizer(generate_corpus(0, 3_000_000), tok_dir, 4096)
+    tok = Tokenizer.load(tok_dir)
+    out = {}
+    for name, preset, extra in [
+        ("lite", "tiny", {}),
+        *((b, "titans-tiny", {"block": b}) for b in args.blocks),
+    ]:
+        run = work / name
+        folder = run / "export" / "onnx" / "fp32"
+        if not (folder / "manifest.json").is_file():
+            spec, cfg = shape(preset, args.width, **extra)
+            torch.manual_seed(0)
+            save_checkpoint(run, spec.build(cfg).eval(), spec, cfg, tok)
+            export_model(run, "onnx", "fp32", folder, ExportOptions(progress=True))
+        out[name] = folder
+    return out
+
+
+def onnx_decode(args: argparse.Namespace) -> dict:
+    from kititans.runtimes.onnx import OnnxRuntime
+
+    rts = {n: OnnxRuntime(p, threads=1, spin=False) for n, p in onnx_runs(args).items()}
+    prompt = [int(i) for i in np.random.default_rng(0).integers(3, 4096, 64)]
+
+    def tps(rt, n: int) -> float:
+        rt.reset()
+        logits = rt.forward(prompt)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits = rt.forward([int(np.argmax(logits))])
+        return n / (time.perf_counter() - t0)
+
+    for rt in rts.values():
+        tps(rt, 16)  # warm-up
+    runs: dict[str, list[float]] = {n: [] for n in rts}
+    for _ in range(args.reps):
+        for n, rt in rts.items():
+            runs[n].append(tps(rt, args.onnx_tokens))
+    ratio = {n: statistics.median(a / b for a, b in zip(runs[n], runs["lite"])) for n in rts}
+    return {"tokens_per_s": {n: statistics.median(v) for n, v in runs.items()}, "tps_ratio_vs_lite": ratio}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,77 +171,51 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--onnx-tokens", type=int, default=128)
+    ap.add_argument("--blocks", type=lambda s: s.split(","), default=["mal", "mac", "mag"])
     ap.add_argument("--skip-train", action="store_true")
-    ap.add_argument("--width", type=int, default=0, help="widen both models to this dim (e.g. 1024)")
+    ap.add_argument("--onnx", action="store_true", help="also ONNX decode (exports random-weight models)")
+    ap.add_argument("--width", type=int, default=0, help="widen every model to this dim (e.g. 1024)")
+    ap.add_argument("--work", default="benchmarks/.work/titans_speed", help="where ONNX exports are cached")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = {"lite tiny": build("tiny", args.width), "titans-tiny": build("titans-tiny", args.width)}
-    res: dict = {"threads": args.threads, "reps": args.reps, "torch": torch.__version__, "params": {}}
-    res["width"] = args.width or 256
-    for name, m in models.items():
-        res["params"][name] = count_params(m)
-    g = torch.Generator().manual_seed(0)
+    res: dict = {
+        "threads": args.threads,
+        "reps": args.reps,
+        "torch": torch.__version__,
+        "width": args.width or 256,
+    }
     if not args.skip_train:
-        x = torch.randint(0, 4096, (args.batch, args.seq_len + 1), generator=g)
-        opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
-        for dtype in ("fp32", "bf16"):
-            times: dict[str, list[float]] = {n: [] for n in models}
-            for n, m in models.items():  # warm-up (oneDNN kernels, allocator)
-                m.train()
-                train_step_seconds(m, opts[n], x, dtype)
-            for _ in range(args.reps):
-                for n, m in models.items():
-                    times[n].append(train_step_seconds(m, opts[n], x, dtype))
-            tps = {n: args.batch * args.seq_len / statistics.median(t) for n, t in times.items()}
-            res[f"train_{dtype}_tokens_per_s"] = tps
-            res[f"train_{dtype}_cost_ratio"] = tps["lite tiny"] / tps["titans-tiny"]
-    ids = torch.randint(0, 4096, (1, 16 + args.decode_tokens), generator=g)
-    kinds = {"lite tiny": (models["lite tiny"], False), "titans-tiny": (models["titans-tiny"], False)}
-    kinds["titans-tiny functional step"] = (models["titans-tiny"], True)
-    # where the cost is: the same Titans without its memory layers (window attention + persistent slots only)
-    kinds["titans-tiny memory off"] = (build("titans-tiny", args.width, memory_layers=[]), False)
-    for m, _ in kinds.values():
-        m.eval()
-    for m, fn in kinds.values():
-        decode_seconds(m, ids[:, :48], fn)  # warm-up
-    times = {n: [] for n in kinds}
-    for _ in range(args.reps):
-        for n, (m, fn) in kinds.items():
-            times[n].append(decode_seconds(m, ids, fn))
-    tps = {n: args.decode_tokens / statistics.median(t) for n, t in times.items()}
-    res["decode_tokens_per_s"] = tps
-    res["decode_cost_ratio"] = tps["lite tiny"] / tps["titans-tiny"]
-    res["decode_cost_ratio_functional"] = tps["lite tiny"] / tps["titans-tiny functional step"]
+        res["train_tokens_per_s"] = train_speed(
+            {"lite": build("tiny", args.width), "mal": build("titans-tiny", args.width)}, args
+        )
+    res["torch_decode"] = torch_decode(args)
+    if args.onnx:
+        res["onnx_decode"] = onnx_decode(args)
     res["load_average"] = os.getloadavg()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        Path(args.json).write_text(json.dumps(res, indent=2))
     return res
 
 
 def report(res: dict) -> str:
     load = tuple(round(x, 2) for x in res["load_average"])
-    lines = [
-        f"width {res['width']}, threads {res['threads']}, {res['reps']} interleaved rounds, load average {load}"
-    ]
-    for n, p in res["params"].items():
-        lines.append(f"  {n:<12} {p / 1e6:.2f}M params")
-    for dtype in ("fp32", "bf16"):
-        if f"train_{dtype}_tokens_per_s" in res:
-            t = res[f"train_{dtype}_tokens_per_s"]
-            lines.append(
-                f"train {dtype}: lite {t['lite tiny']:,.0f} tok/s, titans {t['titans-tiny']:,.0f} tok/s "
-                f"-> titans costs {res[f'train_{dtype}_cost_ratio']:.2f}x"
-            )
-    d = res["decode_tokens_per_s"]
-    lines.append(
-        f"decode: lite {d['lite tiny']:,.0f} tok/s, titans {d['titans-tiny']:,.0f} tok/s "
-        f"-> {res['decode_cost_ratio']:.2f}x; functional step {d['titans-tiny functional step']:,.0f} tok/s "
-        f"-> {res['decode_cost_ratio_functional']:.2f}x"
-    )
-    per_token = ", ".join(f"{n} {1e6 / t:,.0f}" for n, t in d.items())
-    lines.append(f"decode us/token: {per_token}")
+    lines = [f"width {res['width']}, threads {res['threads']}, {res['reps']} interleaved rounds, load {load}"]
+    for dtype, t in res.get("train_tokens_per_s", {}).items():
+        lines.append(
+            f"train {dtype}: lite {t['lite']:,.0f} tok/s, titans mal {t['mal']:,.0f} tok/s "
+            f"-> titans costs {t['lite'] / t['mal']:.2f}x"
+        )
+    d = res["torch_decode"]
+    lines.append("torch decode, us/token (x Lite's time): " + ", ".join(
+        f"{n} {d['us_per_token'][n]:,.0f} ({d['time_ratio_vs_lite'][n]:.2f}x)" for n in d["us_per_token"]
+    ))  # fmt: skip
+    if "onnx_decode" in res:
+        o = res["onnx_decode"]
+        lines.append("onnx fp32 decode, tok/s (x Lite's tok/s): " + ", ".join(
+            f"{n} {o['tokens_per_s'][n]:,.0f} ({o['tps_ratio_vs_lite'][n]:.2f}x)" for n in o["tokens_per_s"]
+        ))  # fmt: skip
     return "\n".join(lines)
 
 

@@ -1,8 +1,13 @@
-"""Validation loss of Titans `titans-tiny` against Lite `tiny` at equal tokens, through `kititans train`'s own
-code path (pretrain(): same data shards, same tokenizer, same seed, same batches, same optimizer settings).
+"""Validation loss of Titans `titans-tiny` variants against Lite `tiny` at equal tokens, through `kititans
+train`'s own code path (pretrain(): same data shards, same tokenizer, same seed, same batches, same optimizer).
 
     nice -n 10 python benchmarks/titans_valloss.py                                # builtin + tinystories
     nice -n 10 python benchmarks/titans_valloss.py --corpus builtin --steps 1200  # the presets' full schedule
+    nice -n 10 python benchmarks/titans_valloss.py --variant lite=tiny --variant mac=titans-tiny:block=mac \
+        --variant conv=titans-tiny:mem_conv=4                                     # any presets + model keys
+
+A variant is NAME=PRESET[:key=value,...] (model config keys, as `--set model.key=value`); the default set is
+Lite tiny and titans-tiny as mal, mac and mag.
 
 Corpora: the built-in corpus (6 MB generated) and /work/shared/data/tinystories (0.8 MB of TinyStories
 validation text; skipped with a note when absent). Each corpus gets one 4096-piece tokenizer shared by both
@@ -20,8 +25,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from kititans.config import RunConfig, apply_overrides
-from kititans.train.pretrain import pretrain
 from kititans.data.prepare import prepare_data
+from kititans.models.spec import find_preset
+from kititans.train.pretrain import pretrain
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CORPORA = {
@@ -29,41 +35,58 @@ CORPORA = {
     "tinystories": SHARED / "tinystories",
     "tinyshakespeare": SHARED / "tinyshakespeare",
 }
-MODELS = (("lite", "tiny"), ("titans", "titans-tiny"))
+DEFAULT_VARIANTS = (
+    "lite=tiny",
+    "mal=titans-tiny:block=mal",
+    "mac=titans-tiny:block=mac",
+    "mag=titans-tiny:block=mag",
+)
 
 
-def run_corpus(name: str, out: Path, args: argparse.Namespace) -> dict:
-    src = CORPORA[name]
+def parse_variant(text: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """NAME=PRESET[:k=v,...] -> (name, preset, [("model.k", "v"), ...])."""
+    name, _, rest = text.partition("=")
+    preset, _, keys = rest.partition(":")
+    over = [(f"model.{k}", v) for k, v in (kv.split("=", 1) for kv in keys.split(",") if kv)]
+    return name, preset, over
+
+
+def run_corpus(corpus: str, out: Path, args: argparse.Namespace) -> dict:
+    src = CORPORA[corpus]
     if src is not None and not src.is_dir():
         return {"skipped": f"{src} not found"}
     base = RunConfig()
     if src is not None:
         base.data.sources = [str(src)]
-    shards = out / name / "data"
+    elif args.builtin_bytes:
+        base.data.builtin_bytes = args.builtin_bytes
+    shards = out / corpus / "data"
     prepare_data(base.data, shards, 4096, progress=False)
     res: dict = {}
-    for family, preset in MODELS:
+    for name, preset, over in map(parse_variant, args.variant or DEFAULT_VARIANTS):
+        family = find_preset(preset)[0].name
         cfg = RunConfig(family=family, preset=preset)
         apply_overrides(
             cfg,
             [
+                *over,
                 ("data.sources", [str(shards)]),
                 ("tokenizer.path", str(shards)),
                 ("optim.name", args.optimizer),
                 ("train.steps", args.steps),
-                ("train.batch_size", 16),
-                ("train.seq_len", 256),
+                ("train.batch_size", args.batch_size),
+                ("train.seq_len", args.seq_len),
                 ("train.eval_every", max(args.steps // 4, 1)),
                 ("train.save_every", args.steps),
                 ("train.eval_batches", 16),
                 ("train.threads", args.threads),
                 ("train.dtype", args.dtype),
-                ("out", str(out / name / preset)),
+                ("out", str(out / corpus / name)),
             ],
         )
         r = pretrain(cfg, progress=not args.quiet)
         rows = [json.loads(ln) for ln in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
-        res[preset] = {
+        res[name] = {
             "val_loss": r.val_loss,
             "tokens": r.tokens,
             "seconds": round(r.seconds, 1),
@@ -78,6 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", nargs="+", default=["builtin", "tinystories"], choices=list(CORPORA))
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--builtin-bytes", type=int, default=0, help="size of the built-in corpus (0: default)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--variant", action="append", help="NAME=PRESET[:key=value,...] (repeatable)")
     ap.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
@@ -87,17 +114,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     out = Path(args.out)
     results = {c: run_corpus(c, out, args) for c in args.corpus}
-    print(f"val loss at equal tokens ({args.steps} steps x 4,096 tokens, {args.optimizer}):")
+    tokens = args.batch_size * args.seq_len
+    print(f"val loss at equal tokens ({args.steps} steps x {tokens:,} tokens, {args.optimizer}):")
     for c, r in results.items():
         if "skipped" in r:
             print(f"  {c}: skipped ({r['skipped']})")
             continue
-        lite, titans = r["tiny"], r["titans-tiny"]
-        print(
-            f"  {c:<16} lite tiny {lite['val_loss']:.4f} ({lite['tokens_per_s']:,.0f} tok/s)   "
-            f"titans-tiny {titans['val_loss']:.4f} ({titans['tokens_per_s']:,.0f} tok/s)   "
-            f"delta {titans['val_loss'] - lite['val_loss']:+.4f}"
-        )
+        first = next(iter(r.values()))["val_loss"]
+        for name, v in r.items():
+            print(
+                f"  {c:<14} {name:<16} val loss {v['val_loss']:.4f} (vs the first {v['val_loss'] - first:+.4f}) "
+                f"{v['tokens_per_s']:,.0f} tok/s, {v['params'] / 1e6:.2f}M params"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

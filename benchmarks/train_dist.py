@@ -80,7 +80,15 @@ def main() -> None:
     for k in range(a.rounds):
         one = train([*common, "--grad-accum", str(a.nproc), "--out", str(out / f"one-{a.parallel}-{k}")])
         many = train(
-            [*common, "--nproc", str(a.nproc), "--parallel", a.parallel, "--out", str(out / f"many-{a.parallel}-{k}")]
+            [
+                *common,
+                "--nproc",
+                str(a.nproc),
+                "--parallel",
+                a.parallel,
+                "--out",
+                str(out / f"many-{a.parallel}-{k}"),
+            ]
         )
         for name, rows in (("1 process", one), (f"{a.nproc} ranks", many)):
             tps[name].append(statistics.median(r["tokens_per_s"] for s, r in rows.items() if s > a.skip))

@@ -4,7 +4,7 @@ runs/<name>/
   config.json            family, model dims, format_version, kititans version, the resolved run config
                          (for Lite also a valid transformers LlamaConfig)
   model.safetensors      weights only, canonical names, no pickle
-  tokenizer.model, tokenizer_config.json, generation_config.json
+  tokenizer.model, tokenizer_config.json, tokenizer.json, generation_config.json
   train_state/           optimizer state (safetensors + JSON) and step: only for --resume
   metrics.jsonl          one line per logged step
 """
@@ -53,11 +53,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Canonical weights; a parameter registered under two names (tied embeddings) is stored once."""
+def state_dict_for_save(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Canonical weights (of `model`, or a full state dict gathered from it, e.g. under FSDP2); a parameter
+    registered under two names (tied embeddings) is stored once."""
     model = unwrap(model)
     skip = aliases(model)
-    return {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items() if n not in skip}
+    items = (state if state is not None else model.state_dict()).items()
+    return {n: t.detach().to("cpu").contiguous() for n, t in items if n not in skip}
 
 
 def save_checkpoint(
@@ -68,13 +72,20 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     extra: dict[str, Any] | None = None,
     generation: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write weights, config.json, tokenizer and generation config; each file atomically."""
+    """Write weights (the model's, or `weights`: its gathered full state dict), config.json, tokenizer and
+    generation config; each file atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / WEIGHTS) as tmp:
-        save_file(state_dict_for_save(model), str(tmp), metadata={"format": "pt", "family": spec.name})
-    tokenizer.save(run_dir)
+        tensors = state_dict_for_save(model, weights)
+        save_file(tensors, str(tmp), metadata={"format": "pt", "family": spec.name})
+    # tokenizer.model, tokenizer_config.json (model_max_length = the context) and tokenizer.json
+    tokenizer.save(run_dir, context_length=getattr(config, "context_length", None))
+    for name, text in (spec.run_files(config) if spec.run_files else {}).items():  # e.g. remote-code modeling
+        with atomic_path(run_dir / name) as tmp:
+            tmp.write_text(text)
     cfg: dict[str, Any] = (
         dict(spec.hf_config(config)) if spec.hf_config else {"model_type": f"kititans-{spec.name}"}
     )
@@ -241,14 +252,32 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_train_state(run_dir: str | Path, state: dict[str, Any]) -> None:
-    """Optimizer/scaler state and counters: tensors in safetensors, structure in JSON; the folder is atomic."""
+def write_tree(folder: str | Path, stem: str, obj: Any) -> None:
+    """A nested structure of tensors and plain values (an optimizer state dict...): tensors in
+    <stem>.safetensors, the structure in <stem>.json (no pickle); each file atomically."""
     tensors: dict[str, torch.Tensor] = {}
-    structure = _encode(state, tensors, "")
+    structure = _encode(obj, tensors, "")
+    folder = Path(folder)
+    with atomic_path(folder / f"{stem}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json(folder / f"{stem}.json", structure)
+
+
+def read_tree(folder: str | Path, stem: str) -> Any:
+    folder = Path(folder)
+    try:
+        tensors = load_file(str(folder / f"{stem}.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise KititansError(f"{folder / stem}.safetensors: unreadable ({e})") from None
+    return _decode(read_json(folder / f"{stem}.json"), tensors)
+
+
+def save_train_state(run_dir: str | Path, state: dict[str, Any]) -> None:
+    """Format-1 resume state (train_state/ in the run dir); new runs use train/checkpoints.py."""
     with atomic_path(Path(run_dir) / "train_state") as tmp:
         tmp.mkdir()
-        save_file(tensors, str(tmp / "tensors.safetensors"))
-        write_json(tmp / "state.json", structure)
+        write_tree(tmp, "tensors", state)
+        (tmp / "tensors.json").rename(tmp / "state.json")
 
 
 def load_train_state(run_dir: str | Path) -> dict[str, Any]:

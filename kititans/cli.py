@@ -16,10 +16,15 @@ COMMANDS = {
     "tokenizer": "kititans.commands.tokenizer",
     "train": "kititans.commands.train",
     "sft": "kititans.commands.sft",
+    "qat": "kititans.commands.qat",
+    "report": "kititans.commands.report",
     "generate": "kititans.commands.generate",
     "chat": "kititans.commands.chat",
+    "embed": "kititans.commands.embed",
+    "search": "kititans.commands.search",
     "export": "kititans.commands.export",
     "bench": "kititans.commands.bench",
+    "serve": "kititans.commands.serve",
 }
 
 
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for verbs that relaunch themselves (--nproc)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0

@@ -33,6 +33,25 @@ def embed_texts(runtime: Any, texts: Sequence[str], batch_size: int = 32) -> np.
     return embed_rows(runtime, token_rows(runtime.codec, texts, runtime.context_length), batch_size)
 
 
+def retrieval_scores(queries: np.ndarray, cands: np.ndarray) -> dict[str, float]:
+    """Query i's positive is candidate i, every other candidate a negative: retrieval@1, recall@5, MRR and
+    the mean margin (positive similarity minus the best negative's). Vectors are unit length."""
+    sims = np.asarray(queries, np.float64) @ np.asarray(cands, np.float64).T  # (N, M)
+    n = len(sims)
+    pos = sims[np.arange(n), np.arange(n)]
+    rank = (sims > pos[:, None]).sum(1) + 1  # 1 = the positive is the most similar candidate
+    others = sims.copy()
+    others[np.arange(n), np.arange(n)] = -np.inf
+    return {
+        "retrieval_at1": float((rank == 1).mean()),
+        "recall_at5": float((rank <= 5).mean()),
+        "mrr": float((1.0 / rank).mean()),
+        "mean_margin": float((pos - others.max(1)).mean()),
+        "pairs": n,
+        "candidates": int(sims.shape[1]),
+    }
+
+
 @dataclass
 class Hit:
     score: float

@@ -14,6 +14,21 @@ from typing import Any
 
 from kititans.errors import KititansError
 
+# the process umask, read once at import (reading it means setting it): shipped files get the mode a plain
+# open() would give them (0644 under the usual umask 022), not the 0600 of temp-file and safetensors writers
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _make_readable(path: Path) -> None:
+    """Give a finished artifact (a file, or every file and folder under a folder) the umask's default mode."""
+    if path.is_dir() and not path.is_symlink():
+        for p in [path, *path.rglob("*")]:
+            if not p.is_symlink():
+                p.chmod((0o777 if p.is_dir() else 0o666) & ~_UMASK)
+    elif not path.is_symlink():
+        path.chmod(0o666 & ~_UMASK)
+
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -37,6 +52,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to {tmp}")
+        _make_readable(tmp)
         if tmp.is_dir():
             # os.replace cannot replace a non-empty directory: move the old one aside first.
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from kititans.errors import KititansError
+
 
 class Runtime(Protocol):
     """What a runtime offers generation and benchmarks (see kititans/runtimes/base.py)."""
@@ -35,6 +37,7 @@ class Codec(Protocol):
     stop_ids: list[int]
     bos_id: int
     chat_template: str
+    special_tokens: dict[str, int]  # strings a rendered template turns into ids (data/chat.py)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -56,6 +59,36 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
+
+    def check(self) -> SamplingConfig:
+        """Refuse values outside the sampler's ranges with one line naming the setting; returns self."""
+        for name, value, ok, valid in (
+            ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
+            ("top_k", self.top_k, self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("min_p", self.min_p, 0 <= self.min_p < 1, "in [0, 1) (0 = off)"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 = off)"),
+            ("max_tokens", self.max_tokens, self.max_tokens >= 1, "an integer >= 1"),
+        ):
+            if not ok or (isinstance(value, float) and not np.isfinite(value)):
+                raise SamplingError(name, f"{name} must be {valid}, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise SamplingError("top_k", f"top_k must be an integer, got {self.top_k!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise SamplingError("max_tokens", f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+        ):
+            raise SamplingError("seed", f"seed must be an integer >= 0, got {self.seed!r}")
+        return self
+
+
+class SamplingError(KititansError):
+    """A sampling setting out of range; `param` names it (the CLI flag is --param with dashes)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 class Sampler:
@@ -131,8 +164,10 @@ class Generation:
 
     def __iter__(self) -> Iterator[int]:
         rt, hist = self.rt, self.history
+        # the cache holds a strict prefix of the prompt: feed only the rest (an equal prompt starts over:
+        # the logits after its last token are gone)
         if (
-            len(hist) <= len(self.prompt)
+            len(hist) < len(self.prompt)
             and hist == self.prompt[: len(hist)]
             and hist
             and rt.n_past == len(hist)

@@ -81,3 +81,19 @@ def titans_run(tmp_path_factory) -> Path:
     result = pretrain(cfg, progress=False)
     assert result.val_loss is not None and result.val_loss < 4.0
     return out
+
+
+def enc_config(out: Path, **over):
+    """An `encoder-debug` run: unsupervised span pairs from 0.6 MB of the built-in corpus, 40 steps."""
+    return make_config(out, **{"preset": "encoder-debug", "family": "encoder", "train.steps": 40,
+                               "train.batch_size": 16, "train.seq_len": 64, "train.eval_every": 20,
+                               "data.builtin_bytes": 600_000, **over})  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def encoder_run(tmp_path_factory):
+    """(run dir, TrainResult) of an `encoder-debug` model trained once per session (about 20 s)."""
+    from kititans.train.contrastive import train_encoder
+
+    out = tmp_path_factory.mktemp("enc") / "enc"
+    return out, train_encoder(enc_config(out), progress=False)

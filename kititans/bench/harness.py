@@ -26,14 +26,25 @@ import numpy as np
 
 import kititans
 from kititans.bench import artifact as art
+from kititans.bench import embed as embed_bench
 from kititans.bench.device import copy_bandwidth, cuda_copy_bandwidth, default_threads, device_record
 from kititans.bench.evaldata import eval_chunks
 from kititans.bench.pairs import FORMATS, REFERENCE, Pair, artifact_path, select_pairs, unavailable
-from kititans.bench.report import SCHEMA_VERSION
+from kititans.bench.report import SCHEMA_VERSION, get
+from kititans.bench.withruns import (
+    WithRun,
+    export_task,
+    ptq_pairs,
+    qat_fields,
+    row_key,
+    side_by_side,
+    with_runs,
+)
 from kititans.bench.worker import EVENT_PREFIX
 from kititans.checkpoint import read_meta
 from kititans.errors import KititansError
 from kititans.files import sha256_file, write_json
+from kititans.models.spec import get_family
 
 Event = Callable[[dict[str, Any]], None]
 
@@ -60,6 +71,8 @@ class BenchConfig:
     timeout_s: float = 1800.0
     label: str | None = None
     keep_reference: bool = False
+    with_runs: list[Path] = field(default_factory=list)  # QAT runs of `run`: rows against run's reference
+    embed_data: str | None = None  # an encoder's held-out token rows (set by run_bench; bench/embed.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -211,7 +224,8 @@ def measure_job(cfg: BenchConfig, pair: Pair, path: str, quality: dict | None, s
         }
         if speed
         else None,
-        "quality": quality,
+        "quality": {**quality, "data": cfg.embed_data} if quality and cfg.embed_data else quality,
+        "embed_data": cfg.embed_data,
     }
 
 
@@ -271,14 +285,22 @@ def run_bench(cfg: BenchConfig, on_event: Event | None = None) -> dict[str, Any]
     cfg.run = Path(cfg.run)
     read_meta(cfg.run)  # a clear error for a path that is not a run
     cfg.threads = cfg.threads or default_threads()
+    withs = with_runs(cfg.run, [Path(r) for r in cfg.with_runs])  # checked before any work
     pairs = select_pairs(cfg.runtimes, cfg.quants, gpu=cfg.device.startswith("cuda"))
+    pairs += [p for p in ptq_pairs(withs) if p not in pairs]  # each QAT row beside its PTQ row
     if not pairs:
         raise KititansError(
             "no runtime to measure: install one (pip install 'kititans[llamacpp]') or name pairs"
         )
     out = Path(cfg.out) if cfg.out else cfg.run / "bench"
-    evald, chunks = _eval_setup(cfg) if cfg.quality else (None, None)  # its errors come before any work
-    emit({"kind": "plan", "pairs": [p.key for p in pairs]})
+    task = get_family(read_meta(cfg.run)["family"]).task
+    embed_rows = None
+    if task == "embed":  # an encoder: its held-out pairs time and score every pair (bench/embed.py)
+        evald, embed_rows = embed_bench.eval_setup(cfg.run, REFERENCE)
+        chunks = None
+    else:
+        evald, chunks = _eval_setup(cfg) if cfg.quality else (None, None)  # errors come before any work
+    emit({"kind": "plan", "pairs": [p.key for p in pairs] + [row_key(w) for w in withs]})
     emit({"kind": "stage", "job": "setup", "stage": "device record and bandwidth"})
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -299,11 +321,17 @@ def run_bench(cfg: BenchConfig, on_event: Event | None = None) -> dict[str, Any]
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         },
         "units": UNITS,
-        "eval": evald,
+        "eval": evald if cfg.quality else None,
+        "task": task,
     }
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     quality = None
+    if embed_rows is not None:
+        cfg.embed_data = str(work / "embed_rows.json")
+        embed_bench.save_rows(Path(cfg.embed_data), embed_rows)
+        if cfg.quality:
+            quality = {"reference": str(out / "reference.npz"), "chunks": cfg.embed_data}
     if chunks is not None:
         np.save(work / "chunks.npy", np.asarray(chunks, dtype=np.int64))
         quality = {"reference": str(out / "reference.npz"), "chunks": str(work / "chunks.npy")}
@@ -312,6 +340,10 @@ def run_bench(cfg: BenchConfig, on_event: Event | None = None) -> dict[str, Any]
         info, tasks = plan_artifacts(cfg, pairs, failed)
         run_exports(cfg, tasks, info, failed, work, emit)
         report["results"] = _measure_all(cfg, pairs, info, failed, quality, report, work, emit)
+        if withs:
+            extra = [_measure_with(cfg, w, quality, report, work, emit) for w in withs]
+            report["results"] = side_by_side(report["results"], extra)
+            report["with"] = [qat_fields(w, cfg.run) for w in withs]
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if quality and not cfg.keep_reference:
@@ -376,6 +408,60 @@ def _measure_all(cfg, pairs, info, failed, quality, report, work, emit) -> list[
         rows[p.key] = row
         emit({"kind": "pair", "result": row})
     return [rows[p.key] for p in pairs]
+
+
+def _measure_with(
+    cfg: BenchConfig, w: WithRun, quality: dict | None, report: dict, work: Path, emit: Event
+) -> dict[str, Any]:
+    """A --with run at its target level: exported in its own run dir if missing, measured against the bench
+    run's reference."""
+    key = row_key(w)
+    row: dict[str, Any] = {
+        "runtime": w.pair.runtime,
+        "quant": w.pair.quant,
+        "key": key,
+        "qat": qat_fields(w, cfg.run),
+    }
+    emit({"kind": "start", "pair": key})
+    why = unavailable(w.pair.runtime)
+    path = artifact_path(w.run, w.pair)
+    m = _manifest(path) if path.exists() else None
+    fresh = m is not None and m.get("source", {}).get("weights_sha256") == sha256_file(
+        w.run / "model.safetensors"
+    )
+    if why is None and (not fresh or cfg.reexport):
+        res = run_worker(
+            {"mode": "export", "run": str(w.run), "tasks": [export_task(w)]},
+            work,
+            f"export-{w.name}",
+            cfg.timeout_s,
+            emit,
+        )
+        done = (res.get("tasks") or [{}])[0]
+        if done.get("status") != "ok":
+            why = f"export failed: {done.get('reason') or res.get('reason')}"
+    if why:
+        row.update(status="failed", reason=why)
+        emit({"kind": "pair", "result": row})
+        return row
+    ref_ok = get(report, "eval", "reference", "status") == "ok"
+    q = {"reference": quality["reference"]} if quality and ref_ok else None
+    t0 = time.perf_counter()
+    res = run_worker(
+        measure_job(cfg, w.pair, str(path), q, True), work, f"{w.pair.slug}-{w.name}", cfg.timeout_s, emit
+    )
+    row.update(res, seconds=time.perf_counter() - t0, artifact=str(path))
+    row["export"] = {"reused": fresh and not cfg.reexport, "manifest": _manifest_summary(_manifest(path))}
+    if quality and not ref_ok:
+        row["quality_error"] = f"no reference log-probs: {get(report, 'eval', 'reference', 'reason')}"
+    try:
+        row.update(art.describe(w.run, w.pair.runtime, w.pair.quant, path))
+    except Exception as e:
+        row["describe_error"] = f"{type(e).__name__}: {e}"
+    if row.get("status") == "ok":
+        row["roofline"] = roofline(cfg, row, art.model_dims(w.run), report["bandwidth"])
+    emit({"kind": "pair", "result": row})
+    return row
 
 
 def _reason(res: dict[str, Any]) -> str | None:

@@ -203,6 +203,10 @@ def figures(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
     s = report["settings"]
     plt = _plt()
     qat_note = " (stars: QAT runs, against this run's reference)" if any(r.get("qat") for r in ok) else ""
+    if report.get("task") == "embed":  # an encoder: no decode or perplexity, the memory plot applies
+        return [
+            (t, f, w) for t, f, w in [("Peak resident memory per pair", plot_memory(plt, ok), False)] if f
+        ]
     made = [
         (
             "Decode speed vs file size (bars: min–max over trials). torch reads the run's float32 "

@@ -4,7 +4,7 @@ Quantization names are each runtime's own:
 
     torch     fp32 bf16 fp16                the run directory, cast at load (no export)
     llamacpp  f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0   RUN/export/model.<quant>.gguf
-    onnx      fp32 fp16 int8 int4           RUN/export/onnx/<quant>/
+    onnx      fp32 fp16 int8 int8_dynamic int4   RUN/export/onnx/<quant>/
     genai     fp32 fp16 int8 int4           RUN/export/onnx-genai/<quant>/ (onnxruntime-genai's builder)
     coreml    fp16 int8 int4 palettize4     RUN/export/model.<quant>.mlpackage (macOS only)
 
@@ -42,7 +42,7 @@ def _gguf_types() -> tuple[str, ...]:
 QUANTS: dict[str, tuple[str, ...]] = {
     "torch": ("fp32", "bf16", "fp16"),
     "llamacpp": _gguf_types(),
-    "onnx": ("fp32", "fp16", "int8", "int4"),
+    "onnx": ("fp32", "fp16", "int8", "int8_dynamic", "int4"),
     "genai": ("fp32", "fp16", "int8", "int4"),
     "coreml": ("fp16", "int8", "int4", "palettize4"),
 }

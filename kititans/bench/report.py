@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kititans.bench import embed as embed_bench
 from kititans.errors import KititansError
 from kititans.files import write_json, write_text
 
@@ -65,13 +66,20 @@ def speed_columns(report: dict[str, Any]) -> list[tuple[str, tuple]]:
     return cols
 
 
+def quant_label(r: dict[str, Any]) -> str:
+    """The level, marked for a row of a --with QAT run (`q4_0 QAT`)."""
+    return f"{r['quant']} QAT" if r.get("qat") else r["quant"]
+
+
 def result_cells(report: dict[str, Any], r: dict[str, Any]) -> list[str]:
     """One row of the main table (the same cells in Markdown and HTML)."""
+    if report.get("task") == "embed":
+        return embed_bench.result_cells(report, r, fmt)
     mem = r.get("memory", {})
     q = r.get("quality") or {}
     roof = r.get("roofline") or {}
     decode = get(r, "speed", "decode")
-    cells = [r["runtime"], r["quant"]]
+    cells = [r["runtime"], quant_label(r)]
     cells.append(fmt(r["size_bytes"] / MiB) if r.get("size_bytes") else "–")
     cells.append(fmt(r.get("bits_per_weight")))
     for _, path in speed_columns(report):
@@ -91,6 +99,8 @@ def result_cells(report: dict[str, Any], r: dict[str, Any]) -> list[str]:
 
 
 def headers(report: dict[str, Any]) -> list[str]:
+    if report.get("task") == "embed":
+        return embed_bench.headers(report)
     return [
         "runtime",
         "quant",
@@ -148,6 +158,8 @@ def bandwidth_line(bw: dict[str, Any]) -> str:
 
 def notes(report: dict[str, Any]) -> list[str]:
     """What the numbers mean, in the report's own settings."""
+    if report.get("task") == "embed":
+        return embed_bench.notes(report)
     s, ev = report["settings"], report.get("eval")
     out = [
         f"Speeds are medians of {s['trials']} trials after {s['warmup']} warm-up, random prompt tokens "
@@ -165,6 +177,11 @@ def notes(report: dict[str, Any]) -> list[str]:
         )
         if ref.get("status") == "failed":
             out.append(f"The reference failed ({ref.get('reason')}): no quality numbers.")
+    for w in report.get("with", []):
+        out.append(
+            f"QAT rows ({w['target']}): {w['name']} ({w['run']}), fine-tuned from {w['base'] or 'an unknown run'}; "
+            "measured on the same tokens against this run's reference, so they read beside the PTQ row above them."
+        )
     if any((get(r, "roofline", "fraction") or 0) > 1 for r in report["results"]):
         out.append(
             "A roofline above 100% means the weights are served from CPU caches (the model is smaller than "
@@ -195,8 +212,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     partial = [r for r in ok if r.get("quality_error")]
     if bad or partial:
         lines += ["", "## Not measured", ""]
-        rows = [[r["runtime"], r["quant"], r.get("reason", "")] for r in bad]
-        rows += [[r["runtime"], r["quant"], f"quality: {r['quality_error']}"] for r in partial]
+        rows = [[r["runtime"], quant_label(r), r.get("reason", "")] for r in bad]
+        rows += [[r["runtime"], quant_label(r), f"quality: {r['quality_error']}"] for r in partial]
         lines += md_table(["runtime", "quant", "reason"], rows, numeric_from=3)
     lines += ["", "## Device", ""] + [f"- {x}" for x in device_lines(dev)]
     return "\n".join(lines) + "\n"
@@ -247,7 +264,7 @@ def compare_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
                     "device": name,
                     "run": rep["run"]["name"],
                     "runtime": r["runtime"],
-                    "quant": r["quant"],
+                    "quant": quant_label(r),
                     "size_bytes": r.get("size_bytes"),
                     "bits_per_weight": r.get("bits_per_weight"),
                     "prefill_tps": get(r, "speed", "prefill", str(pp), "median") if pp else None,

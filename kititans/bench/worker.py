@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from kititans.bench import embed as embed_bench
 from kititans.bench.device import gpu_memory_of, peak_rss_bytes, reset_peak_rss, rss_bytes
 from kititans.errors import KititansError
 from kititans.files import write_json
@@ -77,7 +78,12 @@ def measure_job(job: dict[str, Any], result: dict[str, Any]) -> None:
     result["memory"]["loaded_rss_bytes"] = rss_bytes()
     result["runtime_settings"] = {**runtime_options(job), **getattr(rt, "settings", {})}
     result["context_length"] = int(rt.context_length)
-    if job.get("speed"):
+    embed = getattr(rt, "task", "lm") == "embed"  # an encoder: embeddings/s and cosine (bench/embed.py)
+    if job.get("speed") and embed:
+        emit(stage="embeddings/s")
+        sp = job["speed"]
+        result["speed"] = embed_bench.measure_speed(rt, job["embed_data"], sp["trials"], sp["warmup"])
+    elif job.get("speed"):
         cfg = SpeedConfig(**{**job["speed"], "prompt_tokens": tuple(job["speed"]["prompt_tokens"])})
         result["speed"] = measure_speed(rt, cfg, on_stage=lambda s: emit(stage=s))
     mem = result["memory"]
@@ -88,7 +94,11 @@ def measure_job(job: dict[str, Any], result: dict[str, Any]) -> None:
     quality = job.get("quality")
     if quality:
         try:
-            result["quality"] = measure_quality(rt, quality)
+            if embed:
+                emit(stage="embedding quality")
+                result["quality"] = embed_bench.measure_quality(rt, quality)
+            else:
+                result["quality"] = measure_quality(rt, quality)
         except Exception as e:  # the speed numbers stand; say why quality is missing
             result["quality_error"] = one_line(e)
 

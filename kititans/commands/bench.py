@@ -13,13 +13,14 @@ EXAMPLES = """  kititans bench runs/tiny                           # every insta
   kititans bench runs/tiny --runtimes llamacpp --quants f16,q8_0,q4_k_m,q4_0
   kititans bench runs/tiny --runtimes torch:fp32,llamacpp:q4_0,onnx:int4 --trials 3
   kititans bench runs/tiny --prompt-tokens 128,512 --gen-tokens 128 --eval-text held_out.txt
+  kititans bench runs/tiny --with runs/tiny-qat-q4_0 runs/tiny-qat-onnx-int4   # QAT rows beside PTQ rows
   kititans bench compare pc/bench.json mac/bench.json pi/bench.json --out cmp/   # one table across devices
   kititans bench --compare a.json b.json              # the same (use this if a run is named `compare`)
 
 quantization names per runtime (`--quants` applies each to the runtimes that have it):
   torch     fp32 bf16 fp16                    (the run itself, cast at load)
   llamacpp  f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0
-  onnx      fp32 fp16 int8 int4               genai  fp32 fp16 int8 int4 (onnxruntime-genai)
+  onnx      fp32 fp16 int8 int8_dynamic int4  genai  fp32 fp16 int8 int4 (onnxruntime-genai)
   coreml    fp16 int8 int4 palettize4         (macOS only)
   aliases: f16=fp16, f32=fp32, q8 = q8_0/int8, q4 = q4_k_m/int4"""
 
@@ -88,6 +89,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reexport", action="store_true", help="export again even when RUN/export is up to date")
     p.add_argument("--timeout", type=float, default=1800, metavar="S", help="seconds per pair (default 1800)")
     p.add_argument("--seed", type=int, default=0, help="random prompt tokens seed (default 0)")
+    p.add_argument(
+        "--with",
+        dest="with_runs",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="QATRUN",
+        help="QAT runs of RUN (kititans qat): each measured at its target level against RUN's fp32 reference",
+    )
     p.add_argument("--compare", action="store_true", help="the targets are bench.json files to compare")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -140,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         label=args.label,
         keep_reference=args.keep_reference,
+        with_runs=list(args.with_runs),
     )
     progress = Progress(args.quiet)
     try:
@@ -223,10 +234,16 @@ def summary(r: dict[str, Any]) -> str:
         parts.append(f"pp{n} {fmt(s['median'])} t/s")
     if get(r, "speed", "decode"):
         parts.append(f"tg {fmt(r['speed']['decode']['median'])} t/s")
+    for b, s in (get(r, "speed", "batch") or {}).items():  # an encoder's embeddings/s
+        parts.append(f"b{b} {fmt(s['median'])} emb/s")
     if get(r, "memory", "peak_rss_bytes"):
         parts.append(f"RSS {r['memory']['peak_rss_bytes'] / 2**20:.0f} MiB")
     q = r.get("quality")
-    if q:
+    if q and "cosine_mean" in q:
+        parts.append(
+            f"cosine {q['cosine_mean']:.5f} (min {q['cosine_min']:.5f}) R@1 {fmt(q['retrieval_at1'])}"
+        )
+    elif q:
         parts.append(f"PPL {fmt(q['ppl'])} (drift {drift(q['ppl_drift_pct'])}%) KLD {kld(q['kld_mean'])}")
     elif r.get("quality_error"):
         parts.append(f"quality: {r['quality_error']}")

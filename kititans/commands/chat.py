@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kititans.commands.common import add_runtime_args, add_sampling_args, open_runtime, sampling_from_args
+from kititans.commands.common import (
+    add_runtime_args,
+    add_sampling_args,
+    open_runtime,
+    sampling_from_args,
+    warn_if_base_model,
+)
 
 HELP = "chat with a model (streaming; /reset clears the history, /quit exits)"
 EXAMPLES = """  kititans chat runs/tiny-sft
@@ -24,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
     from kititans.data.chat import trim_history
     from kititans.generate import Generation, stream_text
 
+    sampling = sampling_from_args(args)  # bad values fail before the model loads
     rt = open_runtime(args)
+    warn_if_base_model(args.model, rt)
     codec = rt.codec
-    sampling = sampling_from_args(args)
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
-from kititans.generate import SamplingConfig
+from kititans.errors import KititansError
+from kititans.generate import SamplingConfig, SamplingError
 
 # the training flags `train` and `sft` share -> the config keys they set
 TRAINING_FLAG_KEYS = {
@@ -37,7 +42,8 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(
+    """The sampling flags as a checked SamplingConfig (a value out of range is one line naming the flag)."""
+    cfg = SamplingConfig(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -46,6 +52,11 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
         seed=args.seed,
         max_tokens=args.max_tokens,
     )
+    try:
+        return cfg.check()
+    except SamplingError as e:
+        flag = "--" + e.param.replace("_", "-")
+        raise KititansError(str(e).replace(e.param, flag, 1)) from None
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -56,15 +67,91 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="default: chosen from the model path",
     )
-    p.add_argument("--device", default="cpu", help="torch/onnx device: cpu, cuda, mps (default cpu)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch: cpu, cuda[:N], mps, auto; onnx: cpu, cuda[:N], auto; genai: cpu, cuda; "
+        "llamacpp: cpu; coreml: cpu, gpu, ane, all, auto (default cpu)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all cores)")
 
 
-def open_runtime(args: argparse.Namespace) -> Any:
-    """The runtime for args.model (a run dir, .gguf, ONNX folder or .mlpackage)."""
-    from kititans.runtimes import load_runtime
+# the --device values each runtime takes ("cuda:N" = cuda:0, cuda:1, ...)
+DEVICES = {
+    "torch": ("cpu", "cuda", "cuda:N", "mps", "auto"),
+    "onnx": ("cpu", "cuda", "cuda:N", "auto"),
+    "genai": ("cpu", "cuda"),
+    "llamacpp": ("cpu", "auto"),
+    "coreml": ("cpu", "gpu", "ane", "all", "auto"),
+}
+MAX_THREADS = 4096
 
-    return load_runtime(args.model, args.runtime, device=args.device, threads=args.threads)
+
+def check_runtime_args(runtime: str, device: str, threads: int) -> None:
+    """One line for a device the runtime cannot use or a thread count that is not a count."""
+    valid = DEVICES.get(runtime, ())
+    ok = device in valid or ("cuda:N" in valid and re.fullmatch(r"cuda:\d+", device) is not None)
+    if valid and not ok:
+        raise KititansError(
+            f"--device {device!r}: the {runtime} runtime runs on {', '.join(valid)} "
+            f"(pick another --device or another --runtime)"
+        )
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+        raise KititansError(
+            f"--threads must be 0 (all cores) or a count from 1 to {MAX_THREADS}, got {threads}"
+        )
+
+
+def open_runtime(args: argparse.Namespace, task: str = "lm", **options: Any) -> Any:
+    """The runtime for args.model (a run dir, .gguf, ONNX folder or .mlpackage), after checking --device and
+    --threads against it; `options` go to the runtime (runtimes ignore the ones they do not take). The
+    model must do `task`: "lm" (generate, chat, serve) or "embed" (embed, search)."""
+    from kititans.errors import KititansError
+    from kititans.runtimes import detect_runtime, load_runtime
+
+    runtime = args.runtime or detect_runtime(args.model)
+    check_runtime_args(runtime, args.device, args.threads)
+    rt = load_runtime(args.model, runtime, device=args.device, threads=args.threads, **options)
+    have = getattr(rt, "task", "lm")
+    if have == "embed" and task == "lm":
+        raise KititansError(
+            f"{args.model} is an embedding model (an encoder), not a language model: use `kititans embed` "
+            "or `kititans search`"
+        )
+    if have == "lm" and task == "embed":
+        raise KititansError(
+            f"{args.model} is a language model: embed and search need an encoder run "
+            "(kititans train --family encoder)"
+        )
+    return rt
+
+
+def model_stage(model: str | Path, rt: Any = None) -> str | None:
+    """The training stage ("pretrain", "sft") of a run directory or of an export inside one (from the nearest
+    config.json with a kititans section), else what a GGUF file says (kititans.stage); None if unknown."""
+    path = Path(model).resolve()
+    for d in [path, *list(path.parents)[:4]]:
+        cfg = d / "config.json"
+        if not cfg.is_file():
+            continue
+        try:
+            meta = json.loads(cfg.read_text(encoding="utf-8")).get("kititans")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("stage"), str):
+            return meta["stage"]
+    metadata = getattr(rt, "metadata", None)
+    return metadata("kititans.stage") if callable(metadata) else None
+
+
+def warn_if_base_model(model: str | Path, rt: Any = None) -> None:
+    """The one-line warning `chat`, `generate --chat` and `serve` print for a model that was only pretrained."""
+    if model_stage(model, rt) == "pretrain":
+        print(
+            f"warning: {model} is a pretrain-stage model (never fine-tuned for chat), so its replies will not "
+            f"follow the conversation; fine-tune it first: kititans sft RUN --data chats.jsonl",
+            file=sys.stderr,
+        )
 
 
 def export_hint(run_dir: Any) -> str:

@@ -8,7 +8,9 @@ HELP = "export a run to GGUF (llama.cpp), ONNX or CoreML at a quantization level
 EXAMPLES = """  kititans export runs/tiny --format gguf --q4          # -> runs/tiny/export/model.q4_k_m.gguf
   kititans export runs/tiny --format gguf --quant q6_k --imatrix calib.txt
   kititans export runs/tiny --format gguf --quant list  # the types and their bits per weight
-  kititans export runs/tiny --format onnx --quant int4
+  kititans export runs/tiny --format onnx --quant int4   # loads in onnxruntime, optimum and onnxruntime-genai
+  kititans export runs/tiny --format onnx --q4 --runtime genai   # onnxruntime-genai's own model builder
+  kititans export runs/tiny --format gguf --q4 --license apache-2.0   # + model.q4_k_m.Modelfile for Ollama
   kititans export runs/tiny --format coreml --q4        # -> .mlpackage for an iOS/macOS app"""
 
 FORMAT_OPTIONS = {
@@ -37,12 +39,24 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="gguf: calibration text for an importance matrix ('val' = the run's validation split)",
     )
     p.add_argument("--out", help="output path (default: RUN/export/...)")
+    p.add_argument(
+        "--license",
+        metavar="SPDX",
+        help="license id written into the artifact (GGUF general.license, CoreML license, Modelfile LICENSE)",
+    )
     g = p.add_argument_group("format options")
     g.add_argument(
         "--imatrix-tokens", type=int, help="gguf: calibration tokens for --imatrix (default 32768)"
     )
     g.add_argument(
         "--opset", type=int, help="onnx: 23 (default; fused Attention/RMSNorm ops) or 18 (older runtimes)"
+    )
+    g.add_argument(
+        "--runtime",
+        choices=["kititans", "genai"],
+        default="kititans",
+        help="onnx: kititans (default: our step graph, any family) or genai (onnxruntime-genai's builder, Lite; "
+        "-> RUN/export/onnx-genai/<quant>/)",
     )
     g.add_argument("--target", help="coreml: minimum deployment target (default iOS18; states need >= iOS18)")
     g.add_argument("--max-len", type=int, help="coreml: KV-cache positions (default: the model context)")
@@ -66,8 +80,13 @@ def run(args: argparse.Namespace) -> int:
     for k in extra:
         if FORMAT_OPTIONS[k] != args.format:
             raise KititansError(f"--{k.replace('_', '-')} applies to --format {FORMAT_OPTIONS[k]} only")
-    options = ExportOptions(imatrix=args.imatrix, progress=not args.quiet, extra=extra)
-    result = export_model(args.run, args.format, args.quant, args.out, options)
+    if args.license:
+        extra["license"] = args.license
+    if args.runtime == "genai":
+        result = export_genai_run(args, extra)
+    else:
+        options = ExportOptions(imatrix=args.imatrix, progress=not args.quiet, extra=extra)
+        result = export_model(args.run, args.format, args.quant, args.out, options)
     m = result.manifest
     size = m.get("size_bytes") or 0
     print(f"wrote {result.path} ({size / 2**20:.2f} MiB, {m['quant']}, {result.seconds:.1f} s)")
@@ -75,3 +94,22 @@ def run(args: argparse.Namespace) -> int:
     for hint in m.get("next", []):
         print(f"  {hint}")
     return 0
+
+
+def export_genai_run(args: argparse.Namespace, extra: dict) -> object:
+    """`--format onnx --runtime genai`: onnxruntime-genai's model builder on the run (same quant names)."""
+    import time
+
+    from kititans.errors import KititansError
+    from kititans.export import resolve_quant
+    from kititans.export.onnx import export_genai
+
+    if args.format != "onnx":
+        raise KititansError("--runtime genai applies to --format onnx only")
+    unused = [k for k in extra if k != "license"] + (["imatrix"] if args.imatrix else [])
+    if unused:
+        raise KititansError(f"--{unused[0].replace('_', '-')} does not apply to --runtime genai")
+    t0 = time.perf_counter()
+    result = export_genai(args.run, resolve_quant("onnx", args.quant), args.out, progress=not args.quiet)
+    result.seconds = time.perf_counter() - t0
+    return result

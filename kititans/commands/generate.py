@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kititans.commands.common import add_runtime_args, add_sampling_args, open_runtime, sampling_from_args
+from kititans.commands.common import (
+    add_runtime_args,
+    add_sampling_args,
+    open_runtime,
+    sampling_from_args,
+    warn_if_base_model,
+)
 
 HELP = "generate one completion of a prompt (run dir, .gguf, ONNX or CoreML model)"
 EXAMPLES = """  kititans generate runs/tiny-20261124 --prompt "Once upon a time"
@@ -29,12 +35,14 @@ def run(args: argparse.Namespace) -> int:
     from kititans.errors import KititansError
     from kititans.generate import Generation, stream_text
 
+    sampling = sampling_from_args(args)  # bad values fail before the model loads
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise KititansError("empty prompt: pass --prompt TEXT or pipe text on stdin")
     rt = open_runtime(args)
     codec = rt.codec
     if args.chat:
+        warn_if_base_model(args.model, rt)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
         ]
@@ -44,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(prompt)
     if len(ids) >= rt.context_length:
         raise KititansError(f"the prompt has {len(ids)} tokens; the model's context is {rt.context_length}")
-    gen = Generation(rt, ids, sampling_from_args(args), codec.stop_ids)
+    gen = Generation(rt, ids, sampling, codec.stop_ids)
     for chunk in stream_text(gen, codec):
         sys.stdout.write(chunk)
         sys.stdout.flush()

@@ -13,7 +13,9 @@ EXAMPLES = """  kititans search runs/enc --docs notes/ --query "reset password" 
 
 def configure(p: argparse.ArgumentParser) -> None:
     add_runtime_args(p)
-    p.add_argument("--docs", required=True, nargs="+", help="files, folders or globs (as kititans data reads)")
+    p.add_argument(
+        "--docs", required=True, nargs="+", help="files, folders or globs (as kititans data reads)"
+    )
     p.add_argument("--query", required=True, action="append", help="the query (repeatable)")
     p.add_argument("--top", type=int, default=5, help="results per query (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help="documents per forward pass (default 32)")

@@ -13,6 +13,7 @@ It writes through kititans.files.atomic_path and returns the manifest it wrote n
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,11 +125,19 @@ def export_model(
     from kititans.models.spec import get_family
 
     run_dir = Path(run_dir)
-    get_family(read_meta(run_dir)["family"]).support(fmt)  # refuse before loading any weights
+    meta = read_meta(run_dir)
+    entry = get_family(meta["family"]).support(fmt)  # refuse before loading any weights
     q = resolve_quant(fmt, quant)
+    from kititans.quantize.qat import export_warning
+
+    warning = export_warning(meta, fmt, q, bool(options and options.imatrix))
+    if warning:  # a QAT run exported to another level than it trained for: allowed, with one line
+        logging.getLogger("kititans").warning("warning: %s", warning)
     ckpt = load_checkpoint(run_dir)
     target = Path(out) if out else default_output(run_dir, fmt, q)
     t0 = time.perf_counter()
-    result = format_module(fmt).export(ckpt, q, target, options or ExportOptions())
+    # a family may bring its own writer for a format (the encoder's stateless CoreML program)
+    module = importlib.import_module(entry.exporter) if hasattr(entry, "exporter") else format_module(fmt)
+    result = module.export(ckpt, q, target, options or ExportOptions())
     result.seconds = time.perf_counter() - t0
     return result

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from kititans.errors import KititansError, UnsupportedExport
 from kititans.export import ExportOptions, ExportResult, QuantType, base_manifest, write_manifest
+from kititans.export.coreml_meta import stamp_package, write_coreml_tokenizer
 from kititans.files import atomic_path, dir_size
 from kititans.quantize import coreml as cq
 from kititans.quantize.onnx import quiet
@@ -121,8 +122,10 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
     )
     keep = lambda name: any(part in name for part in step.keep_float)  # noqa: E731
     out = Path(out)
+    # tokenizer.json and the rest for the app first: one error line before any conversion work
+    tokenizer_dir = write_coreml_tokenizer(ckpt, out.parent / "tokenizer")
     bar = tqdm(
-        total=2 * len(FUNCTIONS) + 2, desc=f"coreml {quant}", disable=not options.progress, leave=False
+        total=2 * len(step.functions()) + 2, desc=f"coreml {quant}", disable=not options.progress, leave=False
     )
     kept: list[str] = []
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +134,8 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
         parts = {}
         for fn, (example, shapes) in step.functions().items():
             bar.set_postfix_str(f"convert {fn}")
-            mlmodel = convert(ct, step, example, shapes, target)
+            module = step.function(fn) if hasattr(step, "function") else step  # one module per function
+            mlmodel = convert(ct, module, example, shapes, target)
             bar.update()
             bar.set_postfix_str(f"compress {fn}")
             with quiet(), warnings.catch_warnings():
@@ -156,9 +160,11 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
         if report["problems"]:
             raise KititansError(f"the CoreML package failed validation: {report['problems'][0]}")
         single = dir_size(parts["decode"])
-        with atomic_path(out) as tmp:
+        # author / description / version / license and kititans.* userDefined entries in the spec
+        layout = {"max_len": step.max_len, "prefill_len": step.prefill_len, **interface(step)}
+        metadata = stamp_package(merged, ckpt, layout, options.extra.get("license"))
+        with atomic_path(out) as tmp:  # every file 0644
             shutil.move(str(merged), str(tmp))
-    tokenizer_dir = write_tokenizer(Path(ckpt.path), out.parent / "tokenizer")
     manifest = base_manifest(ckpt, FORMAT, quant, out)
     manifest.update(
         coreml={
@@ -172,6 +178,7 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
             **interface(step),
         },
         quantization={**cq.details(quant), "kept_float": kept},
+        metadata=metadata,
         validation=report,
         tokenizer=str(tokenizer_dir.relative_to(out.parent)),
         next=[
@@ -189,16 +196,26 @@ def state_pass_fix() -> Iterator[None]:
     each state write right after the op producing its value, inserting it before the op that followed that
     producer in a list taken before the loop; when that op is a state write it already moved (and removed),
     it fails with a KeyError. That happens whenever the last state's producer directly precedes the first
-    write (Titans: 15 states). Looking the next op up among the ops still in the block gives the intended
-    order and changes nothing for graphs that converted before."""
+    write (Titans: 15 states), or when one producer feeds several writes. Looking the next op up among the
+    ops in the block at that moment gives the intended order and changes nothing for graphs that converted
+    before."""
     from coremltools.converters.mil.mil.passes.defs import optimize_state
 
     cls = optimize_state.canonicalize_inplace_pattern
     original = cls._try_match_and_transform_pattern
 
+    class LiveOps:  # the block's op list as it is now, for the pass's `ops[ops.index(op) + 1]`
+        def __init__(self, block: Any):
+            self.block = block
+
+        def index(self, op: Any) -> int:
+            return list(self.block.operations).index(op)
+
+        def __getitem__(self, i: int) -> Any:
+            return list(self.block.operations)[i]
+
     def fixed(self: Any, op: Any, block: Any, ops: list) -> None:
-        live = [o for o in ops if o is op or o.enclosing_block is not None]
-        return original(self, op, block, live)
+        return original(self, op, block, LiveOps(block))
 
     cls._try_match_and_transform_pattern = fixed
     try:
@@ -279,27 +296,9 @@ def interface(step: nn.Module) -> dict[str, Any]:
         out["mask"] = "additive fp16 (1, 1, T, end): 0 where a query may attend, -1e4 elsewhere"
     if "position" in step.input_names:
         out["position"] = "int32 (1,): position of the first new token; 0 starts a new sequence"
+    if hasattr(step, "step_table"):  # several functions; the runtime picks one per call
+        out["steps"] = step.step_table()
     return out
-
-
-def write_tokenizer(run_dir: Path, dest: Path) -> Path:
-    """tokenizer.model + tokenizer_config.json next to the packages, plus tokenizer.json (the HF fast
-    tokenizer swift-transformers reads) when transformers is installed."""
-    with atomic_path(dest) as tmp:
-        tmp.mkdir()
-        for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
-            if (run_dir / name).is_file():
-                shutil.copyfile(run_dir / name, tmp / name)
-        try:
-            from transformers import AutoTokenizer
-
-            with quiet(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fast = AutoTokenizer.from_pretrained(str(run_dir))
-                fast.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-        except Exception:  # optional: our own tokenizer files are complete without it
-            pass
-    return dest
 
 
 def validate_package(
@@ -316,8 +315,9 @@ def validate_package(
         prog = load(spec, spec.specificationVersion, str(Path(path) / "Data/com.apple.CoreML/weights"))
     step = step_cls(copy.deepcopy(ckpt.model).float().eval(), max_len=max_len, prefill_len=prefill_len)
     functions = {f.name: f for f in spec.description.functions}
-    if sorted(functions) != sorted(FUNCTIONS):
-        problems.append(f"functions {sorted(functions)} != {sorted(FUNCTIONS)}")
+    expected = sorted(step.functions())  # decode + prefill, or the wrapper's own set
+    if sorted(functions) != expected:
+        problems.append(f"functions {sorted(functions)} != {expected}")
     io = {name: _function_io(f) for name, f in functions.items()}
     dtypes = {n: SPEC_DTYPES_NP.get(d, d) for n, d in step.input_dtypes.items()}
     for name, f in io.items():
@@ -350,6 +350,8 @@ def validate_package(
         problems.append(f"weights not found in the package: {', '.join(weights['missing'][:3])}")
     if weights["compressed_but_float"]:
         problems.append(f"compressed a tensor that must stay fp16: {weights['compressed_but_float'][0]}")
+    if hasattr(step, "check_program"):  # the wrapper's own checks of the converted program
+        problems += step.check_program(prog)
     wrapper = wrapper_report(step, ckpt.model)
     if wrapper["max_abs_diff_fp64"] > 1e-9 or wrapper["max_abs_diff_fp32"] > 1e-4:
         problems.append(f"the converted wrapper differs from the model: {wrapper}")
@@ -429,13 +431,16 @@ def wrapper_report(step: nn.Module, model: nn.Module) -> dict[str, Any]:
     n = plan[-1][0] + plan[-1][1]
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     numerics = getattr(step, "numerics", lambda dtype, *modules: contextlib.nullcontext())
-    fp16_state = any(b.dtype == torch.float16 for b in step.buffers())
+    fp16_state = any(b.dtype == torch.float16 for b in step.buffers()) or hasattr(step, "fp16_state_copy")
     runs = [("float32", torch.float32), ("float64", torch.float64)]
     runs += [("fp16_state", None)] if fp16_state else []
     diffs: dict[str, float] = {}
     for key, dtype in runs:
         ref_model = copy.deepcopy(model).to(dtype or torch.float32)
-        s = copy.deepcopy(step).to(dtype) if dtype else copy.deepcopy(step)  # None: buffers stay fp16
+        if dtype:
+            s = copy.deepcopy(step).to(dtype)
+        else:  # the package's fp16 state storage
+            s = step.fp16_state_copy() if hasattr(step, "fp16_state_copy") else copy.deepcopy(step)
         s.reset()
         with numerics(dtype or torch.float32, ref_model, s), torch.no_grad():
             ref = ref_model(ids)[0]

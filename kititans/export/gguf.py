@@ -27,8 +27,11 @@ from tqdm import tqdm
 from kititans.checkpoint import Checkpoint, state_dict_for_save
 from kititans.errors import KititansError, UnsupportedExport, require
 from kititans.export import ExportOptions, ExportResult, QuantType, base_manifest, write_manifest
+from kititans.export.card import ModelCard, model_card
+from kititans.export.ollama import write_modelfile
 from kititans.files import atomic_path
 from kititans.quantize.gguf import F32, TYPE_NAMES, TYPES, GgufType, dequantize, llama_quantize, quantize
+from kititans.quantize.qat import gguf_handoff
 
 FORMAT = "gguf"
 QUANTS = {n: QuantType(n, t.bits_per_weight, t.description) for n, t in TYPES.items()}
@@ -82,12 +85,38 @@ def gguf_name_of(ckpt: Checkpoint) -> Any:
     return name
 
 
+LLAMA_KEYS = (
+    "max_position_embeddings",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+)
+
+
 def hyperparameters(ckpt: Checkpoint) -> dict[str, Any]:
-    """The llama.* values, read from the family's transformers LlamaConfig (a GGUF-capable family has one)."""
+    """The llama hyperparameters, read from the family's config.json fields (LlamaConfig's names)."""
     hf = ckpt.spec.hf_config(ckpt.config) if ckpt.spec.hf_config else {}
-    if hf.get("model_type") != "llama":
+    if not all(k in hf for k in LLAMA_KEYS):
         raise UnsupportedExport(f"gguf export of a {ckpt.spec.name} model needs a llama-compatible config")
     return hf
+
+
+def add_arch_keys(w: Any, layout: Any) -> None:
+    """The architecture's own `<arch>.*` keys from the family's GgufLayout (typed by their Python value)."""
+    for key, value in layout.kv.items():
+        name = f"{layout.arch}.{key}"
+        if isinstance(value, bool):
+            w.add_bool(name, value)
+        elif isinstance(value, int):
+            w.add_uint32(name, value)
+        elif isinstance(value, float):
+            w.add_float32(name, value)
+        else:
+            w.add_string(name, str(value))
 
 
 def output_matrix(names: list[str]) -> str:
@@ -138,6 +167,24 @@ def _quiet_gguf_log() -> Iterator[None]:
         log.setLevel(level)
 
 
+def add_card(w: Any, card: ModelCard) -> None:
+    """general.* (name, basename, size_label, description, license...) and kititans.* keys."""
+    w.add_name(card.name)
+    w.add_type("model")
+    w.add_basename(card.basename)
+    w.add_size_label(card.size_label)
+    w.add_description(card.description)
+    if card.stage:
+        w.add_finetune(card.stage)
+    if card.license:
+        w.add_license(card.license)
+    w.add_author(card.author)
+    w.add_quantized_by(f"kititans {card.version}")
+    w.add_string("kititans.family", card.family)
+    w.add_string("kititans.stage", card.stage or "unknown")
+    w.add_string("kititans.version", card.version)
+
+
 def write_gguf(
     path: Path,
     ckpt: Checkpoint,
@@ -145,14 +192,16 @@ def write_gguf(
     pieces: list[tuple[str, float, int]],
     qtype: GgufType,
     progress: bool = False,
+    card: ModelCard | None = None,
+    types: dict[str, int] | None = None,
 ) -> None:
-    """One GGUF file with the full metadata; 2-D weights in qtype's gguf-py type, 1-D in float32."""
+    """One GGUF file with the full metadata; 2-D weights in qtype's gguf-py type (or `types[name]`: a QAT
+    run's own blocks, quantize/qat.py), 1-D in float32."""
     gguf = require("gguf", "gguf", "GGUF export")
-    hf, tok = hyperparameters(ckpt), ckpt.tokenizer
+    hf, tok, layout = hyperparameters(ckpt), ckpt.tokenizer, ckpt.spec.support(FORMAT)
     with _quiet_gguf_log():
-        w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name(Path(ckpt.path).name)
-    w.add_type("model")
+        w = gguf.GGUFWriter(str(path), layout.arch)
+    add_card(w, card or model_card(ckpt))
     w.add_context_length(hf["max_position_embeddings"])
     w.add_embedding_length(hf["hidden_size"])
     w.add_block_count(hf["num_hidden_layers"])
@@ -166,6 +215,7 @@ def write_gguf(
     if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    add_arch_keys(w, layout)
     w.add_vocab_size(len(pieces))
     w.add_file_type(qtype.file_type)
     if qtype.quantized:
@@ -185,12 +235,15 @@ def write_gguf(
     w.add_add_bos_token(bool(tok.config.get("add_bos_token", True)))
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
-    w.add_chat_template(tok.chat_template)
+    if layout.task == "lm":
+        w.add_chat_template(tok.chat_template)
     out_name = output_matrix([n for n, _ in tensors])
     for name, arr in tensors:
         ggml_type = F32 if arr.ndim < 2 else qtype.weight_type
         if arr.ndim == 2 and name == out_name and qtype.output_type is not None:
             ggml_type = qtype.output_type
+        if arr.ndim == 2 and types and name in types:
+            ggml_type = types[name]
         data = quantize(arr, ggml_type)
         raw = None if ggml_type == F32 or data.dtype == np.float16 else gguf.GGMLQuantizationType(ggml_type)
         w.add_tensor(name, data, raw_dtype=raw)
@@ -245,6 +298,7 @@ def export(ckpt: Checkpoint, quant: str, out: Path, options: ExportOptions) -> E
     _check_options(quant, options)
     rows = next(w.shape[0] for n, w in tensors if n == "token_embd.weight")
     pieces, too_long = vocabulary(ckpt, rows)
+    card = model_card(ckpt, options.extra.get("license"))
     imatrix = None
     if options.imatrix:
         from kititans.quantize.imatrix import collect_imatrix
@@ -256,12 +310,13 @@ def export(ckpt: Checkpoint, quant: str, out: Path, options: ExportOptions) -> E
             max_tokens=int(options.extra.get("imatrix_tokens", 32768)),
             progress=options.progress,
         )
-    by_llamacpp = qtype.needs_llamacpp or imatrix is not None
+    handoff = None if imatrix else gguf_handoff(ckpt, quant)  # a QAT run at its target: the trained blocks
+    by_llamacpp = (qtype.needs_llamacpp or imatrix is not None) and handoff is None
     with atomic_path(out) as tmp:
         if by_llamacpp:
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gguf-base-") as d:
                 base = Path(d) / "base.f32.gguf"
-                write_gguf(base, ckpt, tensors, pieces, TYPES["f32"], options.progress)
+                write_gguf(base, ckpt, tensors, pieces, TYPES["f32"], options.progress, card)
                 llama_quantize(
                     base,
                     tmp,
@@ -271,14 +326,17 @@ def export(ckpt: Checkpoint, quant: str, out: Path, options: ExportOptions) -> E
                     threads=int(options.extra.get("threads", 0)),
                 )
         else:
-            write_gguf(tmp, ckpt, tensors, pieces, qtype, options.progress)
+            write_gguf(tmp, ckpt, tensors, pieces, qtype, options.progress, card, handoff)
         report = tensor_report(tmp, dict(tensors), options.progress)
+    embed = ckpt.spec.support(FORMAT).task == "embed"
+    modelfile = None if embed else write_modelfile(out, ckpt, card)  # Ollama's Modelfile is for chat models
     manifest = base_manifest(ckpt, FORMAT, quant, out)
     manifest.update(
         {
             "type": quant,
             "bits_per_weight": qtype.bits_per_weight,
             "quantizer": "llama.cpp llama_model_quantize" if by_llamacpp else "gguf-py",
+            "qat_handoff": handoff is not None,  # blocks written from the QAT run's kernels (K-quants too)
             "size_mib": round(out.stat().st_size / 2**20, 3),
             "weight_bits_per_weight": _weight_bpw(report),
             "tied_embeddings": "output.weight" not in report,
@@ -293,15 +351,31 @@ def export(ckpt: Checkpoint, quant: str, out: Path, options: ExportOptions) -> E
                 "llama-cpp-python's detokenize drops it"
                 for i in too_long
             ],
-            "next": [
-                f"llama-cli -m {out} -cnv --jinja",
-                f"kititans chat {out}",
-                f"kititans generate {out} --prompt 'Once upon a time' --temperature 0",
-            ],
+            "card": card.as_dict(),
+            "modelfile": modelfile.name if modelfile else None,
+            "next": _embed_hints(out) if embed else _chat_hints(out, card.name, modelfile),
         }
     )
     path = write_manifest(out, manifest)
     return ExportResult(out, path, manifest, time.perf_counter() - t0)
+
+
+def _chat_hints(out: Path, name: str, modelfile: Path | None) -> list[str]:
+    return [
+        f"llama-cli -m {out} -cnv --jinja",
+        f"ollama create {name} -f {modelfile}",
+        f"kititans chat {out}",
+        f"kititans serve {out}",
+        f"kititans generate {out} --prompt 'Once upon a time' --temperature 0",
+    ]
+
+
+def _embed_hints(out: Path) -> list[str]:
+    return [
+        f"llama-embedding -m {out} --pooling mean --embd-normalize 2 -p 'how do I reset my password?'",
+        f"llama-server -m {out} --embeddings --pooling mean   # POST /v1/embeddings",
+        f"kititans embed {out} --text 'how do I reset my password?'",
+    ]
 
 
 def _weight_bpw(report: dict[str, dict[str, Any]]) -> float:

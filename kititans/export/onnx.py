@@ -31,14 +31,23 @@ from tqdm import tqdm
 
 from kititans.errors import KititansError, UnsupportedExport, require
 from kititans.export import ExportOptions, ExportResult, QuantType, base_manifest
+from kititans.export.hf_files import (
+    TOKENIZER_FILES,
+    ecosystem_hints,
+    write_onnx_ecosystem_files,
+    write_tokenizer_files,
+)
 from kititans.files import atomic_path, dir_size, write_json
-from kititans.quantize.onnx import op_histogram, quantize_int4, quantize_int8, quiet
+from kititans.quantize.onnx import QUANTIZERS, op_histogram, quiet
 
 FORMAT = "onnx"
 QUANTS = {
     "fp32": QuantType("fp32", 32.0, "float32 weights and compute: the reference"),
     "fp16": QuantType("fp16", 16.0, "float16 weights and compute (for GPU providers; CPU inserts casts)"),
-    "int8": QuantType("int8", 8.0, "int8 per-channel weights, dynamic int8 activations (quantize_dynamic)"),
+    "int8": QuantType("int8", 9.0, "int8 weights in blocks of 32 + fp32 scale, MatMulNBits (acc. level 4)"),
+    "int8_dynamic": QuantType(
+        "int8_dynamic", 8.0, "int8 per-channel weights, dynamic uint8 activations (quantize_dynamic)"
+    ),
     "int4": QuantType("int4", 5.0, "int4 weights in blocks of 32 + fp32 scale, MatMulNBits (acc. level 4)"),
 }
 SHORTHANDS = {"q8": "int8", "q4": "int4"}
@@ -48,7 +57,6 @@ MODEL_FILE = "model.onnx"
 PREFILL_FILE = "prefill.onnx"  # families with a separate chunk-prefill graph (Titans)
 SHARED_DATA_FILE = "weights.onnx.data"  # the weights of a multi-graph export, stored once
 INITIAL_STATE_FILE = "initial_state.safetensors"  # families whose state starts at learned values (Titans)
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 EXTERNAL_DATA_BYTES = 32 << 20  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
 CHECK_TEXT = "Once upon a time, a little robot found a red ball in the garden and asked who had lost it."
 
@@ -80,21 +88,27 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
         ops: dict[str, dict[str, int]] = {}
         stages.total = 2 + 3 * len(graphs)
         protos: dict[str, Any] = {}
-        for name, (example, shapes) in graphs.items():
+        for name, graph in graphs.items():
             stages.set_postfix_str(f"torch.onnx.export {name}")
-            trace(step, work / name, example, shapes)
+            trace(graph["module"], work / name, graph["example"], graph["dynamic_shapes"], graph["names"])
             stages.update()
             stages.set_postfix_str(f"quantize {name}")
             src = work / name
-            if quant in ("int8", "int4"):
+            if quant in QUANTIZERS:
                 src = work / f"{Path(name).stem}.{quant}.onnx"
-                details = (quantize_int8 if quant == "int8" else quantize_int4)(work / name, src)
+                details = QUANTIZERS[quant](work / name, src)
             stages.update()
             protos[name] = onnx.load(str(src))
             finish_graph(protos[name], step, ckpt, quant)
             ops[name] = op_histogram(protos[name])
             stages.update()
         ir_version = protos[MODEL_FILE].ir_version
+        steps = None
+        if hasattr(step, "step_table"):
+            steps = [
+                {**row, "ops": ops[row["file"]], "inplace": inplace_outputs(protos[row["file"]], row)}
+                for row in step.step_table()
+            ]
         stages.set_postfix_str("save")
         if len(protos) > 1:  # decode + prefill graphs read one weight file: every tensor stored once
             external_file: str | None = SHARED_DATA_FILE
@@ -117,7 +131,9 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
             "states": [asdict(s) for s in step.states],
             "context_length": step.context_length,
         }
-        if len(graphs) > 1:  # a chunk-prefill graph beside the decode graph, same state layout
+        if steps is not None:  # several step graphs; the runtime picks one per call
+            graph_info["steps"] = steps
+        elif len(graphs) > 1:  # a chunk-prefill graph beside the decode graph, same state layout
             graph_info["prefill"] = {
                 "file": PREFILL_FILE,
                 "tokens": int(step.chunk),
@@ -129,12 +145,13 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
             save_file(step.initial_state(), str(tmp / INITIAL_STATE_FILE))
             graph_info["initial_state"] = INITIAL_STATE_FILE
         shutil.rmtree(work)
-        copy_tokenizer(Path(ckpt.path), tmp)
+        # config.json (optimum), genai_config.json (onnxruntime-genai), tokenizer files incl. tokenizer.json
+        ecosystem = write_onnx_ecosystem_files(ckpt, tmp, graph_info, MODEL_FILE)
         # the quantizers' and safetensors' files are 0600; a shipped artifact is readable
         for f in tmp.iterdir():
             f.chmod(0o644)
         stages.set_postfix_str("check")
-        check = check_against_torch(tmp, graph_info, ckpt)
+        check = CHECKS[ckpt.spec.task](tmp, graph_info, ckpt)
         stages.update()
         manifest = base_manifest(ckpt, FORMAT, quant, out)
         manifest.update(
@@ -144,9 +161,10 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
             quantization=details,
             check=check,
             tokenizer=[f for f in TOKENIZER_FILES if (tmp / f).is_file()],
+            ecosystem=ecosystem,
             next=[
-                f"kititans generate {out} --prompt 'Once upon a time' --temperature 0 --stats",
-                f"kititans chat {out}",
+                *NEXT[ckpt.spec.task](out),
+                *ecosystem_hints(out, ecosystem),
                 f"kititans bench {ckpt.path}",
             ],
         )
@@ -163,21 +181,54 @@ def export_copy(model: nn.Module, quant: str) -> nn.Module:
         return model.half()
     head = getattr(model, "lm_head", None)
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if quant in ("int8", "int4") and head is not None and emb is not None and head.weight is emb.weight:
+    if quant in QUANTIZERS and head is not None and emb is not None and head.weight is emb.weight:
         head.weight = nn.Parameter(emb.weight.detach().clone())
     return model
 
 
-def graph_examples(step: nn.Module) -> dict[str, tuple[tuple, Any]]:
-    """File name -> (example inputs, dynamic shapes) of every graph the wrapper exports: its own `graphs()`
-    (Titans: decode + chunk prefill), else one graph traced at batch 1 / one token / empty past."""
-    if hasattr(step, "graphs"):
-        return step.graphs()
-    return {MODEL_FILE: (step.example_inputs(1, 1, 0), step.dynamic_shapes())}
+def graph_examples(step: nn.Module) -> dict[str, dict[str, Any]]:
+    """File name -> {module, example, dynamic_shapes, names} of every graph the wrapper exports: its own
+    `graphs()` (Titans: one graph per kind of call, each with its own module and input/output names), else
+    one graph of the wrapper itself traced at batch 1 / one token / empty past."""
+    names = (list(step.input_names), list(step.output_names))
+    if not hasattr(step, "graphs"):
+        example = step.example_inputs(1, 1, 0)
+        return {
+            MODEL_FILE: {
+                "module": step,
+                "example": example,
+                "dynamic_shapes": step.dynamic_shapes(),
+                "names": names,
+            }
+        }
+    out = {}
+    for file, g in step.graphs().items():
+        if isinstance(g, tuple):  # (example, dynamic shapes) of the wrapper itself
+            g = {"module": step, "example": g[0], "dynamic_shapes": g[1]}
+        out[file] = {**g, "names": (g.get("inputs", names[0]), g.get("outputs", names[1]))}
+    return out
 
 
-def trace(step: nn.Module, path: Path, example: tuple, shapes: Any) -> None:
-    """torch.onnx.export(dynamo=True) of the step wrapper."""
+def inplace_outputs(proto: Any, row: dict[str, Any]) -> list[str]:
+    """The outputs of `row` (a step_table entry) a runtime may bind to their input's own buffer: those the
+    wrapper offers whose input feeds only a ScatterND that yields exactly that output (so nothing reads the
+    input after the scatter wrote it)."""
+    consumers: dict[str, list[Any]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    ok = []
+    for out in row.get("inplace", []):
+        past = "past_" + out.removeprefix("present_")
+        users = consumers.get(past, [])
+        if len(users) == 1 and users[0].op_type == "ScatterND" and users[0].output[0] == out:
+            ok.append(out)
+    return ok
+
+
+def trace(step: nn.Module, path: Path, example: tuple, shapes: Any, names: tuple | None = None) -> None:
+    """torch.onnx.export(dynamo=True) of the step wrapper (names: graph input and output names)."""
+    input_names, output_names = names or (list(step.input_names), list(step.output_names))
     with warnings.catch_warnings(), quiet(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -185,8 +236,8 @@ def trace(step: nn.Module, path: Path, example: tuple, shapes: Any) -> None:
                 step,
                 example,
                 dynamo=True,
-                input_names=list(step.input_names),
-                output_names=list(step.output_names),
+                input_names=list(input_names),
+                output_names=list(output_names),
                 dynamic_shapes=shapes,
                 opset_version=getattr(step, "opset", 18),
                 optimize=True,
@@ -254,13 +305,6 @@ def save_shared(protos: dict[str, Any], folder: Path, data_name: str, align: int
             onnx.save_model(proto, str(folder / name))
 
 
-def copy_tokenizer(run_dir: Path, dest: Path) -> None:
-    """tokenizer.model + tokenizer_config.json (+ generation_config.json): the folder is self-contained."""
-    for name in TOKENIZER_FILES:
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, dest / name)
-
-
 def check_against_torch(
     folder: Path, graph_info: dict[str, Any], ckpt: Any, decode_steps: int = 4
 ) -> dict[str, Any]:
@@ -286,6 +330,31 @@ def check_against_torch(
     }
 
 
+def check_embeddings(folder: Path, graph_info: dict[str, Any], ckpt: Any) -> dict[str, Any]:
+    """An encoder export: the graph's vectors for a padded batch of sentences against the fp32 PyTorch
+    model's, by cosine similarity (the graph pools and normalises itself)."""
+    from kititans.embedding import embed_texts
+    from kititans.runtimes.onnx import OnnxRuntime
+    from kititans.runtimes.pytorch import TorchRuntime
+
+    texts = [CHECK_TEXT, "How do I reset my password?", "x", CHECK_TEXT[:40] + " and a dog"]
+    got = embed_texts(OnnxRuntime(folder, info=graph_info, spin=False), texts, batch_size=len(texts))
+    ref = embed_texts(TorchRuntime(Path(ckpt.path)), texts, batch_size=1)  # unpadded: padding must not matter
+    cos = (got * ref).sum(1)
+    return {"texts": len(texts), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+
+
+CHECKS = {"lm": check_against_torch, "embed": check_embeddings}  # by FamilySpec.task
+NEXT = {
+    "lm": lambda out: [
+        f"kititans generate {out} --prompt 'Once upon a time' --temperature 0 --stats",
+        f"kititans chat {out}",
+        f"kititans serve {out}",
+    ],
+    "embed": lambda out: [f"kititans embed {out} --text 'how do I reset my password?'"],
+}
+
+
 # ----------------------------------------------------------------------------- onnxruntime-genai
 
 GENAI_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4"}
@@ -306,10 +375,10 @@ def export_genai(
 
     run_dir = Path(run_dir)
     spec = get_family(read_meta(run_dir)["family"])
-    if spec.hf_config is None:
+    if spec.hf_config is None or spec.run_files is not None:  # none, or remote code the builder cannot read
         raise UnsupportedExport(
-            f"onnxruntime-genai's builder reads transformers architectures; a {spec.name} model has none "
-            "(use kititans export --format onnx)"
+            f"onnxruntime-genai's builder reads transformers' built-in architectures; a {spec.name} model is "
+            "not one (use kititans export --format onnx)"
         )
     if quant not in GENAI_PRECISION:
         raise UnsupportedExport(
@@ -360,9 +429,8 @@ def export_genai(
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise KititansError(f"onnxruntime-genai's builder failed: {tail[0]}")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        tok_dir = tmp / "tokenizer"  # ours, apart from the builder's HF tokenizer files
-        tok_dir.mkdir()
-        copy_tokenizer(run_dir, tok_dir)
+        tok_dir = tmp / "tokenizer"  # ours (with tokenizer.json), apart from the builder's HF tokenizer files
+        write_tokenizer_files(run_dir, tok_dir, int(ckpt.config.context_length))
         import onnxruntime_genai
 
         manifest = base_manifest(ckpt, "onnx-genai", quant, out)
@@ -374,7 +442,11 @@ def export_genai(
                 "execution_provider": "cpu",
                 "extra_options": {"block_size": 32, "accuracy_level": 4, "is_symmetric": True},
             },
-            next=[f"python -c \"import onnxruntime_genai as og; og.Model('{out}')\""],
+            next=[
+                f"kititans generate {out} --runtime genai --prompt 'Once upon a time' --temperature 0 --stats",
+                f"kititans serve {out} --runtime genai",
+                f"python -c \"import onnxruntime_genai as og; og.Model('{out}')\"",
+            ],
         )
         write_json(tmp / "manifest.json", manifest)
     return ExportResult(out, out / "manifest.json", manifest)

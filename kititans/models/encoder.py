@@ -16,9 +16,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kititans.errors import KititansError
-from kititans.models.layers import RMSNorm, apply_rope, rope_tables
-from kititans.models.lite import GGUF_TENSORS, Attention, DecoderLayer, LiteConfig, lite_component
-from kititans.models.spec import FamilySpec, Preset, register
+from kititans.models.encoder_export import EncoderCoreMLGraph, EncoderOnnxGraph
+from kititans.models.layers import apply_rope, mean_pool
+from kititans.models.lite import (
+    GGUF_TENSORS,
+    Attention,
+    DecoderLayer,
+    LiteBackbone,
+    LiteConfig,
+    fill_rope_buffers,
+    init_llama_weights,
+    lite_component,
+)
+from kititans.models.spec import FamilySpec, GgufLayout, Preset, register
 
 
 @dataclass
@@ -59,25 +69,6 @@ class EncoderLayer(DecoderLayer):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class EncoderBackbone(nn.Module):
-    """Holds the HF `model.*` parameters: embed_tokens, layers, norm (Lite's names)."""
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-
-
-def mean_pool(hidden: Tensor, keep: Tensor | None) -> Tensor:
-    """(B, T, D) -> (B, D): the mean over the kept (non-pad) positions, in fp32."""
-    h = hidden.float()
-    if keep is None:
-        return h.mean(1)
-    w = keep.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (h * w).sum(1) / w.sum(1).clamp(min=1.0)
-
-
 class EncoderModel(nn.Module):
     component = staticmethod(lite_component)
     init_families = ("lite",)  # --init copies their `model.*` weights: the same blocks under the same names
@@ -85,7 +76,7 @@ class EncoderModel(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.config = cfg
-        self.model = EncoderBackbone(cfg)
+        self.model = LiteBackbone(cfg, EncoderLayer)  # Lite's `model.*` names
         self.register_buffer("rope_cos", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
         self.activation_checkpointing = False
@@ -93,22 +84,11 @@ class EncoderModel(nn.Module):
         self.init_buffers()
 
     def init_buffers(self) -> None:
-        cfg = self.config
-        if self.rope_cos.device.type == "meta":
-            return
-        cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
-        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        fill_rope_buffers(self)
 
     def init_weights(self) -> None:
         """As Lite: normal(0, init_std), residual outputs scaled by 1/sqrt(2 n_layers), gains 1."""
-        std = self.config.init_std
-        for name, p in self.named_parameters():
-            if p.ndim < 2:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, std / (2 * self.config.n_layers) ** 0.5)
-            else:
-                nn.init.normal_(p, 0.0, std)
+        init_llama_weights(self)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """input_ids (B, T), attention_mask (B, T) 1 for tokens, 0 for padding -> (B, T, dim) after the norm."""
@@ -147,8 +127,14 @@ def encoder_run_files(cfg: EncoderConfig) -> dict[str, str]:
     return run_files(cfg)
 
 
-# llama.cpp's llama-embed is llama without a causal mask: the same tensors, no output head
-ENCODER_GGUF = {k: v for k, v in GGUF_TENSORS.items() if not k.startswith("lm_head")}
+# llama.cpp's llama-embed is llama without a causal mask: the same tensors, no output head; its graph pools
+# (MEAN = 1 in llama.cpp's enum) when the GGUF says so
+ENCODER_GGUF = GgufLayout(
+    {k: v for k, v in GGUF_TENSORS.items() if not k.startswith("lm_head")},
+    arch="llama-embed",
+    kv={"pooling_type": 1, "attention.causal": False},
+    task="embed",
+)
 
 _TRAIN = {"train.seq_len": 128, "optim.warmup_steps": 30, "optim.lr": 1e-3, "optim.weight_decay": 0.01}
 PRESETS = {
@@ -207,7 +193,7 @@ SPEC = register(
         model_cls=EncoderModel,
         presets=PRESETS,
         description="sentence encoder: Lite's blocks, bidirectional attention, mean pooling, unit-length vectors",
-        formats={},
+        formats={"gguf": ENCODER_GGUF, "onnx": EncoderOnnxGraph, "coreml": EncoderCoreMLGraph},
         hf_config=hf_encoder_config,
         run_files=encoder_run_files,
         task="embed",

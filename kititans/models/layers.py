@@ -121,3 +121,12 @@ class HyperConnection(nn.Module):
         mix = alpha.to(h.dtype).transpose(-1, -2) @ h  # (B,T,n+1,D)
         y = fn(mix[..., 0, :])
         return mix[..., 1:, :] + beta.to(h.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+
+
+def mean_pool(hidden: Tensor, keep: Tensor | None) -> Tensor:
+    """(B, T, D) -> (B, D): the mean over the kept (non-pad) positions, in fp32."""
+    h = hidden.float()
+    if keep is None:
+        return h.mean(1)
+    w = keep.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (h * w).sum(1) / w.sum(1).clamp(min=1.0)

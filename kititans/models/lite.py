@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from kititans.errors import KititansError
 from kititans.models.layers import RMSNorm, SwiGLU, apply_rope, attention, rope_tables
 from kititans.models.lite_export import LiteCoreMLStep, LiteOnnxStep
-from kititans.models.spec import FamilySpec, Preset, register
+from kititans.models.spec import FamilySpec, GgufLayout, Preset, register
 
 
 @dataclass
@@ -128,13 +128,36 @@ class DecoderLayer(nn.Module):
 
 
 class LiteBackbone(nn.Module):
-    """Holds the HF `model.*` parameters: embed_tokens, layers, norm."""
+    """Holds the HF `model.*` parameters: embed_tokens, layers, norm (the encoder passes its own layer)."""
 
-    def __init__(self, cfg: LiteConfig):
+    def __init__(self, cfg: LiteConfig, layer: type[nn.Module] = DecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+def fill_rope_buffers(model: nn.Module) -> None:
+    """Fill a model's non-persistent RoPE tables (fp32) on its device; nothing on the meta device."""
+    cfg = model.config
+    if model.rope_cos.device.type == "meta":
+        return
+    cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+    model.rope_cos = cos.to(model.rope_cos.device)  # (ctx, hd)
+    model.rope_sin = sin.to(model.rope_sin.device)
+
+
+def init_llama_weights(model: nn.Module) -> None:
+    """embeddings, q/k/v/gate/up: normal(0, init_std); o_proj, down_proj: init_std / sqrt(2 n_layers);
+    RMSNorm gains: 1."""
+    std, n_layers = model.config.init_std, model.config.n_layers
+    for name, p in model.named_parameters():
+        if p.ndim < 2:
+            nn.init.ones_(p)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(p, 0.0, std / (2 * n_layers) ** 0.5)
+        else:
+            nn.init.normal_(p, 0.0, std)
 
 
 class LiteModel(nn.Module):
@@ -155,12 +178,7 @@ class LiteModel(nn.Module):
 
     def init_buffers(self) -> None:
         """Fill the non-persistent buffers (RoPE tables, fp32) on the model's device."""
-        cfg = self.config
-        if self.rope_cos.device.type == "meta":
-            return
-        cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
-        self.rope_cos = cos.to(self.rope_cos.device)  # (ctx, hd)
-        self.rope_sin = sin.to(self.rope_sin.device)
+        fill_rope_buffers(self)
 
     def fuse_for_inference(self) -> LiteModel:
         """Fused q/k/v and gate/up matmuls for decoding (same numbers, fewer ops); not for training."""
@@ -170,16 +188,7 @@ class LiteModel(nn.Module):
         return self
 
     def init_weights(self) -> None:
-        """embeddings, q/k/v/gate/up: normal(0, init_std); o_proj, down_proj: init_std / sqrt(2 n_layers);
-        RMSNorm gains: 1."""
-        std = self.config.init_std
-        for name, p in self.named_parameters():
-            if p.ndim < 2:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, std / (2 * self.config.n_layers) ** 0.5)
-            else:
-                nn.init.normal_(p, 0.0, std)
+        init_llama_weights(self)
 
     def new_state(
         self, batch_size: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None
@@ -347,7 +356,7 @@ SPEC = register(
         model_cls=LiteModel,
         presets=PRESETS,
         description="llama-compatible GPT: RMSNorm, RoPE, SwiGLU, GQA; runs in transformers and llama.cpp",
-        formats={"gguf": GGUF_TENSORS, "onnx": LiteOnnxStep, "coreml": LiteCoreMLStep},
+        formats={"gguf": GgufLayout(GGUF_TENSORS), "onnx": LiteOnnxStep, "coreml": LiteCoreMLStep},
         hf_config=hf_llama_config,
     )
 )

@@ -37,6 +37,27 @@ class Unsupported:
 
 
 @dataclass(frozen=True)
+class GgufLayout(Mapping):
+    """A family's GGUF entry: the HF -> GGUF tensor map (read as this mapping: HF name pattern -> (GGUF name,
+    config attribute with the head count whose Q/K rows are permuted, or None)), llama.cpp's architecture
+    name, and the extra `<arch>.*` keys that architecture reads (an encoder: pooling type, non-causal)."""
+
+    tensors: Mapping[str, tuple[str, str | None]]
+    arch: str = "llama"
+    kv: Mapping[str, bool | int | float | str] = field(default_factory=dict)
+    task: str = "lm"  # what llama.cpp computes: "lm" logits, or "embed" pooled vectors
+
+    def __getitem__(self, key: str) -> tuple[str, str | None]:
+        return self.tensors[key]
+
+    def __iter__(self) -> typing.Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
     config_cls: type
@@ -49,6 +70,11 @@ class FamilySpec:
     param_roles: Callable[[nn.Module], dict[str, str]] | None = None
     # config -> extra config.json keys (Lite writes a valid transformers LlamaConfig)
     hf_config: Callable[[Any], dict[str, Any]] | None = None
+    # config -> {file name: text} written into every run directory (Titans: its transformers remote-code file)
+    run_files: Callable[[Any], dict[str, str]] | None = None
+    # what the model is for: "lm" (next-token logits: generate, chat, serve) or "embed" (pooled, normalised
+    # vectors: embed, search); verbs ask this, never the family's name
+    task: str = "lm"
 
     def make_config(self, preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
         base: dict[str, Any] = dict(self.presets[preset].model) if preset else {}
@@ -81,7 +107,7 @@ class FamilySpec:
 
 
 FAMILIES: dict[str, FamilySpec] = {}
-_FAMILY_MODULES = ("kititans.models.lite", "kititans.models.titans")
+_FAMILY_MODULES = ("kititans.models.lite", "kititans.models.titans", "kititans.models.encoder")
 
 
 def register(spec: FamilySpec) -> FamilySpec:

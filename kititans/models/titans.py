@@ -1,32 +1,29 @@
-"""Titans: a memory-as-context transformer whose neural long-term memory learns at test time.
+"""Titans: a transformer whose neural long-term memory learns at test time (arXiv 2501.00663).
 
-Per layer (research/titans.md §2.3): on memory layers (default 2, 4, ...) the retrieved memory is gated into the
-residual stream, x += NM(x); then sliding-window causal attention over [N_p learned persistent K/V (no RoPE) ;
-the last `window` tokens (RoPE)], x += SWA(RMSNorm(x)); then x += SwiGLU(RMSNorm(x)). Optional hyper-connections
-(n residual streams, static + dynamic, Zhu et al.) replace the plain residual. Training and prefill process whole
-sequences chunk-parallel (titans_memory.py); decode processes one token at a time with a fixed-size state.
+Per layer, `model.block` (titans_blocks.py) picks how memory and attention combine: mal (memory as a layer,
+the default, and what runs saved before blocks existed are), mag (memory as a gate) or mac (memory as context,
+the paper's §4.1, the titans-500m preset). Attention is a sliding window over [N_p learned persistent K/V (no
+RoPE) ; the last `window` tokens (RoPE)] (mac: segments of `window` tokens, plus the memory's h rows). Optional
+hyper-connections (n residual streams, static + dynamic, Zhu et al.) replace the plain residual. Training
+processes whole sequences chunk-parallel (titans_memory.py); decoding steps over a fixed-size state.
 
-Decode, two ways that share one state layout:
+Decode, two ways over one state layout (titans_state.py):
   * in place: `state = model.new_state(B)`, then `model(ids, state=state)` for any T >= 1 (a prompt, then single
-    tokens); state.pos counts the tokens consumed. T == 1 takes the per-token path, T > 1 the chunk path.
+    tokens); state.pos counts the tokens consumed. A call is split like the exported runtimes split it: whole
+    memory chunks where the position is a multiple of mem_chunk, single tokens elsewhere.
   * functional, for ONNX/CoreML: `model.step(ids, *tensors) -> (logits, *new_tensors)`, with
     `model.state_spec(B)` = [(name, shape, dtype)], `model.state_to_tensors(state)` and
-    `model.state_from_tensors(tensors)`. ids is (B, 1) (decode) or (B, mem_chunk) (chunk prefill: pos must be a
-    multiple of mem_chunk, so feed a prompt in mem_chunk-sized calls and its remainder one token at a time).
-    Fixed shapes, no autograd, no Python branch on tensor values (chunk ends are arithmetic selects, ring writes
-    are one-hot matmuls). The tensors, in order:
-      pos                          (1,) int64              tokens consumed so far
-      layers.{i}.k, layers.{i}.v   (B, H, window, hd)      RoPE'd K/V ring buffer; slot = position % window
-      layers.{i}.{w1,w2,gamma}     (B,H,d,h) (B,H,h,d) (B,H,d)   memory weights (memory layers only; fp32)
-      layers.{i}.s_*, layers.{i}.g_*                       momentum, open-chunk gradient accumulator
-      layers.{i}.sum_eta, layers.{i}.sum_alpha (B, H)      gate logits summed over the open chunk
-    The ring dtype follows the model's; memory tensors are always fp32. Checked: `torch.onnx.export(...,
-    dynamo=True, opset_version=18)` of a module calling `step` runs in ONNX Runtime matching torch to < 1e-4
-    for both graphs (tests/models/test_titans_export.py, slow); the TorchScript exporter (dynamo=False) stops
-    at aten::rms_norm of the shared RMSNorm.
-  The in-place path keeps the open chunk's memory inputs pending and folds them into the accumulator at the
-  chunk end (NeuralMemory.lazy_step; state_to_tensors folds them first), so it costs less per token than
-  `step`, which must add every token's gradient to fixed-shape tensors.
+    `model.state_from_tensors(tensors)`. ids is (B, 1), or (B, mem_chunk) at a position that is a multiple of
+    mem_chunk (anything else is refused: it would be silently wrong). Fixed shapes, no autograd, no Python
+    branch on tensor values once the call's kind (`model.kinds()`: inside a chunk, closing a chunk or a
+    segment, a chunk prefill) is known; the exporters trace one graph per kind. The tensors, in order:
+      pos                              (1,) int64           tokens consumed so far
+      layers.{i}.k, layers.{i}.v       (B, rows, dim)       K/V rings (persistent rows first), model dtype
+      layers.{i}.{w1,w2,gamma}         memory weights       (memory layers only; fp32, as all memory state)
+      layers.{i}.s_*                   momentum
+      layers.{i}.buf                   (B, mem_chunk-1, F)  the open chunk's projected inputs
+      layers.{i}.conv                  (B, k-1, 3*dim)      with mem_conv: the last k-1 projections
+      layers.{i}.seg_*, layers.{i}.conv_q                   mac: segment-start weights, query-stream conv
 RoPE angles past the precomputed table are computed from positions on the fly, so decoding may run past
 `context_length` (the length the model was trained for): the state does not grow.
 """
@@ -38,130 +35,37 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kititans.models.layers import HyperConnection, RMSNorm, SwiGLU, apply_rope
+from kititans.errors import KititansError
+from kititans.models.layers import RMSNorm
 from kititans.models.spec import FamilySpec, Unsupported, register
+from kititans.models.titans_blocks import TitansLayer
 from kititans.models.titans_config import PRESETS, TitansConfig, titans_component, titans_param_roles
 from kititans.models.titans_coreml import TitansCoreMLStep
-from kititans.models.titans_memory import NeuralMemory
+from kititans.models.titans_hf import hf_config, run_files
 from kititans.models.titans_onnx import TitansOnnxStep
-
-
-def _rope_rows(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin (T, hd) with duplicated halves (the rotate-half convention of layers.rope_tables)."""
-    ang = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    emb = torch.cat([ang, ang], dim=-1)
-    return emb.cos(), emb.sin()
+from kititans.models.titans_state import StateIO, StepCtx, StepKind, pick_kind, rope_rows, step_kinds
 
 
 @dataclass
 class TitansState:
-    """Decode state: per layer a dict of tensors (attention ring "k"/"v"; memory weights, momentum, open-chunk
-    gradient, gate sums; on the in-place path also "pending", the open chunk's inputs not yet folded into the
-    gradient accumulator, see NeuralMemory.lazy_step), and the number of tokens consumed."""
+    """Decode state: per layer a dict of tensors (titans_state.py), and the number of tokens consumed."""
 
     layers: list[dict[str, Tensor]]
     pos: int = 0
 
 
-@dataclass
-class StepCtx:
-    """What every layer of one call shares: RoPE rows, the attention mask, the position, ring write slots."""
-
-    cos: Tensor  # (T, hd)
-    sin: Tensor
-    mask: Tensor  # (T, n_persistent [+ window] + T) bool
-    pos: int | Tensor  # absolute position of the first token
-    write_idx: Tensor | None = None  # (m,) ring slots for the last m = min(T, window) new tokens
-    write_onehot: Tensor | None = None  # (m, window) for the functional (out-of-place) write
-    write_slot: int | None = None  # in-place decode of one token: its ring slot
-
-
-class SlidingAttention(nn.Module):
-    def __init__(self, cfg: TitansConfig):
-        super().__init__()
-        self.n_heads, self.hd, self.window = cfg.n_heads, cfg.head_dim, cfg.window
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.persistent_k = nn.Parameter(torch.empty(cfg.n_heads, cfg.n_persistent, cfg.head_dim))
-        self.persistent_v = nn.Parameter(torch.empty(cfg.n_heads, cfg.n_persistent, cfg.head_dim))
-
-    def forward(self, x: Tensor, ctx: StepCtx, st: dict[str, Tensor] | None) -> Tensor:
-        B, T, D = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.hd).permute(2, 0, 3, 1, 4)  # (3,B,H,T,hd)
-        q, k = apply_rope(qkv[:2], ctx.cos, ctx.sin).unbind(0)
-        v = qkv[2]
-        keys = [self.persistent_k.to(k.dtype).expand(B, -1, -1, -1)]
-        vals = [self.persistent_v.to(v.dtype).expand(B, -1, -1, -1)]
-        if st is not None:
-            keys.append(st["k"].to(k.dtype))
-            vals.append(st["v"].to(v.dtype))
-        y = F.scaled_dot_product_attention(
-            q, torch.cat([*keys, k], dim=2), torch.cat([*vals, v], dim=2), attn_mask=ctx.mask
-        )  # (B,H,T,hd)
-        if st is not None:
-            self._write(st, k, v, ctx)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
-
-    def _write(self, st: dict[str, Tensor], k: Tensor, v: Tensor, ctx: StepCtx) -> None:
-        """Store the last min(T, window) keys/values in the ring (in place, or out of place by one-hot)."""
-        if ctx.write_slot is not None:
-            st["k"][:, :, ctx.write_slot] = k[:, :, 0]
-            st["v"][:, :, ctx.write_slot] = v[:, :, 0]
-            return
-        m = ctx.write_idx.shape[0]
-        for name, new in (("k", k[:, :, -m:]), ("v", v[:, :, -m:])):
-            ring = st[name]
-            new = new.to(ring.dtype)
-            if ctx.write_onehot is None:
-                ring.index_copy_(2, ctx.write_idx, new)
-            else:
-                oh = ctx.write_onehot.to(ring.dtype)  # (m, W)
-                st[name] = ring * (1 - oh.sum(0)).unsqueeze(-1) + oh.transpose(0, 1) @ new
-
-
-class TitansLayer(nn.Module):
-    def __init__(self, cfg: TitansConfig, index: int):
-        super().__init__()
-        self.memory: NeuralMemory | None = None
-        if index in cfg.memory_set:
-            self.memory = NeuralMemory(
-                cfg.dim,
-                cfg.n_heads,
-                cfg.head_dim,
-                cfg.mem_hidden_mult * cfg.head_dim,
-                cfg.mem_chunk,
-                act=cfg.mem_act,
-                residual_norm=cfg.mem_residual_norm,
-                grad_base=cfg.mem_grad_base,
-                max_lr=cfg.mem_max_lr,
-                max_grad_norm=cfg.mem_max_grad_norm,
-                norm_eps=cfg.norm_eps,
-            )
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = SlidingAttention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
-        self.hc: nn.ModuleList | None = None
-        if cfg.hyper_streams > 1:
-            n_branch = 3 if self.memory is not None else 2
-            self.hc = nn.ModuleList(
-                HyperConnection(cfg.dim, cfg.hyper_streams, 3 * index + j, cfg.norm_eps)
-                for j in range(n_branch)
-            )
-
-    def forward(self, h: Tensor, ctx: StepCtx, st: dict[str, Tensor] | None) -> Tensor:
-        fns: list[Callable[[Tensor], Tensor]] = []
-        if self.memory is not None:
-            fns.append(lambda u: self.memory(u, st, ctx.pos).to(u.dtype))
-        fns.append(lambda u: self.attn(self.attn_norm(u), ctx, st))
-        fns.append(lambda u: self.ffn(self.ffn_norm(u)))
-        for j, fn in enumerate(fns):
-            h = self.hc[j](h, fn) if self.hc is not None else h + fn(h)
-        return h
+def plan(n: int, pos: int, chunk: int) -> list[tuple[int, int]]:
+    """(offset, length) calls for n tokens after `pos`: whole chunks at multiples of `chunk`, else single
+    tokens (the rule of runtimes.base.plan_chunks, which the exported runtimes follow)."""
+    out, at = [], 0
+    while at < n:
+        take = chunk if chunk > 1 and (pos + at) % chunk == 0 and n - at >= chunk else 1
+        out.append((at, take))
+        at += take
+    return out
 
 
 class TitansModel(nn.Module):
@@ -170,6 +74,12 @@ class TitansModel(nn.Module):
     def __init__(self, cfg: TitansConfig):
         super().__init__()
         self.config = cfg
+        self.build(cfg)
+        self.init_weights()
+        self.init_buffers()
+
+    def build(self, cfg: TitansConfig) -> None:
+        """Create the modules and buffers (on whatever device is current; init_weights fills them)."""
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TitansLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -179,27 +89,31 @@ class TitansModel(nn.Module):
         self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.register_buffer("rope_cos", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
-        self._mask_cache: dict = {}  # in-place decode masks by (device, position class)
+        self._step_cache: dict = {}  # in-place decode: masks and ring slots by position class
+        self._compiled: dict | None = None  # compile_decode(): kind name -> compiled single-token step
         self.activation_checkpointing = False
-        self.init_weights()
-        self.init_buffers()
+
+    @property
+    def cfg(self) -> TitansConfig:
+        """The model's TitansConfig (`config`; the transformers wrapper keeps its own config there)."""
+        return self.config
 
     def init_buffers(self) -> None:
         """Fill the non-persistent RoPE frequencies and tables (fp32) on the model's device."""
         if self.rope_inv_freq.device.type == "meta":
             return
-        hd, dev = self.config.head_dim, self.rope_inv_freq.device
-        inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+        hd, dev = self.cfg.head_dim, self.rope_inv_freq.device
+        inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
         self.rope_inv_freq = inv.to(dev)
-        self.rope_cos, self.rope_sin = _rope_rows(
-            torch.arange(self.config.context_length, device=dev), inv.to(dev)
+        self.rope_cos, self.rope_sin = rope_rows(
+            torch.arange(self.cfg.context_length, device=dev), inv.to(dev)
         )
-        self._mask_cache = {}
+        self._step_cache = {}
 
     def init_weights(self) -> None:
         """Embeddings and input projections normal(0, std); output projections std / sqrt(2 n_layers);
         persistent K/V at the scale of projected keys; gains 1; memory and HC by their own rules."""
-        cfg = self.config
+        cfg = self.cfg
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         nn.init.normal_(self.embed.weight, 0.0, std)
         if not cfg.tie_embeddings:
@@ -219,19 +133,28 @@ class TitansModel(nn.Module):
                 hc.reset()
         nn.init.ones_(self.norm.weight)
 
+    def fuse_for_inference(self) -> TitansModel:
+        """One matmul for the FFN's gate/up and one for a memory's projections + gates (same numbers, same
+        state_dict); for decoding, not for training."""
+        for layer in self.layers:
+            layer.ffn.fuse()
+            if layer.memory is not None:
+                layer.memory.fuse()
+        return self
+
     # -- state
+
+    def kinds(self) -> list[StepKind]:
+        """The shapes of stateful call this model needs (titans_state.step_kinds)."""
+        cfg = self.cfg
+        return step_kinds(cfg.mem_chunk, cfg.window if cfg.block == "mac" else None)
 
     def state_spec(self, batch_size: int = 1) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """Names, shapes and dtypes of the functional state tensors, in `step` order."""
-        cfg, dtype = self.config, self.embed.weight.dtype
+        dtype = self.embed.weight.dtype
         spec: list[tuple[str, tuple[int, ...], torch.dtype]] = [("pos", (1,), torch.int64)]
-        ring = (batch_size, cfg.n_heads, cfg.window, cfg.head_dim)
         for i, layer in enumerate(self.layers):
-            spec += [(f"layers.{i}.k", ring, dtype), (f"layers.{i}.v", ring, dtype)]
-            if layer.memory is not None:
-                spec += [
-                    (f"layers.{i}.{n}", s, torch.float32) for n, s in layer.memory.state_spec(batch_size)
-                ]
+            spec += [(f"layers.{i}.{n}", s, d) for n, s, d in layer.state_spec(batch_size, dtype)]
         return spec
 
     def new_state(
@@ -239,24 +162,14 @@ class TitansModel(nn.Module):
     ) -> TitansState:
         """A fresh decode state (rings zero, memory at its learned W_0). max_len is accepted for the runtime
         contract and ignored: the state has a fixed size whatever the length."""
-        cfg, p = self.config, self.embed.weight
-        ring = (batch_size, cfg.n_heads, cfg.window, cfg.head_dim)
-        layers = []
-        for layer in self.layers:
-            st = {n: torch.zeros(ring, dtype=dtype or p.dtype, device=p.device) for n in ("k", "v")}
-            if layer.memory is not None:
-                st.update(layer.memory.initial_state(batch_size, p.device))
-            layers.append(st)
-        return TitansState(layers, 0)
+        p = self.embed.weight
+        return TitansState([layer.new_state(batch_size, p.device, dtype or p.dtype) for layer in self.layers])
 
     def _state_names(self) -> list[tuple[int, str]]:
         return [(int(n.split(".")[1]), n.split(".", 2)[2]) for n, _, _ in self.state_spec(1)[1:]]
 
     def state_to_tensors(self, state: TitansState) -> tuple[Tensor, ...]:
         """(pos (1,) int64, *tensors in state_spec order); the tensors are the state's own (not copies)."""
-        for layer, st in zip(self.layers, state.layers):
-            if layer.memory is not None:
-                layer.memory.flush(st)  # pending tokens of the in-place path -> the gradient accumulator
         pos = torch.tensor([state.pos], dtype=torch.int64, device=self.embed.weight.device)
         return (pos, *(state.layers[i][key] for i, key in self._state_names()))
 
@@ -278,66 +191,89 @@ class TitansModel(nn.Module):
         if isinstance(pos, int) and pos + T <= self.rope_cos.shape[0]:
             return self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         p = pos if isinstance(pos, Tensor) else torch.tensor([pos], device=self.rope_inv_freq.device)
-        return _rope_rows(p + torch.arange(T, device=p.device), self.rope_inv_freq)
+        return rope_rows(p + torch.arange(T, device=p.device), self.rope_inv_freq)
 
-    def _ctx(self, pos: int | Tensor, T: int, cached: bool, functional: bool) -> StepCtx:
-        """RoPE rows, attention mask and ring slots for tokens pos..pos+T-1 (pos an int or a (1,) tensor)."""
-        cfg, dev = self.config, self.rope_inv_freq.device
-        W = cfg.window
+    def ctx(
+        self, pos: int | Tensor, T: int, kind: StepKind | None = None, fused: bool = False,
+        cache: dict | None = None,
+    ) -> StepCtx:  # fmt: skip
+        """What the layers of one call share; kind None: a whole sequence from position 0 (no state)."""
+        cfg = self.cfg
         cos, sin = self._rope(pos, T)
-        if cached and not functional and T == 1:  # in-place decode: the mask depends only on pos (mod W)
-            key = (dev, pos if pos < W else W + pos % W)
-            if key not in self._mask_cache:
-                self._mask_cache[key] = self._ctx(torch.tensor([pos], device=dev), 1, True, True).mask
-            return StepCtx(cos, sin, self._mask_cache[key], pos, write_slot=pos % W)
-        p = pos if isinstance(pos, Tensor) else torch.tensor([pos], dtype=torch.int64, device=dev)
-        ar = torch.arange(T, device=dev)
-        qpos = p + ar  # (T,)
-        rel = ar[:, None] - ar[None, :]
-        parts = [torch.ones(T, cfg.n_persistent, dtype=torch.bool, device=dev)]
-        write_idx = onehot = None
-        if cached:
-            a = p - 1 - torch.remainder(p - 1 - torch.arange(W, device=dev), W)  # position held by each slot
-            parts.append((a[None, :] >= 0) & (qpos[:, None] - a[None, :] < W))
-            m = min(T, W)
-            write_idx = torch.remainder(p + (T - m) + torch.arange(m, device=dev), W)
-            if functional:
-                onehot = (write_idx[:, None] == torch.arange(W, device=dev)[None, :]).float()
-        parts.append((rel >= 0) & (rel < W))
-        return StepCtx(cos, sin, torch.cat(parts, dim=-1), pos, write_idx, onehot)
+        return StepCtx(
+            T, pos, cos, sin, cfg.n_heads, cfg.n_persistent, cfg.window, cfg.mem_chunk,
+            stateful=kind is not None,
+            closes_chunk=kind is not None and kind.closes_chunk,
+            closes_segment=kind is not None and kind.closes_segment,
+            fused=fused,
+            cache=cache,
+        )  # fmt: skip
 
-    def _run(self, input_ids: Tensor, ctx: StepCtx, states: list[dict[str, Tensor]] | None) -> Tensor:
+    def _run(self, input_ids: Tensor, ctx: StepCtx, ios: list[StateIO] | None) -> Tensor:
         x = self.embed(input_ids)  # (B,T,D)
-        n = self.config.hyper_streams
+        n = self.cfg.hyper_streams
         h = x.unsqueeze(-2).expand(*x.shape[:2], n, x.shape[-1]).contiguous() if n > 1 else x
         for i, layer in enumerate(self.layers):
-            st = states[i] if states is not None else None
-            if self.activation_checkpointing and self.training and st is None:
+            io = ios[i] if ios is not None else None
+            if self.activation_checkpointing and self.training and io is None:
                 h = checkpoint(layer, h, ctx, None, use_reentrant=False)
             else:
-                h = layer(h, ctx, st)
+                h = layer(h, ctx, io)
         x = h.sum(-2) if n > 1 else h
         return self.lm_head(self.norm(x))
 
     def forward(self, input_ids: Tensor, state: TitansState | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). With `state`, continues the sequence in place."""
         T = input_ids.shape[1]
-        pos = state.pos if state is not None else 0
-        ctx = self._ctx(pos, T, cached=state is not None, functional=False)
-        logits = self._run(input_ids, ctx, state.layers if state is not None else None)
-        if state is not None:
-            state.pos = pos + T
-        return logits
+        if state is None:
+            return self._run(input_ids, self.ctx(0, T), None)
+        kinds, parts = self.kinds(), []
+        for at, n in plan(T, state.pos, self.cfg.mem_chunk):
+            kind, ids = pick_kind(kinds, state.pos, n), input_ids[:, at : at + n]
+            if n == 1 and self._compiled is not None:
+                parts.append(self._compiled_step(kind)(ids, torch.tensor([state.pos]), state.layers))
+            else:
+                ctx = self.ctx(state.pos, n, kind, cache=self._step_cache)
+                parts.append(self._run(ids, ctx, [StateIO(st, in_place=True) for st in state.layers]))
+            state.pos += n
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def compile_decode(self, **options: object) -> TitansModel:
+        """Decode single tokens in place through torch.compile'd fixed-shape steps, one per kind of call
+        (each compiles on first use; `options` go to torch.compile). The numbers stay the same."""
+        self._compiled = {}
+        self._compile_options = {"fullgraph": True, "dynamic": False, **options}
+        return self
+
+    def _compiled_step(self, kind: StepKind) -> Callable[..., Tensor]:
+        if kind.name not in self._compiled:
+
+            def one(ids: Tensor, pos: Tensor, layers: list[dict[str, Tensor]]) -> Tensor:
+                return self._run(ids, self.ctx(pos, 1, kind), [StateIO(st, in_place=True) for st in layers])
+
+            self._compiled[kind.name] = torch.compile(one, **self._compile_options)
+        return self._compiled[kind.name]
+
+    def step_io(
+        self, input_ids: Tensor, pos: Tensor, layers: list[dict[str, Tensor]], kind: StepKind,
+        fused: bool = False, in_place: bool = False,
+    ) -> tuple[Tensor, list[StateIO]]:  # fmt: skip
+        """One call of a known kind over layer state dicts (the exporters' entry point): logits and each
+        layer's StateIO, whose `tensors` hold the new state and `written` what changed."""
+        ios = [StateIO(dict(st), in_place) for st in layers]
+        logits = self._run(input_ids, self.ctx(pos, input_ids.shape[1], kind, fused), ios)
+        return logits, ios
 
     def step(self, input_ids: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         """Functional decode: (ids (B,1) or (B,mem_chunk), *state tensors) -> (logits (B,T,V), *new state).
-        Inputs are not modified. A mem_chunk-sized call must start at a multiple of mem_chunk."""
-        T = input_ids.shape[1]
-        if T not in (1, self.config.mem_chunk):
-            raise ValueError(f"step takes 1 or mem_chunk={self.config.mem_chunk} tokens, got {T}")
-        pos, layers = state[0], self._layer_states(state[1:])  # fresh dicts: results are rebound, not written
-        logits = self._run(input_ids, self._ctx(pos, T, cached=True, functional=True), layers)
-        return (logits, pos + T, *(layers[i][key] for i, key in self._state_names()))
+        Inputs are not modified; unchanged tensors come back as they are."""
+        T, pos = input_ids.shape[1], int(state[0].reshape(-1)[0].item())
+        try:
+            kind = pick_kind(self.kinds(), pos, T)
+        except ValueError as e:
+            raise KititansError(f"titans step: {e}") from None
+        logits, ios = self.step_io(input_ids, state[0], self._layer_states(state[1:]), kind)
+        return (logits, state[0] + T, *(ios[i].tensors[key] for i, key in self._state_names()))
 
     def loss(self, input_ids: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         from kititans.models.lite import lm_loss
@@ -351,7 +287,7 @@ SPEC = register(
         config_cls=TitansConfig,
         model_cls=TitansModel,
         presets=PRESETS,
-        description="Titans MAC: neural memory that learns at test time + sliding-window attention",
+        description="Titans: neural memory that learns at test time + windowed attention (blocks mal, mac, mag)",
         formats={
             "gguf": Unsupported(
                 "llama.cpp has no Titans architecture (it would need a custom graph with recurrent memory "
@@ -361,5 +297,7 @@ SPEC = register(
             "coreml": TitansCoreMLStep,
         },
         param_roles=titans_param_roles,
+        hf_config=hf_config,
+        run_files=run_files,
     )
 )

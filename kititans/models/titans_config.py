@@ -9,7 +9,10 @@ from torch import nn
 
 from kititans.errors import KititansError
 from kititans.models.spec import Preset
-from kititans.models.titans_memory import ACTIVATIONS
+from kititans.models.titans_math import ACTIVATIONS
+
+BLOCKS = ("mal", "mac", "mag")
+FORGET_BIAS = ("chunk", "token")
 
 
 @dataclass
@@ -22,6 +25,13 @@ class TitansConfig:
     context_length: int = 512  # training length / generation limit; the state itself is fixed-size
     window: int = 128  # sliding attention window: a token sees itself and the window-1 tokens before it
     n_persistent: int = 4  # learned persistent K/V slots per layer, visible to every token
+    # how attention and memory combine (titans_blocks.py; runs saved without it are "mal"):
+    #   mal  memory as a layer: x += NM(x), then sliding-window attention
+    #   mag  memory as a gate: NM and sliding-window attention on the same normalised input, y * sigmoid(NM)
+    #   mac  memory as context (the paper's §4.1): attention within segments of `window` tokens over
+    #        [persistent ; h = NM frozen at the segment start ; segment], NM stores the attention output y,
+    #        out = y * sigmoid(NM(y))
+    block: str = "mal"
     memory_layers: list[int] | None = (
         None  # 1-based layer numbers with memory; None: every second (2, 4, ...)
     )
@@ -34,6 +44,11 @@ class TitansConfig:
     mem_residual_norm: bool = True  # M(x) = LN(MLP(x)) * (1 + gamma) + x, else M(x) = MLP(x)
     mem_max_lr: float = 0.1  # bound of the data-dependent inner learning rate theta
     mem_max_grad_norm: float = 1.0  # soft clamp of each head's chunk-gradient norm (0: off)
+    mem_conv: int = 0  # depthwise causal conv kernel after the memory's q/k/v projections (0: none; paper: 4)
+    mem_norm_v: bool = True  # l2-normalise the memory's values as well as its keys and queries (paper: no)
+    # initial forget-gate bias: "chunk" -4 per chunk whatever its size (the forget horizon in tokens grows
+    # with mem_chunk), "token" the same per-token forgetting at any mem_chunk (-4 at 16 tokens)
+    mem_forget_bias: str = "chunk"
     hyper_streams: int = 1  # hyper-connections: residual streams (1 = plain residual)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -50,6 +65,23 @@ class TitansConfig:
             or self.n_persistent < 0
         ):
             raise KititansError("titans: window, mem_chunk, mem_hidden_mult, hyper_streams must be >= 1")
+        if self.block not in BLOCKS:
+            raise KititansError(
+                f"titans: unknown model.block {self.block!r}; valid blocks: {', '.join(BLOCKS)}"
+            )
+        if self.block == "mac" and self.window % self.mem_chunk:
+            raise KititansError(
+                f"titans: block mac attends within segments of window={self.window} tokens, which must be a "
+                f"multiple of mem_chunk={self.mem_chunk} (set model.window or model.mem_chunk)"
+            )
+        if self.mem_conv < 0 or self.mem_conv == 1:
+            raise KititansError(
+                f"titans: mem_conv must be 0 (off) or a kernel size >= 2, got {self.mem_conv}"
+            )
+        if self.mem_forget_bias not in FORGET_BIAS:
+            raise KititansError(
+                f"titans: mem_forget_bias must be one of {', '.join(FORGET_BIAS)}, got {self.mem_forget_bias!r}"
+            )
         if self.mem_grad_base not in ("chunk", "init"):
             raise KititansError(f"titans: mem_grad_base must be chunk or init, got {self.mem_grad_base!r}")
         if self.mem_act not in ACTIVATIONS:
@@ -181,9 +213,11 @@ PRESETS = {
                 window=512,
                 mem_chunk=64,
                 tie_embeddings=False,
+                block="mac",
             ),
             {"train.seq_len": 2048, "train.batch_size": 8, "train.grad_accum": 4, "train.steps": 100000},
-            "the seed's 503M Titans MAC: 24 x 1024, memory on 2,4,...,24 (64->128->64), untied (GPU)",
+            "the seed's 503M Memory as Context Transformer: block mac (segments of 512), 24 x 1024, memory on "
+            "2,4,...,24 (64->128->64), untied (GPU)",
         ),
     ]
 }

@@ -1,6 +1,6 @@
 """Titans neural long-term memory: a per-head 2-layer MLP whose weights learn at test time.
 
-Per head h, with keys/values/queries RMS-normalised (research/titans.md §1.3, §4):
+Per head h, with keys and queries (and, with norm_v, values) l2-normalised (research/titans.md §1.3, §4):
     M_W(x)  = act(x W1) W2                                  (plain)
             = LN(act(x W1) W2) * (1 + gamma) + x            (residual_norm: tp's ResidualNorm)
     loss    = sum_i theta_i * mean_d (M_W(k_i) - v_i)^2      theta_i = max_lr * sigmoid(.) per token
@@ -10,140 +10,51 @@ Per head h, with keys/values/queries RMS-normalised (research/titans.md §1.3, �
     read    : token t retrieves with W_{floor((t+1)/C)} (a token that closes a chunk sees its own chunk)
 W_base is the weights at the chunk start (grad_base "chunk", B = C, the paper's scheme) or the learned initial
 weights W_0 ("init", B = None: every chunk's gradient is independent, so they are computed in one batch).
+Optionally (conv > 0) a depthwise causal convolution follows the q/k/v projections (the paper's kernel 4).
 
 The gradient is the closed form of research §4.1 written as plain tensor algebra (no autograd, no torch.func),
 so the same code trains (autograd differentiates *through* it), decodes token by token, and exports.
 Everything here runs in fp32, also under bf16 autocast.
 
-Per-layer decode state (fixed shapes, B = batch, H = heads, d = head dim, h = hidden):
-    w1, w2, gamma       (B,H,d,h) (B,H,h,d) (B,H,d)    current weights W (gamma only with residual_norm)
-    s_w1, s_w2, s_gamma same shapes                     momentum S
-    g_w1, g_w2, g_gamma same shapes                     gradient accumulated over the open chunk
-    sum_eta, sum_alpha  (B,H)                           gate logits summed over the open chunk
+Decode state of one memory layer (B = batch, H = heads, d = head dim, h = hidden, C = chunk, F = 3Hd + 4H):
+    w1, w2, gamma        (B,H,d,h) (B,H,h,d) (B,H,d)   current weights W (gamma only with residual_norm)
+    s_w1, s_w2, s_gamma  same shapes                    momentum S
+    buf                  (B, C-1, F)                    the open chunk's projected inputs, one row per token
+    conv                 (B, k-1, 3Hd)                  the last k-1 projections (only with conv)
+A token inside a chunk writes its row of `buf` and reads W; the token that closes the chunk (or a C-token
+prefill at a chunk boundary) runs the closed form once over the chunk and rewrites W and S.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kititans.models.layers import RMSNorm
-
-Weights = tuple[Tensor, ...]  # (w1, w2) or (w1, w2, gamma); leading dims broadcast against the tokens'
-LN_EPS = 1e-5
-
-
-# ----------------------------------------------------------------------------- activations and their slopes
-
-
-def _silu(z: Tensor) -> tuple[Tensor, Tensor]:
-    s = torch.sigmoid(z)
-    return z * s, s * (1 + z * (1 - s))
-
-
-def _gelu(z: Tensor) -> tuple[Tensor, Tensor]:
-    cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
-    return z * cdf, cdf + z * torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-
-
-def _gelu_tanh(z: Tensor) -> tuple[Tensor, Tensor]:
-    c = math.sqrt(2 / math.pi)
-    t = torch.tanh(c * (z + 0.044715 * z**3))
-    return 0.5 * z * (1 + t), 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
-
-
-ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
-    "silu": _silu,
-    "gelu": _gelu,
-    "gelu_tanh": _gelu_tanh,
-}
-ACT_ONLY: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-}
-
-
-# ----------------------------------------------------------------------------- the memory MLP and its gradient
-
-
-def mlp_forward(x: Tensor, w: Weights, act: str) -> Tensor:
-    """x (..., c, d) through M_W -> (..., c, d), forward only (retrieval). len(w) == 3 means residual_norm."""
-    z = x @ w[0]  # (..., c, h)
-    a = ACT_ONLY[act](z)
-    y = a @ w[1]  # (..., c, d)
-    if len(w) == 2:
-        return y
-    return F.layer_norm(y, (y.shape[-1],), eps=LN_EPS) * (1 + w[2].unsqueeze(-2)) + x
-
-
-def _forward_cached(x: Tensor, w: Weights, act: str) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-    """mlp_forward keeping what the closed-form gradient needs: (out, (act, act', normalised y, 1/std))."""
-    z = x @ w[0]
-    a, da = ACTIVATIONS[act](z)
-    y = a @ w[1]
-    if len(w) == 2:
-        return y, (a, da, None, None)
-    var, mu = torch.var_mean(y, dim=-1, keepdim=True, correction=0)
-    rstd = torch.rsqrt(var + LN_EPS)  # (..., c, 1)
-    n = (y - mu) * rstd
-    return n * (1 + w[2].unsqueeze(-2)) + x, (a, da, n, rstd)
-
-
-def mlp_grad(k: Tensor, v: Tensor, theta: Tensor, w: Weights, act: str) -> tuple[Weights, Tensor]:
-    """Closed-form gradient of sum_i theta_i * mean_d (M_W(k_i) - v_i)^2 over the token axis (-2).
-
-    k, v (..., c, d), theta (..., c), w with matching leading dims -> (grads like w, per-token loss (..., c)).
-    """
-    p, (a, da, n, rstd) = _forward_cached(k, w, act)
-    diff = p - v
-    e = diff * (theta.unsqueeze(-1) * (2.0 / k.shape[-1]))  # dL/dP (..., c, d)
-    if len(w) == 2:
-        dy, g_gamma = e, None
-    else:
-        g_gamma = (e * n).sum(-2)  # (..., d)
-        dn = e * (1 + w[2].unsqueeze(-2))
-        dy = rstd * (dn - dn.mean(-1, keepdim=True) - n * (dn * n).mean(-1, keepdim=True))
-    g_w2 = a.transpose(-1, -2) @ dy  # (..., h, d)
-    dz = (dy @ w[1].transpose(-1, -2)) * da  # (..., c, h)
-    g_w1 = k.transpose(-1, -2) @ dz  # (..., d, h)
-    grads = (g_w1, g_w2) if g_gamma is None else (g_w1, g_w2, g_gamma)
-    return grads, diff.pow(2).mean(-1)
-
-
-def soft_clamp(g: Weights, max_norm: float) -> Weights:
-    """Scale each head's whole gradient to norm max_norm * tanh(norm / max_norm): smooth, ~identity when small."""
-    if max_norm <= 0:
-        return g
-    sq = g[0].pow(2).sum((-1, -2)) + g[1].pow(2).sum((-1, -2))  # (...) per head
-    if len(g) == 3:
-        sq = sq + g[2].pow(2).sum(-1)
-    norm = torch.sqrt(sq + 1e-12)
-    f = torch.tanh(norm / max_norm) * (max_norm / norm)
-    return (g[0] * f[..., None, None], g[1] * f[..., None, None], *(x * f[..., None] for x in g[2:]))
-
-
-def _expand(t: Tensor, like: Tensor) -> Tensor:
-    """A (B,H) gate broadcast against a weight tensor (B,H,...)."""
-    return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
-
-
-def apply_update(w: Weights, s: Weights, g: Weights, eta: Tensor, alpha: Tensor) -> tuple[Weights, Weights]:
-    """S' = eta S - g ;  W' = (1 - alpha) W + S'  (eta, alpha (B,H))."""
-    s_new = tuple(_expand(eta, si) * si - gi for si, gi in zip(s, g))
-    w_new = tuple((1 - _expand(alpha, wi)) * wi + si for wi, si in zip(w, s_new))
-    return w_new, s_new
-
+from kititans.models.titans_math import (
+    ACT_ONLY,
+    LN_EPS,
+    QK_EPS,
+    Weights,
+    apply_update,
+    as_fp32,
+    causal_conv,
+    forget_bias,
+    mlp_forward,
+    mlp_grad,
+    soft_clamp,
+)
 
 # ----------------------------------------------------------------------------- the module
 
 
 class NeuralMemory(nn.Module):
-    """One memory layer: projections, gates, learned initial weights, chunk-parallel and per-token paths."""
+    """One memory layer: projections (+ optional causal conv), gates, learned initial weights W_0, the
+    chunk-parallel path (training, prefill) and the per-token path (decode), both over one state layout."""
 
     def __init__(
         self,
@@ -159,19 +70,38 @@ class NeuralMemory(nn.Module):
         max_lr: float = 0.1,
         max_grad_norm: float = 1.0,
         norm_eps: float = 1e-5,
+        conv: int = 0,
+        norm_v: bool = True,
+        forget: str = "chunk",
+        frozen: bool = False,
     ):
         super().__init__()
         self.n_heads, self.head_dim, self.hidden, self.chunk = n_heads, head_dim, hidden, chunk
         self.act, self.grad_base, self.max_lr, self.max_grad_norm = act, grad_base, max_lr, max_grad_norm
+        self.conv_size, self.norm_v, self.forget = conv, norm_v, forget
+        self.frozen = frozen  # MAC: also reads with the weights frozen at the segment start (seg_* state)
         self.norm = RMSNorm(dim, norm_eps)
         self.proj = nn.Linear(dim, 3 * n_heads * head_dim, bias=False)  # keys, values, queries
         self.qkv_gain = nn.Parameter(torch.zeros(3, n_heads, head_dim))  # per-head RMSNorm gains, 1 + g
         self.gates = nn.Linear(dim, 4 * n_heads)  # theta, eta, alpha, output-gate logits per head
+        if conv:
+            self.conv = nn.Parameter(torch.empty(3 * n_heads * head_dim, conv))  # depthwise, per channel
         self.w1 = nn.Parameter(torch.empty(n_heads, head_dim, hidden))  # learned initial memory W_0
         self.w2 = nn.Parameter(torch.empty(n_heads, hidden, head_dim))
         if residual_norm:
             self.gamma = nn.Parameter(torch.zeros(n_heads, head_dim))
         self.out = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self._fused: tuple[Tensor, Tensor] | None = None  # fuse(): projections + gates as one matrix
+        self._fused_q: tuple[Tensor, Tensor] | None = None  # fuse(), MAC: its query stream's rows
+
+    @property
+    def n_proj(self) -> int:
+        return 3 * self.n_heads * self.head_dim
+
+    @property
+    def width(self) -> int:
+        """Features per token: the projected keys, values, queries and the 4 gate logits of every head."""
+        return self.n_proj + 4 * self.n_heads
 
     # -- parameters and state layout
 
@@ -180,7 +110,7 @@ class NeuralMemory(nn.Module):
         nn.init.normal_(self.out.weight, 0.0, out_std)
         nn.init.normal_(self.gates.weight, 0.0, std)
         bias = torch.zeros(4, self.n_heads)
-        bias[2] = -4.0  # forget gate starts near 0 (alpha ~ 0.02 per chunk): the memory keeps what it stored
+        bias[2] = forget_bias(self.forget, self.chunk)  # forget gate near 0: the memory keeps what it stored
         with torch.no_grad():
             self.gates.bias.copy_(bias.flatten())
         nn.init.zeros_(self.qkv_gain)
@@ -188,7 +118,24 @@ class NeuralMemory(nn.Module):
         nn.init.normal_(self.w2, 0.0, math.sqrt(2 / (self.head_dim + self.hidden)))
         if hasattr(self, "gamma"):
             nn.init.zeros_(self.gamma)
+        if self.conv_size:  # starts as the identity (the current token), learns its mix of the previous ones
+            with torch.no_grad():
+                self.conv.zero_()
+                self.conv[:, -1] = 1.0
         self.norm.weight.data.fill_(1.0)
+
+    def fuse(self) -> None:
+        """Inference: the projections and the gates become views of one (3Hd + 4H) x dim matrix (one matmul
+        per token; the same state_dict)."""
+        w = torch.cat([self.proj.weight, self.gates.weight]).detach()
+        b = torch.cat([self.gates.bias.new_zeros(self.n_proj), self.gates.bias]).detach()
+        self.proj.weight.data, self.gates.weight.data = w[: self.n_proj], w[self.n_proj :]
+        self.gates.bias.data = b[self.n_proj :]
+        self._fused = (w, b)
+        if self.frozen:  # MAC's query stream: the query rows and the output-gate rows, one matmul
+            Hd, H = self.n_heads * self.head_dim, self.n_heads
+            rows = torch.cat([w[2 * Hd : 3 * Hd], w[3 * Hd + 3 * H :]])
+            self._fused_q = (rows, torch.cat([b[2 * Hd : 3 * Hd], b[3 * Hd + 3 * H :]]))
 
     def initial_weights(self) -> Weights:
         """W_0 in fp32, shapes (H, d, h), (H, h, d)[, (H, d)]."""
@@ -199,31 +146,85 @@ class NeuralMemory(nn.Module):
         return ("w1", "w2", "gamma") if hasattr(self, "gamma") else ("w1", "w2")
 
     def state_spec(self, batch: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of the layer's memory state; a frozen (MAC) memory adds the segment-start weights
+        (seg_*) and the conv state of its query stream (conv_q)."""
         B, H, d, h = batch, self.n_heads, self.head_dim, self.hidden
         shapes = {"w1": (B, H, d, h), "w2": (B, H, h, d), "gamma": (B, H, d)}
         names = self.weight_names()
-        out = [(n, shapes[n]) for n in names]
-        out += [(f"s_{n}", shapes[n]) for n in names] + [(f"g_{n}", shapes[n]) for n in names]
-        return [*out, ("sum_eta", (B, H)), ("sum_alpha", (B, H))]
+        out = [(n, shapes[n]) for n in names] + [(f"s_{n}", shapes[n]) for n in names]
+        if self.chunk > 1:
+            out.append(("buf", (B, self.chunk - 1, self.width)))
+        if self.conv_size:
+            out.append(("conv", (B, self.conv_size - 1, self.n_proj)))
+        if self.frozen:
+            out += [(f"seg_{n}", shapes[n]) for n in names]
+            if self.conv_size:
+                out.append(("conv_q", (B, self.conv_size - 1, H * d)))
+        return out
 
     def initial_state(self, batch: int, device: torch.device) -> dict[str, Tensor]:
-        st = {n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in self.state_spec(batch)}
+        spec = self.state_spec(batch)
+        st = {n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in spec}
         for n, w0 in zip(self.weight_names(), self.initial_weights()):
-            st[n] = w0.detach().to(device).unsqueeze(0).expand(batch, *w0.shape).clone()
+            w0 = w0.detach().to(device).unsqueeze(0).expand(batch, *w0.shape)
+            st[n] = w0.clone()
+            if self.frozen:
+                st[f"seg_{n}"] = w0.clone()
         return st
 
     # -- projections
 
-    def project(self, x: Tensor) -> tuple[Tensor, ...]:
-        """x (B,T,D) fp32 -> k, v, q (B,H,T,d), theta (B,H,T), eta/alpha logits (B,H,T), out gate (B,H,T)."""
-        B, T, _ = x.shape
-        h = self.norm(x)  # weights cast to fp32 below: the path stays fp32 in a bf16-stored model too
-        qkv = F.linear(h, self.proj.weight.float()).view(B, T, 3, self.n_heads, self.head_dim)
-        # per-head RMSNorm as an l2-normalisation (the paper's) scaled by sqrt(d) * (1 + gain): fewer ops
-        qkv = F.normalize(qkv, dim=-1, eps=1e-6) * ((1 + self.qkv_gain.float()) * math.sqrt(self.head_dim))
-        k, v, q = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,d) each
-        g = F.linear(h, self.gates.weight.float(), self.gates.bias.float())
-        g = g.view(B, T, 4, self.n_heads).permute(2, 0, 3, 1)  # (4,B,H,T)
+    def features(self, x: Tensor, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x (B,T,D) -> z (B,T,width) fp32: [keys | values | queries] (after the conv) and the gate logits;
+        and the new conv state (None without conv)."""
+        # weights cast to fp32: the path stays fp32 in a bf16-stored model too
+        h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
+        if self._fused is not None:
+            z = F.linear(h, as_fp32(self._fused[0]), as_fp32(self._fused[1]))
+        else:
+            g = F.linear(h, self.gates.weight.float(), self.gates.bias.float())
+            z = torch.cat([F.linear(h, self.proj.weight.float()), g], dim=-1)
+        if not self.conv_size:
+            return z, None
+        p, state = causal_conv(z[..., : self.n_proj], self.conv.float(), conv_state)
+        return torch.cat([p, z[..., self.n_proj :]], dim=-1), state
+
+    def query_features(
+        self, x: Tensor, conv_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Only what a read needs (MAC's query stream): x (B,T,D) -> raw queries (B,T,Hd), output-gate logits
+        (B,T,H), the new conv state of the query channels."""
+        Hd, H = self.n_heads * self.head_dim, self.n_heads
+        h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
+        if self._fused_q is not None:
+            q, gate = F.linear(h, as_fp32(self._fused_q[0]), as_fp32(self._fused_q[1])).split([Hd, H], dim=-1)
+        else:
+            q = F.linear(h, self.proj.weight[2 * Hd :].float())
+            gate = F.linear(h, self.gates.weight[3 * H :].float(), self.gates.bias[3 * H :].float())
+        if not self.conv_size:
+            return q, gate, None
+        q, state = causal_conv(q, self.conv[2 * Hd :].float(), conv_state)
+        return q, gate, state
+
+    def read_query(self, q: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw queries (B,T,Hd) and gate logits (B,T,H) -> normalised queries (B,H,T,d), gates (B,H,T)."""
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        q = F.rms_norm(q, (self.head_dim,), eps=QK_EPS) * (1 + self.qkv_gain[2].float())
+        return q.transpose(1, 2), torch.sigmoid(gate).transpose(1, 2)
+
+    def split(self, z: Tensor) -> tuple[Tensor, ...]:
+        """z (B,T,width) -> k, v, q (B,H,T,d), theta (B,H,T), eta/alpha logits (B,H,T), out gate (B,H,T).
+        Keys and queries (and values with norm_v) are l2-normalised, scaled by sqrt(d) * (1 + gain)."""
+        B, T, _ = z.shape
+        H, d = self.n_heads, self.head_dim
+        qkv = z[..., : self.n_proj].view(B, T, 3, H, d)
+        scale = 1 + self.qkv_gain.float()
+        normed = F.rms_norm(qkv, (d,), eps=QK_EPS)
+        if not self.norm_v:  # the paper normalises keys and queries only
+            normed = torch.cat([normed[:, :, :1], qkv[:, :, 1:2], normed[:, :, 2:]], dim=2)
+        k, v, q = (normed * scale).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,d) each
+        g = z[..., self.n_proj :].reshape(B, T, 4, H).permute(2, 0, 3, 1)  # (4,B,H,T)
         return k, v, q, self.max_lr * torch.sigmoid(g[0]), g[1], g[2], torch.sigmoid(g[3])
 
     def combine(self, r: Tensor, gate: Tensor) -> Tensor:
@@ -241,33 +242,37 @@ class NeuralMemory(nn.Module):
             t.view((1, t.shape[0], *(1,) * (lead - 2), *t.shape[1:])) for t in self.initial_weights()
         )
 
-    # -- forward
+    def _start(self, batch: int) -> tuple[Weights, Weights]:
+        w = tuple(t.unsqueeze(0).expand(batch, *t.shape) for t in self.initial_weights())
+        return w, tuple(torch.zeros_like(t) for t in w)
 
-    def forward(self, x: Tensor, state: dict | None = None, pos: int | Tensor = 0) -> Tensor:
-        """x (B,T,D) -> memory output (B,T,D) fp32. With `state` (a layer's dict, whose entries are rebound),
-        continue from absolute position `pos`: an int for the in-place path, a (1,) tensor for the functional
-        one (T == 1, or T == mem_chunk starting at a chunk boundary)."""
+    # -- the chunk-parallel path (training, MAC segments)
+
+    def forward(self, x: Tensor, ctx: Any = None, io: Any = None, read_frozen: bool = False) -> Tensor:
+        """x (B,T,D) -> memory output (B,T,D) fp32. Without `io`: a whole sequence from W_0 (store x, read
+        x). With `ctx` (titans_state.StepCtx) and `io` (titans_state.StateIO): one call over the state, `step`
+        (store and read), or with read_frozen MAC's h (read with the segment-start weights). Decode enters here
+        so that an exporter sees every memory op inside this module's forward."""
         if torch.is_autocast_enabled(x.device.type):  # the memory path always runs in fp32
             with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x.float(), state, pos)
-        return self._forward(x.float(), state, pos)
+                return self._forward(x, ctx, io, read_frozen)
+        return self._forward(x, ctx, io, read_frozen)
 
-    def _forward(self, x: Tensor, state: dict | None, pos: int | Tensor) -> Tensor:
-        k, v, q, theta, le, la, gate = self.project(x)
-        T = x.shape[1]
-        if state is not None and T == 1 and isinstance(pos, Tensor):
-            r = self.token_step(k, v, q, theta, le, la, state, (pos + 1) % self.chunk == 0)
-        elif state is not None and T == 1:
-            r = self.lazy_step(k, v, q, theta, le, la, state, (pos + 1) % self.chunk == 0)
-        else:
-            off = 0 if isinstance(pos, Tensor) else pos % self.chunk
-            if state is not None:
-                self.flush(state)
-            w_all, _, new = self.scan(k, v, theta, le, la, state, off)
-            r = self.retrieve(q, w_all, off)
-            if state is not None:
-                state.update(new)
-        return self.combine(r, gate)
+    def _forward(self, x: Tensor, ctx: Any, io: Any, read_frozen: bool) -> Tensor:
+        if io is None:
+            k, v, q, theta, le, la, gate = self.split(self.features(x)[0])
+            w_all, _, _ = self.scan(k, v, theta, le, la, None, None)
+            return self.combine(self.retrieve(q, w_all), gate)
+        if read_frozen:
+            q, gate, conv_q = self.queries(x, io.get("conv_q") if self.conv_size else None)
+            if conv_q is not None:
+                io.put("conv_q", conv_q)
+            return self.read(q, gate, tuple(io.get(f"seg_{n}") for n in self.weight_names()))
+        out = self._step(x, ctx, io, "conv")
+        if self.frozen and ctx.closes_segment:  # the next segment's h reads the memory as this one left it
+            for n in self.weight_names():
+                io.put(f"seg_{n}", io.get(n))
+        return out
 
     def scan(
         self,
@@ -276,163 +281,128 @@ class NeuralMemory(nn.Module):
         theta: Tensor,
         le: Tensor,
         la: Tensor,
-        state: dict[str, Tensor] | None,
-        off: int,
-    ) -> tuple[Weights, Tensor, dict[str, Tensor]]:
-        """Chunk-parallel store of T tokens that start `off` tokens into an open chunk.
-
-        Returns W after 0..n_full completed chunks stacked on dim 2 ((B,H,n_full+1,...) each), the inner loss of
-        each token at the weights its gradient was taken at (B,H,T), and the new state tensors.
-        """
+        w: Weights | None,
+        s: Weights | None,
+    ) -> tuple[Weights, Weights, Weights]:
+        """Chunk-parallel store of T tokens that start at a chunk boundary, from weights w and momentum s
+        ((B,H,...) each; None: W_0 and zero). Returns W after 0..n_full completed chunks stacked on dim 2
+        ((B,H,n_full+1,...) each) and (W, S) after the last completed chunk; a trailing part-chunk is read
+        but not stored."""
         B, H, T, d = k.shape
-        C, names = self.chunk, self.weight_names()
-        L = off + T
-        n_full, n = L // C, -(-L // C)
-        back = n * C - L
-        # pad to whole chunks: zero-theta tokens add nothing to gradients, zero logits nothing to gate sums
-        kc = F.pad(k, (0, 0, off, back)).view(B, H, n, C, d)
-        vc = F.pad(v, (0, 0, off, back)).view(B, H, n, C, d)
-        tc = F.pad(theta, (off, back)).view(B, H, n, C)
-        se = F.pad(le, (off, back)).view(B, H, n, C).sum(-1)  # (B,H,n)
-        sa = F.pad(la, (off, back)).view(B, H, n, C).sum(-1)
-        if state is not None:
-            w = tuple(state[nm] for nm in names)
-            s = tuple(state[f"s_{nm}"] for nm in names)
-            carried = tuple(state[f"g_{nm}"] for nm in names)
-            se = torch.cat([se[:, :, :1] + state["sum_eta"].unsqueeze(-1), se[:, :, 1:]], dim=2)
-            sa = torch.cat([sa[:, :, :1] + state["sum_alpha"].unsqueeze(-1), sa[:, :, 1:]], dim=2)
-        else:
-            w = tuple(t.unsqueeze(0).expand(B, *t.shape) for t in self.initial_weights())
-            s = tuple(torch.zeros_like(t) for t in w)
-            carried = None
-        eta, alpha = torch.sigmoid(se / C), torch.sigmoid(sa / C)  # (B,H,n)
-        if self.grad_base == "init":  # all chunks' gradients at W_0 in one batch
-            g_all, loss = mlp_grad(kc, vc, tc, self._base(w, 3), self.act)
-        ws, losses, open_g = [w], [], None
-        for j in range(n):
-            if self.grad_base == "init":
-                g = tuple(t[:, :, j] for t in g_all)
-            else:
-                g, lj = mlp_grad(kc[:, :, j], vc[:, :, j], tc[:, :, j], w, self.act)
-                losses.append(lj)
-            if j == 0 and carried is not None:
-                g = tuple(a + b for a, b in zip(g, carried))
-            if j < n_full:
+        C = self.chunk
+        n = T // C
+        if w is None or s is None:
+            w, s = self._start(B)
+        ws = [w]
+        if n:
+            kc, vc = k[:, :, : n * C].reshape(B, H, n, C, d), v[:, :, : n * C].reshape(B, H, n, C, d)
+            tc = theta[:, :, : n * C].reshape(B, H, n, C)
+            eta = torch.sigmoid(le[:, :, : n * C].reshape(B, H, n, C).mean(-1))  # (B,H,n)
+            alpha = torch.sigmoid(la[:, :, : n * C].reshape(B, H, n, C).mean(-1))
+            if self.grad_base == "init":  # all chunks' gradients at W_0 in one batch
+                g_all, _ = mlp_grad(kc, vc, tc, self._base(w, 3), self.act)
+            for j in range(n):
+                if self.grad_base == "init":
+                    g = tuple(t[:, :, j] for t in g_all)
+                else:
+                    g, _ = mlp_grad(kc[:, :, j], vc[:, :, j], tc[:, :, j], w, self.act)
                 w, s = apply_update(w, s, soft_clamp(g, self.max_grad_norm), eta[:, :, j], alpha[:, :, j])
                 ws.append(w)
-            else:
-                open_g = g
-        if self.grad_base == "chunk":
-            loss = torch.stack(losses, dim=2)  # (B,H,n,C)
-        loss = loss.reshape(B, H, n * C)[:, :, off : off + T]
-        w_all = tuple(torch.stack([wj[i] for wj in ws], dim=2) for i in range(len(names)))
-        new = dict(zip(names, w))
-        new.update({f"s_{nm}": t for nm, t in zip(names, s)})
-        zeros = se.new_zeros(B, H)
-        if open_g is None:
-            new.update({f"g_{nm}": torch.zeros_like(t) for nm, t in zip(names, w)})
-            new.update(sum_eta=zeros, sum_alpha=zeros)
-        else:
-            new.update({f"g_{nm}": t for nm, t in zip(names, open_g)})
-            new.update(sum_eta=se[:, :, -1], sum_alpha=sa[:, :, -1])
-        return w_all, loss, new
+        w_all = tuple(torch.stack([wj[i] for wj in ws], dim=2) for i in range(len(w)))
+        return w_all, w, s
 
-    def retrieve(self, q: Tensor, w_all: Weights, off: int) -> Tensor:
-        """Token i (absolute chunk phase off + i) reads the weights after floor((off + i + 1) / C) completed
-        chunks: shift the queries right by off + 1 and read group g with w_all[:, :, g]."""
+    def retrieve(self, q: Tensor, w_all: Weights) -> Tensor:
+        """Token i (at chunk phase i from a chunk boundary) reads the weights after floor((i + 1) / C) completed
+        chunks: shift the queries right by one and read group g with w_all[:, :, g]."""
         B, H, T, d = q.shape
         C, groups = self.chunk, w_all[0].shape[2]
-        back = groups * C - (off + 1 + T)
-        qg = F.pad(q, (0, 0, off + 1, back)).view(B, H, groups, C, d)
+        back = groups * C - (1 + T)
+        qg = F.pad(q, (0, 0, 1, back)).view(B, H, groups, C, d)
         r = mlp_forward(qg, w_all, self.act)
-        return r.reshape(B, H, groups * C, d)[:, :, off + 1 : off + 1 + T]
+        return r.reshape(B, H, groups * C, d)[:, :, 1 : 1 + T]
 
-    def _close(self, w: Weights, s: Weights, g: Weights, se: Tensor, sa: Tensor) -> tuple[Weights, Weights]:
-        """The chunk-end update from the accumulated gradient and gate-logit sums."""
-        eta, alpha = torch.sigmoid(se / self.chunk), torch.sigmoid(sa / self.chunk)
+    def close_chunk(
+        self, w: Weights, s: Weights, k: Tensor, v: Tensor, theta: Tensor, le: Tensor, la: Tensor
+    ) -> tuple[Weights, Weights]:
+        """The update of one whole chunk (k, v (B,H,C,d), theta/logits (B,H,C)): gradient at W_base, then
+        momentum and forgetting."""
+        g, _ = mlp_grad(k, v, theta, self._base(w, 2), self.act)
+        eta, alpha = torch.sigmoid(le.mean(-1)), torch.sigmoid(la.mean(-1))
         return apply_update(w, s, soft_clamp(g, self.max_grad_norm), eta, alpha)
 
-    def token_step(
-        self,
-        k: Tensor,
-        v: Tensor,
-        q: Tensor,
-        theta: Tensor,
-        le: Tensor,
-        la: Tensor,
-        state: dict,
-        flag: Tensor,
-    ) -> Tensor:
-        """One token, functional (export) form: add its gradient to the accumulator, apply the update where
-        `flag` (the token closes a chunk) by arithmetic select, retrieve. No control flow on tensor values."""
-        names = self.weight_names()
-        w = tuple(state[nm] for nm in names)
-        s = tuple(state[f"s_{nm}"] for nm in names)
-        g, _ = mlp_grad(k, v, theta, self._base(w, 2), self.act)  # (B,H,...) at W_base
-        g = tuple(a + b for a, b in zip(g, (state[f"g_{nm}"] for nm in names)))
-        se, sa = state["sum_eta"] + le[..., 0], state["sum_alpha"] + la[..., 0]  # (B,H)
-        w_new, s_new = self._close(w, s, g, se, sa)
-        w = tuple(torch.where(flag, a, b) for a, b in zip(w_new, w))
-        state.update(dict(zip(names, w)))
-        state.update({f"s_{nm}": torch.where(flag, a, b) for nm, a, b in zip(names, s_new, s)})
-        state.update({f"g_{nm}": torch.where(flag, torch.zeros_like(a), a) for nm, a in zip(names, g)})
-        state.update(sum_eta=torch.where(flag, 0.0, se), sum_alpha=torch.where(flag, 0.0, sa))
-        return mlp_forward(q, w, self.act)  # (B,H,1,d)
+    def queries(self, x: Tensor, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """MAC's query stream: x (B,T,D) -> q (B,H,T,d), gate (B,H,T), the new conv state."""
+        q, gate, state = self.query_features(x, conv_state)
+        return (*self.read_query(q, gate), state)
 
-    def lazy_step(
-        self,
-        k: Tensor,
-        v: Tensor,
-        q: Tensor,
-        theta: Tensor,
-        le: Tensor,
-        la: Tensor,
-        state: dict,
-        closes: bool,
-    ) -> Tensor:
-        """One token, in-place decode: the weights do not change inside a chunk, so keep the token's inputs
-        pending and fold them into the accumulator only at the chunk end (one batched closed form per chunk
-        instead of one per token). The same math as token_step, about 3x fewer ops per token."""
-        state.setdefault("pending", []).append((k, v, theta, le, la))
-        if closes:
-            self.flush(state)
-            names = self.weight_names()
-            w, s = self._close(
-                tuple(state[nm] for nm in names),
-                tuple(state[f"s_{nm}"] for nm in names),
-                tuple(state[f"g_{nm}"] for nm in names),
-                state["sum_eta"],
-                state["sum_alpha"],
-            )
-            state.update(dict(zip(names, w)))
-            state.update({f"s_{nm}": t for nm, t in zip(names, s)})
-            state.update({f"g_{nm}": torch.zeros_like(state[f"g_{nm}"]) for nm in names})
-            state.update(
-                sum_eta=torch.zeros_like(state["sum_eta"]), sum_alpha=torch.zeros_like(state["sum_alpha"])
-            )
-        return mlp_forward(q, tuple(state[nm] for nm in self.weight_names()), self.act)
+    def read(self, q: Tensor, gate: Tensor, w: Weights) -> Tensor:
+        """Read with fixed weights w ((B,H,...) each): q (B,H,T,d) -> (B,T,D)."""
+        return self.combine(mlp_forward(q, w, self.act), gate)
 
-    def flush(self, state: dict) -> None:
-        """Fold pending tokens (lazy_step) into the gradient accumulator and gate sums."""
-        pending = state.pop("pending", None)
-        if not pending:
-            return
-        k, v, theta, le, la = (
-            torch.cat(parts, dim=-1 if parts[0].ndim == 3 else 2) for parts in zip(*pending)
-        )
+    def store_read(
+        self, x: Tensor, w: Weights | None, s: Weights | None, conv_state: Tensor | None
+    ) -> tuple[Tensor, Weights, Weights, Tensor | None]:
+        """Store x (B,T,D) chunk-parallel from (w, s) and read it back (MAC: the attention output of one
+        segment) -> (out (B,T,D), W, S after its last whole chunk, conv state)."""
+        z, conv_state = self.features(x, conv_state)
+        k, v, q, theta, le, la, gate = self.split(z)
+        w_all, w, s = self.scan(k, v, theta, le, la, w, s)
+        return self.combine(self.retrieve(q, w_all), gate), w, s, conv_state
+
+    # -- the per-token path over a state (decode, chunk prefill)
+
+    def _step(self, x: Tensor, ctx: Any, io: Any, conv: str) -> Tensor:
+        """x (B,T,D) with T = 1, or T = chunk at a chunk boundary. A token inside a chunk writes its features
+        into `buf` and reads W; a call that closes the chunk updates W and S once from the buffered rows and
+        its own, and its last token reads the new W."""
+        z, conv_state = self.features(x, io.get(conv) if self.conv_size else None)
+        if conv_state is not None:
+            io.put(conv, conv_state)
         names = self.weight_names()
-        w = tuple(state[nm] for nm in names)
-        g, _ = mlp_grad(k, v, theta, self._base(w, 2), self.act)
-        state.update({f"g_{nm}": state[f"g_{nm}"] + t for nm, t in zip(names, g)})
-        state.update(sum_eta=state["sum_eta"] + le.sum(-1), sum_alpha=state["sum_alpha"] + la.sum(-1))
+        w = tuple(io.get(n) for n in names)
+        if not ctx.closes_chunk:  # T == 1 inside a chunk
+            io.put_rows("buf", ctx.chunk_slots, z)
+            return self.read_one(z, w, ctx.cache)
+        rows = z if x.shape[1] == self.chunk else torch.cat([io.get("buf"), z], dim=1)  # (B,C,width)
+        k, v, q, theta, le, la, gate = self.split(rows)
+        w_new, s_new = self.close_chunk(w, tuple(io.get(f"s_{n}") for n in names), k, v, theta, le, la)
+        for n, a, b in zip(names, w_new, s_new):
+            io.put(n, a)
+            io.put(f"s_{n}", b)
+        if x.shape[1] == 1:
+            return self.read_one(z, w_new, ctx.cache)
+        w_all = tuple(torch.stack([a, b], dim=2) for a, b in zip(w, w_new))
+        return self.combine(self.retrieve(q, w_all), gate)
+
+    def read_one(self, z: Tensor, w: Weights, cache: dict | None = None) -> Tensor:
+        """One token's read from its features z (B,1,width) with weights w -> (B,1,D): the few ops a decode
+        step runs (`cache`, the in-place decode's, keeps the query gain between calls)."""
+        B, H, d = z.shape[0], self.n_heads, self.head_dim
+        gain, key = None, None
+        if cache is not None:
+            try:  # the parameter's version: an optimizer step changes it in place
+                key = ("q_gain", id(self), self.qkv_gain.data_ptr(), self.qkv_gain._version)
+            except RuntimeError:  # an inference tensor (made under inference_mode) is never changed
+                key = ("q_gain", id(self), self.qkv_gain.data_ptr())
+            gain = cache.get(key)
+        if gain is None:
+            gain = (1 + self.qkv_gain[2].float()).view(H, 1, d)
+            if key is not None:
+                cache[key] = gain
+        q = F.rms_norm(z[..., 2 * H * d : 3 * H * d].view(B, H, 1, d), (d,), eps=QK_EPS) * gain  # (B,H,1,d)
+        y = ACT_ONLY[self.act](q @ w[0]) @ w[1]
+        if len(w) == 3:
+            y = F.layer_norm(y, (d,), eps=LN_EPS) * (1 + w[2].unsqueeze(-2)) + q
+        gate = torch.sigmoid(z[..., -H:]).view(B, H, 1, 1)
+        return F.linear((y * gate).view(B, 1, H * d), as_fp32(self.out.weight))
 
     @torch.no_grad()
     def inner_losses(self, x: Tensor) -> Tensor:
         """Diagnostics: each chunk's mean inner loss mean_d (M_W(k) - v)^2 under the weights the memory holds
         when the chunk arrives (before storing it) -> (B, H, n_chunks). Falls as the memory learns."""
         with torch.autocast(x.device.type, enabled=False):
-            k, v, _, theta, le, la, _ = self.project(x.float())
-            w_all, _, _ = self.scan(k, v, theta, le, la, None, 0)
+            k, v, _, theta, le, la, _ = self.split(self.features(x.float())[0])
+            w_all, _, _ = self.scan(k, v, theta, le, la, None, None)
             B, H, T, d = k.shape
             n = T // self.chunk
             kc = k[:, :, : n * self.chunk].reshape(B, H, n, self.chunk, d)

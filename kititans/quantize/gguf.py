@@ -72,6 +72,13 @@ def quantize(w: np.ndarray, ggml_type: int) -> np.ndarray:
         return np.ascontiguousarray(w, dtype=np.float32)
     if ggml_type == F16:
         return w.astype(np.float16)
+    if ggml_type in (Q4_K, Q6_K):  # kititans' own K-quant writer: a QAT run's blocks (quantize/qat.py)
+        import torch
+
+        from kititans.quantize import qat_kernels as K
+
+        pack = K.pack_q4_k if ggml_type == Q4_K else K.pack_q6_k
+        return pack(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
     return gguf.quants.quantize(
         np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType(ggml_type)
     )

@@ -1,10 +1,13 @@
 """ONNX weight quantization with onnxruntime's own tools (research §2).
 
-int8: `quantize_dynamic`, int8 weights per output channel, activations quantized per call (MatMulInteger).
-int4: `MatMulNBitsQuantizer`, 4-bit weights in blocks of 32 along K, symmetric, one fp32 scale per block
-(com.microsoft.MatMulNBits); `accuracy_level` 4 lets the CPU kernel quantize activations to int8 per block.
-Both quantize only MatMuls whose weight is an initializer: the embedding Gather, the norms and the RoPE
-tables stay in float.
+int8:          `MatMulNBitsQuantizer` with 8 bits: int8 weights in blocks of 32 along K, symmetric, one fp32
+               scale per block (com.microsoft.MatMulNBits, weight-only); accuracy level 4 lets the CPU kernel
+               quantize activations to int8 per block of 32, as llama.cpp's q8_0 matmul does.
+int8_dynamic:  `quantize_dynamic`: int8 weights per output channel, activations quantized to uint8 per tensor
+               on every call (MatMulInteger): one scale for a whole activation row set loses more.
+int4:          `MatMulNBitsQuantizer`, 4-bit weights in blocks of 32, otherwise as int8.
+All quantize only MatMuls whose weight is an initializer: the embedding Gather, the norms and the RoPE
+tables stay in float. benchmarks/qat.py measured the two int8 levels against llama.cpp's q8_0 (docs/qat.md).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def op_histogram(model: Any) -> dict[str, int]:
     return dict(collections.Counter(names).most_common())
 
 
-def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
+def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
     """Dynamic int8: per-channel symmetric int8 weights for every weight MatMul; returns the details."""
     require("onnxruntime", "onnx", "ONNX int8 quantization")
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -81,23 +84,24 @@ def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
     }
 
 
-def quantize_int4(
+def quantize_blocks(
     src: Path,
     dst: Path,
+    bits: int,
     block_size: int = INT4_BLOCK_SIZE,
     accuracy_level: int = INT4_ACCURACY_LEVEL,
     symmetric: bool = True,
 ) -> dict[str, Any]:
-    """Block-wise weight-only int4 (MatMulNBits); returns the details, accuracy level included."""
-    onnx = require("onnx", "onnx", "ONNX int4 quantization")
-    require("onnxruntime", "onnx", "ONNX int4 quantization")
+    """Block-wise weight-only int4/int8 (MatMulNBits); returns the details, accuracy level included."""
+    onnx = require("onnx", "onnx", f"ONNX int{bits} quantization")
+    require("onnxruntime", "onnx", f"ONNX int{bits} quantization")
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
     with quiet():
         q = MatMulNBitsQuantizer(
             model,
-            bits=4,
+            bits=bits,
             block_size=block_size,
             is_symmetric=symmetric,
             accuracy_level=accuracy_level,
@@ -107,7 +111,7 @@ def quantize_int4(
         q.model.save_model_to_file(str(dst), use_external_data_format=True)
     return {
         "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-        "weights": "int4",
+        "weights": f"int{bits}",
         "granularity": f"per_block_{block_size}",
         "block_size": block_size,
         "symmetric": symmetric,
@@ -115,3 +119,15 @@ def quantize_int4(
         "activations": "fp32" if accuracy_level != 4 else "int8 per block inside the kernel",
         "op_types": ["MatMul"],
     }
+
+
+def quantize_int4(src: Path, dst: Path, **kw: Any) -> dict[str, Any]:
+    return quantize_blocks(src, dst, 4, **kw)
+
+
+def quantize_int8(src: Path, dst: Path, **kw: Any) -> dict[str, Any]:
+    return quantize_blocks(src, dst, 8, **kw)
+
+
+# quant level -> quantizer of an fp32 graph file (src, dst) -> details
+QUANTIZERS = {"int8": quantize_int8, "int8_dynamic": quantize_int8_dynamic, "int4": quantize_int4}

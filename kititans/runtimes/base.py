@@ -72,3 +72,15 @@ def plan_chunks(ids: list[int], n_past: int, prefill_len: int, exact: bool) -> l
         out.append(ids[at : at + take])
         at, n = at + take, n + take
     return out
+
+
+def pick_step(steps: list[dict[str, Any]], tokens: int, pos: int) -> dict[str, Any]:
+    """Of an export's step graphs / functions (manifest "steps": tokens, every), the one for a call of `tokens`
+    tokens at position `pos`: of those whose `every` divides pos + tokens, the largest (a call of several
+    tokens must start at a multiple of its size)."""
+    fits = [r for r in steps if r["tokens"] == tokens and (pos + tokens) % r["every"] == 0]
+    if not fits or (tokens > 1 and pos % tokens):
+        raise KititansError(
+            f"no step of this export takes {tokens} tokens at position {pos}: re-export the model"
+        )
+    return max(fits, key=lambda r: r["every"])

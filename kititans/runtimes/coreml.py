@@ -22,7 +22,7 @@ import numpy as np
 
 from kititans.errors import KititansError
 from kititans.quantize.coreml import coremltools
-from kititans.runtimes.base import plan_chunks
+from kititans.runtimes.base import pick_step, plan_chunks
 from kititans.runtimes.onnx import find_codec
 
 MASK_FILL = -1e4  # as the export documents: exp underflows to 0 in fp16, no row can become NaN
@@ -52,6 +52,17 @@ def compute_units(ct: Any, device: str) -> Any:
 class CoreMLRuntime:
     name = "coreml"
 
+    def embed_batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """An encoder package's unit vectors (N, dim), one prediction per text (the package takes batch 1)."""
+        if self.task != "embed":
+            raise KititansError(f"{self.path} is a language model package: it has no pooled embeddings")
+        out = []
+        for r in rows:
+            ids = np.asarray([list(r)], dtype=np.int32)
+            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            out.append(np.asarray(self.model.predict(feeds)["embedding"], dtype=np.float32).reshape(-1))
+        return np.stack(out)
+
     def __init__(self, path: Path, device: str = "auto", **_: Any):
         if platform.system() != "Darwin":
             raise KititansError(
@@ -63,11 +74,23 @@ class CoreMLRuntime:
         manifest_file = self.path.with_name(self.path.name + ".json")
         info = json.loads(manifest_file.read_text()).get("coreml", {}) if manifest_file.is_file() else {}
         units = compute_units(ct, device)
+        self.task = "embed" if info.get("kind") == "embed" else "lm"
+        if self.task == "embed":  # an encoder package: one stateless function (export/coreml_embed.py)
+            self.model = ct.models.MLModel(str(self.path), compute_units=units)
+            self.context_length = int(info.get("max_len") or 0)
+            self.codec = find_codec(self.path)
+            return
+        # several functions over one state (manifest "steps"): tokens, every; else decode + prefill
+        self.steps = list(info.get("steps") or [])
+        names = [row["function"] for row in self.steps] or ["decode", "prefill"]
         try:
-            self.decode = ct.models.MLModel(str(self.path), compute_units=units, function_name="decode")
-            self.prefill = ct.models.MLModel(str(self.path), compute_units=units, function_name="prefill")
+            self.functions = {
+                n: ct.models.MLModel(str(self.path), compute_units=units, function_name=n) for n in names
+            }
         except Exception as e:
             raise KititansError(f"{self.path}: Core ML cannot load it ({str(e).splitlines()[0]})") from None
+        self.decode = self.functions["decode"]
+        self.prefill = self.functions.get("prefill", self.decode)
         inputs = {i.name: i.type.multiArrayType for i in self.prefill.get_spec().description.input}
         self.inputs = list(info.get("inputs") or inputs)  # manifests before "inputs" are Lite's
         self.recurrent = info.get("kind") == "recurrent"
@@ -107,6 +130,8 @@ class CoreMLRuntime:
         outs = []
         for chunk in plan_chunks(ids, self._n, self.prefill_len, self.prefill_exact):
             model = self.decode if len(chunk) == 1 else self.prefill
+            if self.steps:
+                model = self.functions[pick_step(self.steps, len(chunk), self._n)["function"]]
             feed = make_feeds(self.inputs, chunk, self._n)
             outs.append(np.asarray(model.predict(feed, state=self.state)["logits"])[0])  # (T, V)
             self._n += len(chunk)

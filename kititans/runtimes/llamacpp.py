@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import re
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -85,6 +84,16 @@ def _free(lib: Any, batch: Any, ctx: Any, model: Any) -> None:
         lib.llama_model_free(model)
 
 
+EMBED_SEQS = 8  # sequences per llama_decode when embedding
+EMBED_TOKENS = 2048  # tokens per llama_decode when embedding (the ubatch: non-causal needs it whole)
+
+
+def _meta(lib: Any, model: Any, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = lib.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8") if n >= 0 else None
+
+
 class LlamaCppRuntime:
     name = "llamacpp"
 
@@ -113,10 +122,19 @@ class LlamaCppRuntime:
         if not model:
             raise KititansError(f"llama.cpp could not load {self.path}: {_last_error(log)}")
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(model))
+        arch = _meta(lib, model, "general.architecture") or "llama"
+        # a pooling GGUF (an encoder) gives vectors, not logits: "embed" (what the CLI verbs ask)
+        self.task = "embed" if int(_meta(lib, model, f"{arch}.pooling_type") or 0) else "lm"
         cp = lib.llama_context_default_params()
         cp.n_ctx = min(n_ctx or self.n_ctx_train, self.n_ctx_train)
         cp.n_batch = cp.n_ubatch = min(n_batch, cp.n_ctx)
         cp.n_seq_max = 1
+        if self.task == "embed":  # non-causal: a whole sequence in one ubatch; EMBED_SEQS sequences per call
+            cp.embeddings = True
+            cp.n_seq_max = EMBED_SEQS
+            cp.kv_unified = True  # one cache for all sequences (split per sequence, the pooling is wrong)
+            cp.n_ctx = cp.n_ctx * EMBED_SEQS
+            cp.n_batch = cp.n_ubatch = max(cp.n_batch, min(cp.n_ctx, EMBED_TOKENS))
         cp.n_threads = cp.n_threads_batch = threads or os.cpu_count() or 1
         cp.no_perf = True
         kv_types = {"f16": lib.GGML_TYPE_F16, "f32": lib.GGML_TYPE_F32, "q8_0": lib.GGML_TYPE_Q8_0}
@@ -149,6 +167,9 @@ class LlamaCppRuntime:
             "n_batch": self.n_batch,
         }
         self._n_past = 0
+        self.n_embd = int(lib.llama_model_n_embd(model))
+        if self.task == "embed":
+            self.context_length = self.n_ctx_train
         self.codec = run_tokenizer(self.path, self) or GGUFCodec(self)
 
     def close(self) -> None:
@@ -194,14 +215,46 @@ class LlamaCppRuntime:
         ptr = lib.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy()
 
+    def embed_batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Unit vectors (N, n_embd) from llama.cpp's own pooling (the GGUF's pooling type), several
+        sequences per llama_decode; each call starts from an empty cache."""
+        if self.task != "embed":
+            raise KititansError(f"{self.path} is a language model: it has no pooled embeddings")
+        lib, b, out, at = self._lib, self._batch, [], 0
+        while at < len(rows):
+            group: list[Sequence[int]] = []
+            total = 0
+            while at < len(rows) and len(group) < EMBED_SEQS and total + len(rows[at]) <= self.n_batch:
+                group.append(rows[at])
+                total += len(rows[at])
+                at += 1
+            if not group or any(len(r) > self.context_length for r in group):
+                raise ValueError(
+                    f"a text of {len(rows[at])} tokens exceeds the context of {self.context_length}"
+                )
+            j = 0
+            for s, row in enumerate(group):
+                for p, tok in enumerate(row):
+                    b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = int(tok), p, 1, True
+                    b.seq_id[j][0] = s
+                    j += 1
+            b.n_tokens = j
+            rc = lib.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            for s in range(len(group)):
+                ptr = lib.llama_get_embeddings_seq(self._ctx, s)
+                out.append(np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy())
+            lib.llama_memory_clear(self._mem, True)
+        vecs = np.stack(out).astype(np.float32)
+        return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+
     # vocabulary access for the codecs
     def token_text(self, i: int) -> str:
         return self._lib.llama_vocab_get_text(self._vocab, i).decode("utf-8", errors="replace")
 
     def metadata(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8") if n >= 0 else None
+        return _meta(self._lib, self._model, key)
 
     def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
         data = text.encode("utf-8")
@@ -242,16 +295,17 @@ class GGUFCodec:
 
             template = CHAT_TEMPLATE
         self.chat_template = template
-        controls = [rt.token_text(i) for i in (self.bos_id, self.eos_id) if i >= 0]
-        self._control = re.compile("(" + "|".join(map(re.escape, controls)) + ")") if controls else None
+        # the strings a rendered template turns into ids (control, unknown and user-defined tokens)
+        special = (
+            lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_USER_DEFINED | lib.LLAMA_TOKEN_ATTR_UNKNOWN
+        )
+        self.special_tokens = {
+            rt.token_text(i): i for i in range(rt.vocab_size) if lib.llama_vocab_get_attr(vocab, i) & special
+        }
 
     def encode(self, text: str) -> list[int]:
-        """Like Tokenizer.encode: chat tokens are matched, the text of <s>/</s> is not."""
-        ids: list[int] = []
-        for i, part in enumerate(self._control.split(text) if self._control else [text]):
-            if part:
-                ids += self._rt.tokenize(part, add_bos=False, special=i % 2 == 0)
-        return ids
+        """Like Tokenizer.encode (llama.cpp special=False): control tokens, <s> and </s> stay text."""
+        return self._rt.tokenize(text, add_bos=False, special=False) if text else []
 
     def encode_special(self, text: str) -> list[int]:
         return self._rt.tokenize(text, add_bos=False, special=True)

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from kititans.errors import KititansError, require
-from kititans.runtimes.base import plan_chunks
+from kititans.runtimes.base import pick_step, plan_chunks
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+MODEL_FILE = "model.onnx"
 
 
 @dataclass
@@ -121,11 +122,20 @@ class OnnxRuntime:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers_for(device)
         self.session = _session(ort, self.file, so, providers)
-        # a recurrent graph (Titans) carries a fixed-size state and may come with a chunk-prefill graph
+        self.task = "embed" if info.get("kind") == "embed" else "lm"  # an encoder: embed_batch, no logits
+        if self.task == "embed":
+            self.context_length = int(info["context_length"])
+            self.codec = find_codec(self.path)
+            return
+        # a recurrent graph (Titans) carries a fixed-size state and may come with a chunk-prefill graph, or
+        # with several step graphs (manifest "steps"), each reading and writing part of the state
         self.recurrent = info.get("kind") == "recurrent"
         prefill = info.get("prefill") or {}
         self.prefill = _session(ort, folder / prefill["file"], so, providers) if prefill else None
         self.prefill_tokens = int(prefill.get("tokens", 0))
+        self.steps = StepGraphs(ort, folder, info, so, providers, self.session) if info.get("steps") else None
+        if self.steps is not None:
+            self.prefill_tokens = self.steps.max_tokens
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.states = self._states(info)
@@ -145,9 +155,22 @@ class OnnxRuntime:
         self._n = 0
         self._past: list[Any] = []
 
+    def embed_batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """An encoder export's unit vectors (N, dim): the rows right-padded together, masked."""
+        if self.task != "embed":
+            raise KititansError(f"{self.path} is a language model export: it has no pooled embeddings")
+        ids = np.zeros((len(rows), max(len(r) for r in rows)), np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        out = self.session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+        return np.asarray(out, dtype=np.float32)
+
     def _states(self, info: dict[str, Any]) -> list[State]:
+        dtypes: dict[str, Any] = {}
         if info.get("states"):
             specs = [(s["input"], s["output"], tuple(s["shape"])) for s in info["states"]]
+            dtypes = {s["input"]: np.dtype(s.get("dtype", "float32")) for s in info["states"]}
         else:  # the optimum/genai naming convention, (batch, kv_heads, past, head_size)
             genai = self._genai_config().get("decoder", {})
             fixed = {1: genai.get("num_key_value_heads"), 3: genai.get("head_size")}
@@ -160,7 +183,11 @@ class OnnxRuntime:
                 specs.append((n, n.replace("past_key_values.", "present."), shape))
         if not specs:
             raise KititansError(f"{self.file}: no past_* state inputs: not a decoder step graph")
-        return [State(i, o, shape, _NP_TYPES.get(self.inputs[i].type, np.float32)) for i, o, shape in specs]
+
+        def dtype(name: str) -> Any:  # a state the first graph does not read: the manifest says its type
+            return _NP_TYPES.get(self.inputs[name].type, np.float32) if name in self.inputs else dtypes[name]
+
+        return [State(i, o, shape, dtype(i)) for i, o, shape in specs]
 
     def _genai_config(self) -> dict[str, Any]:
         cfg = self.file.parent / "genai_config.json"
@@ -186,13 +213,17 @@ class OnnxRuntime:
     def reset(self) -> None:
         import onnxruntime as ort
 
+        if self.steps is not None:
+            self.steps.reset(self._initial or self.zero_state(1), self.device)
+            self._n = 0
+            return
         start = self._initial or self.zero_state(1)
         self._past = [ort.OrtValue.ortvalue_from_numpy(start[s.input], self.device, 0) for s in self.states]
         self._n = 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Run len(ids) tokens after the cached ones; logits (V,) of the last, or (T, V) of all."""
-        if not self._past:
+        if not self._past and (self.steps is None or not self.steps.state):
             self.reset()
         T = len(ids)
         if T == 0:
@@ -207,10 +238,14 @@ class OnnxRuntime:
     def _forward_recurrent(self, ids: list[int], all_logits: bool) -> np.ndarray:
         """A fixed-size state has no length limit; whole memory chunks go through the prefill graph when the
         position is chunk-aligned, every other token through the decode graph."""
-        C = self.prefill_tokens if self.prefill is not None else 1
+        C = self.prefill_tokens if self.prefill is not None or self.steps is not None else 1
         out = []
         for chunk in plan_chunks(ids, self._n, C, exact=True):
-            logits = self._run(self.prefill if len(chunk) > 1 else self.session, chunk)
+            if self.steps is not None:
+                logits = self.steps.run(chunk, self._n, self.device, self._logits)
+                self._n += len(chunk)
+            else:
+                logits = self._run(self.prefill if len(chunk) > 1 else self.session, chunk)
             out.append(logits.astype(np.float32) if all_logits else logits)
         return np.concatenate(out) if all_logits else out[-1][-1].astype(np.float32)
 
@@ -261,6 +296,68 @@ class OnnxRuntime:
             feed["position_ids"] = position_ids.astype(np.int64)
         outs = self.session.run(["logits", *(s.output for s in self.states)], {**feed, **past})
         return outs[0], {s.input: o for s, o in zip(self.states, outs[1:])}
+
+
+class StepGraphs:
+    """Several step graphs over one state (manifest "steps"; Titans): each entry names its file, the tokens a
+    call takes, `every` (it serves calls whose position + tokens is a multiple of it; of those that fit, the
+    largest), the state it reads and writes, and the outputs that may share their input's buffer
+    (`inplace`: a ring row written by a scatter, so the ring is updated where it lies instead of copied).
+    A state tensor a graph does not write keeps its value; only the logits come back to the host."""
+
+    def __init__(
+        self, ort: Any, folder: Path, info: dict[str, Any], so: Any, providers: list[str], first: Any
+    ):
+        self.table = list(info["steps"])
+        session = lambda f: first if f == MODEL_FILE else _session(ort, folder / f, so, providers)  # noqa: E731
+        self.sessions = {row["file"]: session(row["file"]) for row in self.table}
+        self.bindings = {f: s.io_binding() for f, s in self.sessions.items()}
+        self.past = {s["output"]: s["input"] for s in info["states"]}
+        self.types = {
+            i.name: _NP_TYPES.get(i.type, np.float32) for s in self.sessions.values() for i in s.get_inputs()
+        }
+        self.max_tokens = max(int(row["tokens"]) for row in self.table)
+        self._ids = np.zeros((1, self.max_tokens), np.int64)
+        self._position = np.zeros(1, np.int64)
+        self.state: dict[str, Any] = {}
+
+    def reset(self, start: dict[str, np.ndarray], device: str) -> None:
+        import onnxruntime as ort
+
+        # copies: a ring written in place must not write into the initial state
+        self.state = {
+            n: ort.OrtValue.ortvalue_from_numpy(np.array(a, copy=True), device, 0) for n, a in start.items()
+        }
+
+    def run(self, ids: Sequence[int], pos: int, device: str, out: np.ndarray) -> np.ndarray:
+        """One call at position `pos`; logits (T, V) (a view of `out` when T == 1)."""
+        row, T = pick_step(self.table, len(ids), pos), len(ids)
+        session, io = self.sessions[row["file"]], self.bindings[row["file"]]
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        self._ids[0, :T] = ids
+        self._position[0] = pos
+        io.bind_input("input_ids", "cpu", 0, np.int64, [1, T], self._ids.ctypes.data)
+        io.bind_input("position", "cpu", 0, np.int64, [1], self._position.ctypes.data)
+        for name in row["inputs"][2:]:
+            io.bind_ortvalue_input(name, self.state[name])
+        if T == 1:
+            io.bind_output("logits", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+        else:
+            io.bind_output("logits", "cpu")
+        inplace = set(row.get("inplace", []))
+        for name in row["outputs"][1:]:
+            if name in inplace:  # written where it lies: bound to the input's own buffer
+                v = self.state[self.past[name]]
+                io.bind_output(name, device, 0, self.types[self.past[name]], v.shape(), v.data_ptr())
+            else:
+                io.bind_output(name, device)
+        session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        for name, v in zip(row["outputs"][1:], outs[1:]):
+            if name not in inplace:
+                self.state[self.past[name]] = v
+        return out[0] if T == 1 else outs[0].numpy()[0]
 
 
 class GenaiRuntime:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kititans.checkpoint import load_checkpoint
-from kititans.train.device import DTYPES, resolve_device
+from kititans.device import DTYPES, resolve_device
 
 
 class TorchRuntime:
@@ -28,6 +28,7 @@ class TorchRuntime:
         self.vocab_size = self.ckpt.config.vocab_size
         self.context_length = self.ckpt.config.context_length
         self.dtype = dtype
+        self.task = self.ckpt.spec.task  # "lm": forward() gives logits; "embed": embed_batch() gives vectors
         self.state: Any = None
 
     @property
@@ -45,3 +46,14 @@ class TorchRuntime:
         logits = self.model(x, state=self.state)[0]  # (T, V)
         out = logits if all_logits else logits[-1]
         return out.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """An encoder's unit vectors (N, dim) float32 for token id lists (padded together, masked)."""
+        t = max(len(r) for r in rows)
+        ids = torch.full((len(rows), t), max(self.codec.pad_id, 0), dtype=torch.long)
+        mask = torch.zeros((len(rows), t), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return self.model(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()

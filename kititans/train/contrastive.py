@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from kititans.config import RunConfig
 from kititans.data.pairs import PairStore, build_pairs
 from kititans.data.tokenizer import Tokenizer
+from kititans.embedding import retrieval_scores
 from kititans.errors import KititansError
 from kititans.files import write_json
 from kititans.models.spec import find_preset, get_family
@@ -105,23 +106,10 @@ def embed_rows(model: torch.nn.Module, rows: list[np.ndarray], pad_id: int, devi
 
 
 def retrieval_metrics(q: torch.Tensor, cands: torch.Tensor, temperature: float) -> dict[str, float]:
-    """Query i's positive is candidate i; every other candidate is a negative for it."""
-    sims = q @ cands.T  # (N, M)
-    n = len(q)
-    target = torch.arange(n)
-    pos = sims[target, target]
-    others = sims.clone()
-    others[target, target] = -float("inf")
-    rank = (sims > pos[:, None]).sum(1) + 1  # 1 = the positive is the most similar candidate
-    return {
-        "loss": float(F.cross_entropy(sims / temperature, target)),
-        "retrieval_at1": float((rank == 1).float().mean()),
-        "recall_at5": float((rank <= 5).float().mean()),
-        "mrr": float((1.0 / rank.float()).mean()),
-        "mean_margin": float((pos - others.max(1).values).mean()),
-        "pairs": n,
-        "candidates": len(cands),
-    }
+    """Query i's positive is candidate i; every other candidate is a negative for it (+ the InfoNCE loss)."""
+    target = torch.arange(len(q))
+    loss = float(F.cross_entropy((q @ cands.T) / temperature, target))
+    return {"loss": loss, **retrieval_scores(q.float().cpu().numpy(), cands.float().cpu().numpy())}
 
 
 def make_eval(store: PairStore, pad_id: int, temperature: float) -> Any:

@@ -28,9 +28,9 @@ from kititans.data.chat import render_conversation
 from kititans.data.chatdata import Conversation, builtin_conversations, read_chat_data, split_conversations
 from kititans.data.readers import expand_sources
 from kititans.data.tokenizer import END_TOKEN, Tokenizer
+from kititans.device import resolve_device, resolve_dtype
 from kititans.errors import KititansError
 from kititans.models.spec import autocast_dtype
-from kititans.train.device import resolve_device, resolve_dtype
 from kititans.train.loop import Batch, TrainResult, TrainSetup, batch_generator, run_training
 
 log = logging.getLogger("kititans")
@@ -136,10 +136,8 @@ class LengthGroupedBatches:
     """batch(step, micro), deterministic: each epoch is a seeded permutation of the examples; every
     GROUP_BATCHES batches' worth is sorted by length, cut into batches, and the batches are shuffled."""
 
-    def __init__(
-        self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int, limit: int
-    ):
-        self.examples, self.b, self.accum, self.seed = examples, batch_size, grad_accum, seed
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, limit: int):
+        self.examples, self.b, self.seed = examples, batch_size, seed
         self.pad_id, self.limit = pad_id, limit
         self.lengths = [len(ids) for ids, _ in examples]
         self._perms: dict[int, list[int]] = {}
@@ -163,8 +161,9 @@ class LengthGroupedBatches:
             self._cached = (g, [chunks[o] for o in order])
         return self._cached[1]
 
-    def __call__(self, step: int, micro: int) -> Batch:
-        g, r = divmod(step * self.accum + micro, GROUP_BATCHES)
+    def __call__(self, step: int, index: int, count: int) -> Batch:
+        """Micro-batch `index` of the `count` (grad_accum x ranks) that make optimizer step `step`."""
+        g, r = divmod(step * count + index, GROUP_BATCHES)
         return collate([self.examples[i] for i in self._group(g)[r]], self.pad_id, self.limit)
 
 
@@ -289,7 +288,7 @@ def sft(
         model_config=ckpt.config,
         model=ckpt.model,
         tokenizer=tok,
-        train_batch=LengthGroupedBatches(data.train, t.batch_size, t.grad_accum, t.seed, pad, t.seq_len),
+        train_batch=LengthGroupedBatches(data.train, t.batch_size, t.seed, pad, t.seq_len),
         eval_batches=data.eval_batches,
         extra_meta={
             "stage": "sft",

@@ -28,9 +28,11 @@ def tok(tmp_path_factory):
 def test_special_tokens_and_types(tok):
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
     for t in CHAT_TOKENS:
-        assert tok.encode(t) == [tok.sp.PieceToId(t)], t  # one piece, parsed from text
-        assert tok.piece_type(tok.sp.PieceToId(t)) == USER_DEFINED
-    assert tok.piece_type(tok.bos_id) == CONTROL
+        i = tok.sp.PieceToId(t)
+        assert tok.piece_type(i) == CONTROL, t  # stored as a control token (trained as an atomic piece)
+        assert tok.encode(t) != [i] and i not in tok.encode(f"a{t}b"), t  # a user's text stays text
+        assert tok.encode_special(t) == [i] and tok.decode([i]) == t  # a template produces it
+    assert tok.piece_type(tok.bos_id) == CONTROL and USER_DEFINED not in {t for _, _, t in tok.pieces()}
     assert tok.stop_ids == [tok.eos_id, tok.end_id]
     assert all(len(p.encode()) <= 32 for p, _, _ in tok.pieces())  # llama-cpp-python detokenize limit
 
@@ -76,7 +78,7 @@ def test_chat_mask_on_multi_turn(tok):
     trained = [tok.decode([i]) if i != tok.end_id else "<END>" for i, m in zip(ids, mask) if m]
     assert "".join(trained) == "Hello there<END>It was red.<END>"
     prompt = render_prompt(tok, msgs[:2])
-    assert prompt[-1] == tok.sp.PieceToId("<|assistant|>")
+    assert prompt[-2:] == [tok.sp.PieceToId("<|assistant|>"), *tok.encode("\n")]  # Phi-3's "<|assistant|>\n"
 
 
 def test_trim_history_keeps_system_and_latest(tok):

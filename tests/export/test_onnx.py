@@ -125,7 +125,7 @@ def test_graph_io_manifest_and_sizes(exports):
     assert ops["fp32"]["Attention"] == 2 and "RotaryEmbedding" in ops["fp32"]  # fused opset-23 ops
     # q/k/v and gate/up packed: 4 weight MatMuls a layer + the head, all of them 4-bit
     assert ops["int4"]["com.microsoft.MatMulNBits"] == 4 * 2 + 1 and "MatMul" not in ops["int4"]
-    assert "MatMulInteger" in ops["int8"]
+    assert ops["int8"]["com.microsoft.MatMulNBits"] == 4 * 2 + 1  # int8 is weight-only 8-bit blocks now
     q4 = manifests["int4"]["quantization"]
     assert (q4["weights"], q4["block_size"], q4["symmetric"], q4["accuracy_level"]) == ("int4", 32, True, 4)
     size = {q: m["size_bytes"] for q, m in manifests.items()}

@@ -1,4 +1,5 @@
-"""The Titans family: decode == parallel forward (in place and functional), causality, presets, roles."""
+"""The Titans family, every block (mal, mac, mag) and memory option: decode == parallel forward (in place and
+functional), causality, the memory matters, old configs load as mal, presets, roles, one-line config errors."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**kw) -> TitansModel:
-    """window 12, chunk 4, memory on layers 1 and 3 of 3, a strong inner learning rate so memory matters."""
+    """window 12, chunk 4, memory on layers 1 and 3 of 3, a strong inner learning rate so memory matters;
+    random gains and (with mem_conv) a random convolution."""
     base = dict(
         vocab_size=V,
         dim=128,
@@ -39,6 +41,8 @@ def small(**kw) -> TitansModel:
         for name, p in model.named_parameters():
             if p.ndim == 1 and "hc." not in name:
                 p.uniform_(0.5, 1.5)
+            if name.endswith("memory.conv"):
+                p.normal_(0.0, 0.5)
     return model
 
 
@@ -48,21 +52,31 @@ VARIANTS = {
     "plain_gelu": {"mem_residual_norm": False, "mem_act": "gelu"},
     "gelu_tanh": {"mem_act": "gelu_tanh", "n_persistent": 0},
     "hyper_connections": {"hyper_streams": 2},
+    "paper_details": {"mem_conv": 4, "mem_norm_v": False, "mem_forget_bias": "token"},
+    "mag": {"block": "mag"},
+    "mag_conv_init": {"block": "mag", "mem_conv": 3, "mem_grad_base": "init"},
+    "mac": {"block": "mac"},
+    "mac_conv_qk": {"block": "mac", "mem_conv": 4, "mem_norm_v": False},
+    "mac_hc_plain": {"block": "mac", "hyper_streams": 2, "mem_residual_norm": False, "n_persistent": 0},
+    "mac_segment_is_chunk": {"block": "mac", "window": 4},
 }
+BLOCKS = ("default", "mag", "mac")
 
 
 def ids(b=2, t=L, seed=0):
     return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-def test_memory_changes_the_output():
-    """Guards the parity tests below: the memory's test-time updates move the logits a lot."""
+@pytest.mark.parametrize("variant", BLOCKS)
+def test_memory_changes_the_output(variant):
+    """Guards the parity tests below: the memory's test-time updates move the logits far more than their
+    1e-4 tolerance (less in the gating blocks, where the memory scales the attention output)."""
     x = ids()
     with torch.no_grad():
-        on = small()(x)
-        off = small(mem_max_lr=1e-9)(x)  # same weights, inner learning rate ~0: W stays W_0
+        on = small(**VARIANTS[variant])(x)
+        off = small(**VARIANTS[variant], mem_max_lr=1e-9)(x)  # same weights, inner learning rate ~0: W = W_0
     assert (on[:, :3] - off[:, :3]).abs().max() < 1e-4  # no chunk completed yet: identical
-    assert (on[:, 20:] - off[:, 20:]).abs().max() > 0.05
+    assert (on[:, 20:] - off[:, 20:]).abs().max() > (0.05 if variant == "default" else 0.005)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -79,7 +93,7 @@ def test_in_place_decode_equals_parallel_forward(variant):
     assert state.pos == L
 
 
-@pytest.mark.parametrize("variant", ["default", "grad_base_init", "hyper_connections"])
+@pytest.mark.parametrize("variant", ["default", "grad_base_init", "hyper_connections", "mag", "mac_conv_qk"])
 def test_functional_step_equals_parallel_forward(variant):
     model, x = small(**VARIANTS[variant]), ids()
     spec = model.state_spec(2)
@@ -93,13 +107,31 @@ def test_functional_step_equals_parallel_forward(variant):
             logits, *new = model.step(x[:, i : i + T], *state)
             assert all(torch.equal(a, b) for a, b in zip(before, state)), "step modified its inputs"
             assert [tuple(t.shape) for t in new] == [s for _, s, _ in spec]
+            kept = [n for (n, _, _), a, b in zip(spec, state, new) if a is b]  # unchanged: passed through
+            assert ("layers.0.w1" in kept) == (T == 1 and (i + 1) % 4 != 0), (i, T)
             outs.append(logits)
             state, i = tuple(new), i + T
         full = model(x)
     assert (torch.cat(outs, 1) - full).abs().max().item() < 1e-4
     assert state[0].tolist() == [L]
-    with pytest.raises(ValueError, match="1 or mem_chunk"):
+    with pytest.raises(KititansError, match="no step takes 3 tokens"):
         model.step(x[:, :3], *state)
+
+
+@pytest.mark.parametrize("variant", ["default", "mag", "mac_conv_qk", "mac_hc_plain"])
+def test_fused_for_inference_decodes_the_same(variant):
+    """fuse_for_inference (what the torch runtime calls: one matmul for the memory's projections and gates,
+    and for MAC's query stream; fused FFN) and its fast decode path compute the same logits."""
+    model, x = small(**VARIANTS[variant]), ids()
+    with torch.no_grad():
+        full = model(x)
+        model.fuse_for_inference()
+        assert torch.allclose(model(x), full, atol=1e-5)
+        state = model.new_state(2)
+        out = torch.cat(
+            [model(x[:, :8], state=state)] + [model(x[:, i : i + 1], state=state) for i in range(8, L)], 1
+        )
+    assert (out - full).abs().max() < 1e-4
 
 
 def test_state_converts_between_in_place_and_tensors():
@@ -121,9 +153,53 @@ def test_state_converts_between_in_place_and_tensors():
     assert (torch.cat(a + b + c, 1) - full).abs().max().item() < 1e-4
 
 
+def _filled(model: TitansModel) -> TitansModel:
+    """Every parameter from one seeded generator, by name (independent of how the code initialises)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            r = torch.rand(p.shape, generator=g)
+            gain = p.ndim == 1 or name.endswith("gamma") or "qkv_gain" in name
+            p.copy_(0.5 + r if gain else (r - 0.5) * (3.0 / p.shape[-1] ** 0.5))
+    return model
+
+
+@pytest.mark.parametrize(
+    "extra, picks, abs_sum",
+    [
+        ({}, [0.634244, -0.344917, 0.26823, 0.959683, 0.135591], 935.27),
+        ({"hyper_streams": 2}, [-0.544662, 0.726132, 0.672565, 1.165422, -0.832299], 870.5756),
+    ],
+)
+def test_mal_gives_the_logits_of_the_model_before_blocks(extra, picks, abs_sum):
+    """The reference numbers were computed by the Titans code of commit fa5509c (before `block` and the memory
+    options existed) on the same weights and tokens: today's default (mal) computes the same model."""
+    cfg = TitansConfig(
+        vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_dim=64, context_length=32, window=6,
+        n_persistent=2, mem_chunk=4, mem_max_lr=1.0, **extra,
+    )  # fmt: skip
+    model = _filled(TitansModel(cfg).eval())
+    x = torch.arange(24).remainder(7).mul(7).remainder(50)[None]
+    with torch.no_grad():
+        y = model(x)[0]
+    got = y[[0, 5, 11, 17, 23], [1, 7, 13, 29, 42]]
+    assert torch.allclose(got, torch.tensor(picks), atol=1e-5), got.tolist()
+    assert abs(y.abs().sum().item() - abs_sum) < 1e-2
+
+
+def test_a_misaligned_prefill_is_refused():
+    """A chunk-sized call must start at a multiple of mem_chunk (its memory update would be wrong)."""
+    model, x = small(), ids()
+    state = model.state_to_tensors(model.new_state(2))
+    _, *state = model.step(x[:, :1], *state)  # position 1
+    with pytest.raises(KititansError, match="4 tokens at position 1.*multiple of 4"):
+        model.step(x[:, 1:5], *state)
+
+
+@pytest.mark.parametrize("variant", ["hyper_connections", "mag", "mac_conv_qk"])
 @pytest.mark.parametrize("j", [5, 11, 12, 30])
-def test_causal(j):
-    model = small(hyper_streams=2)
+def test_causal(j, variant):
+    model = small(**VARIANTS[variant])
     x = ids()
     y = x.clone()
     y[:, j] = (y[:, j] + 1) % V
@@ -184,6 +260,7 @@ def test_presets():
         sizes[name] = count_params(model)
     assert abs(sizes["titans-500m"] / 503e6 - 1) < 0.02, sizes
     cfg = SPEC.make_config("titans-500m")
+    assert cfg.block == "mac" and cfg.window % cfg.mem_chunk == 0  # the seed's Memory as Context Transformer
     assert sorted(cfg.memory_set) == list(range(1, 24, 2)) and not cfg.tie_embeddings
     assert cfg.mem_hidden_mult * cfg.head_dim == 128
     lite_tiny = get_family("lite").make_config("tiny")
@@ -226,6 +303,10 @@ def test_param_roles_send_hidden_matrices_to_muon():
         ({"mem_grad_base": "batch"}, "mem_grad_base"),
         ({"mem_act": "relu"}, "mem_act"),
         ({"dim": 100, "n_heads": 3}, "divide"),
+        ({"block": "mat"}, "unknown model.block 'mat'; valid blocks: mal, mac, mag"),
+        ({"block": "mac", "window": 30}, "window=30 tokens, which must be a multiple of mem_chunk=8"),
+        ({"mem_conv": 1}, "mem_conv must be 0"),
+        ({"mem_forget_bias": "step"}, "mem_forget_bias"),
     ],
 )
 def test_bad_config_is_one_clear_error(bad, message):
@@ -236,3 +317,21 @@ def test_bad_config_is_one_clear_error(bad, message):
 def test_gguf_is_refused_with_the_reason():
     with pytest.raises(UnsupportedExport, match="llama.cpp has no Titans architecture.*use onnx or coreml"):
         get_family("titans").support("gguf")
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_parallel_forward():
+    """compile_decode(): single tokens through torch.compile'd fixed-shape steps (a minute of compiling)."""
+    model, x = small(block="mac", mem_conv=4), ids(1)
+    with torch.no_grad():
+        full = model(x)
+        model.fuse_for_inference().compile_decode()
+        state = model.new_state(1)
+        out = torch.cat(
+            [model(x[:, :8], state=state)] + [model(x[:, i : i + 1], state=state) for i in range(8, L)], 1
+        )
+    assert (out - full).abs().max() < 1e-4 and set(model._compiled) == {
+        "decode",
+        "decode_close",
+        "decode_segment",
+    }

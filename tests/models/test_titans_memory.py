@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from kititans.models.titans import SPEC
-from kititans.models.titans_memory import apply_update, mlp_forward, mlp_grad, soft_clamp
+from kititans.models.titans_math import (
+    apply_update,
+    causal_conv,
+    forget_bias,
+    mlp_forward,
+    mlp_grad,
+    soft_clamp,
+)
+from kititans.models.titans_memory import NeuralMemory
 
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
 
@@ -116,3 +124,41 @@ def test_memory_learns_key_value_pairs_at_test_time():
     assert rep[-1] < 0.25 * rep[0]
     assert rep[-1] < 0.3 * new[-1], (rep, new)  # recall of stored pairs, not just a better generic map
     assert math.isclose(rep[0].item(), new[0].item(), rel_tol=0.3)  # both start from the same W_0
+
+
+def test_causal_conv_is_a_depthwise_causal_convolution_that_resumes():
+    """The conv after the q/k/v projections: each channel mixes its own last k inputs, never the future; a
+    sequence split anywhere and carried by its (k-1)-row state gives the same output (decode == parallel)."""
+    g = torch.Generator().manual_seed(3)
+    p, w = torch.randn(2, 11, 6, generator=g), torch.randn(6, 4, generator=g)
+    out, state = causal_conv(p, w, None)
+    padded = F.pad(p, (0, 0, 3, 0))  # (2, 14, 6): three zeros before the sequence
+    ref = sum(padded[:, j : j + 11] * w[:, j] for j in range(4))
+    assert torch.allclose(out, ref, atol=1e-6) and torch.equal(state, p[:, -3:])
+    a, s = causal_conv(p[:, :5], w, None)
+    parts = [a]
+    for t in range(5, 11):
+        o, s = causal_conv(p[:, t : t + 1], w, s)
+        parts.append(o)
+    assert torch.allclose(torch.cat(parts, 1), out, atol=1e-6)
+
+
+def test_forget_bias_keeps_the_per_token_horizon():
+    """ "chunk": -4 whatever the chunk; "token": the per-token forgetting that -4 gives 16 tokens, at any size."""
+    assert forget_bias("chunk", 64) == forget_bias("chunk", 4) == -4.0
+    assert abs(forget_bias("token", 16) + 4.0) < 1e-9
+    keep = lambda c: 1 - torch.sigmoid(torch.tensor(forget_bias("token", c), dtype=torch.float64))  # noqa: E731
+    for c in (4, 8, 64):
+        assert abs(keep(c) ** (64 / c) - keep(64)).item() < 1e-9  # the same retention over 64 tokens
+
+
+def test_norm_v_off_normalises_keys_and_queries_only():
+    torch.manual_seed(0)
+    mem = NeuralMemory(32, 2, 16, 32, 4, norm_v=False)
+    mem.init_weights(0.02, 0.01)
+    z = mem.features(torch.randn(1, 5, 32))[0]
+    k, v, q, *_ = mem.split(z)
+    assert torch.allclose(k.norm(dim=-1), torch.full((1, 2, 5), 4.0), atol=1e-4)  # sqrt(d) * (1 + 0)
+    assert torch.allclose(q.norm(dim=-1), torch.full((1, 2, 5), 4.0), atol=1e-4)
+    raw = z[..., 32:64].view(1, 5, 2, 16).transpose(1, 2)  # the projected values, as they are
+    assert torch.allclose(v, raw) and not torch.allclose(v.norm(dim=-1), torch.full((1, 2, 5), 4.0), atol=0.1)

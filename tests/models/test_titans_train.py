@@ -4,6 +4,7 @@ run directory in the torch runtime (decode == full forward), generate/chat, exac
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,11 +119,16 @@ def losses(run):
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_is_exact(tmp_path, optimizer, titans_run):
+@pytest.mark.parametrize(
+    "optimizer, block, extra",
+    [("adamw", "mal", {}), ("muon", "mal", {}), ("adamw", "mac", {"mem_conv": 4}), ("muon", "mag", {})],
+)
+def test_resume_is_exact(tmp_path, optimizer, block, extra, titans_run):
     over = {
         "preset": "titans-debug",
         "family": "titans",
+        "model.block": block,
+        **{f"model.{k}": v for k, v in extra.items()},
         "tokenizer.path": str(titans_run),  # reuse the run's tokenizer: no tokenizer training here
         "data.builtin_bytes": 300_000,
         "train.steps": 16,
@@ -146,6 +152,34 @@ def test_resume_is_exact(tmp_path, optimizer, titans_run):
     assert resumed.val_loss == whole.val_loss
     a, b = load_checkpoint(tmp_path / "whole").model, load_checkpoint(tmp_path / "cut").model
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_run_saved_before_blocks_loads_as_mal(titans_run, tmp_path):
+    """config.json written before `block` and the memory options existed: the model is today's mal with the
+    legacy options, and gives the same logits."""
+    old = tmp_path / "old"
+    shutil.copytree(titans_run, old)
+    cfg = json.loads((old / "config.json").read_text())
+    for key in ("block", "mem_conv", "mem_norm_v", "mem_forget_bias"):
+        del cfg["kititans"]["model"][key]
+    (old / "config.json").write_text(json.dumps(cfg))
+    a, b = load_checkpoint(titans_run), load_checkpoint(old)
+    assert (b.config.block, b.config.mem_conv, b.config.mem_norm_v) == ("mal", 0, True)
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a.model(ids), b.model(ids))
+
+
+def test_unknown_block_is_one_line(tmp_path):
+    """An unknown model.block: one line, exit 2, no checkpoint (--dry-run checks before any work)."""
+    for extra in (["--dry-run"], ["-q", "--out", str(tmp_path / "r")]):
+        r = kititans("train", "--preset", "titans-debug", "--set", "model.block=mat", *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert "unknown model.block 'mat'; valid blocks: mal, mac, mag" in lines[0]
+    assert (
+        not (tmp_path / "r" / "config.json").exists() and not (tmp_path / "r" / "model.safetensors").exists()
+    )
 
 
 def test_dry_run_prints_the_component_table():

@@ -14,22 +14,12 @@ from kititans.data.pairs import PairStore, build_pairs, spans
 from kititans.errors import KititansError
 from kititans.models.spec import get_family
 from kititans.train.contrastive import info_nce, retrieval_metrics
-from tests.conftest import make_config
-
-
-def enc_config(out, **over):
-    return make_config(out, **{"preset": "encoder-debug", "family": "encoder", "train.steps": 40,
-                               "train.batch_size": 16, "train.seq_len": 64, "train.eval_every": 20,
-                               "data.builtin_bytes": 600_000, **over})  # fmt: skip
+from tests.conftest import enc_config
 
 
 @pytest.fixture(scope="module")
-def enc_run(tmp_path_factory):
-    from kititans.train.contrastive import train_encoder
-
-    out = tmp_path_factory.mktemp("enc") / "enc"
-    result = train_encoder(enc_config(out), progress=False)
-    return out, result
+def enc_run(encoder_run):
+    return encoder_run
 
 
 def test_bidirectional_and_padding_invariant():

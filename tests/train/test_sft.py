@@ -17,7 +17,7 @@ import torch
 
 from kititans.checkpoint import load_checkpoint, read_meta
 from kititans.data.builtin import generate_chat_examples
-from kititans.data.chat import render_conversation, render_prompt, trim_history
+from kititans.data.chat import conversation_ids, render_conversation, render_prompt, trim_history
 from kititans.data.chatdata import Conversation
 from kititans.data.tokenizer import Tokenizer
 from kititans.errors import KititansError
@@ -279,7 +279,7 @@ def test_chat_repl_uses_the_template_system_prompt_and_trims(tuned, monkeypatch,
     assert "<|" not in out  # chat tokens end turns; they are never printed
     tok = Tokenizer.load(cfg.out)
     assert prompts[0] == render_prompt(tok, [system, {"role": "user", "content": questions[0]}])
-    head = render_prompt(tok, [system])[:-1]  # BOS + the system turn, without the generation prompt
-    tail = tok.encode_special(f"<|user|>{questions[-1]}<|end|>\n<|assistant|>")
+    head = conversation_ids(tok, [system])  # BOS + the system turn, without the generation prompt
+    tail = render_prompt(tok, [{"role": "user", "content": questions[-1]}])[1:]  # the last turn, no BOS
     assert prompts[-1][: len(head)] == head and prompts[-1][-len(tail) :] == tail
     assert all(len(p) <= 256 - 100 for p in prompts)

@@ -1,0 +1,157 @@
+"""The three Titans blocks of the paper (arXiv 2501.00663 §4), chosen by `model.block`. In each, N is the layer's
+neural memory (titans_memory.py), SWA sliding-window attention over [persistent K/V ; the last `window` tokens]:
+
+  mal  memory as a layer:   x += N(x);  x += SWA(norm(x))                  (the memory stores and reads x)
+  mag  memory as a gate:    u = norm(x);  x += SWA(u) * sigmoid(N(u))      (both branches on the same u)
+  mac  memory as context:   segments of S = window tokens; per segment
+         h    = N*(q(x))    read with the memory frozen at the segment start (one h row per token)
+         y    = Attn(norm(x) over [persistent ; norm(h) ; segment]), causal over h and over the segment
+         N   <- y           the memory stores the attention output (chunk by chunk, as everywhere)
+         x   += y * sigmoid(N(y))   read with the updated memory (a token closing a chunk sees it)
+       Information crosses segments only through the memory. The paper's ambiguities (research/titans.md
+       §2.1) are settled so: (a) h has one row per token (no separate N_l long-term tokens); (b) token i sees
+       h_j only for j <= i of its own segment, so h never leaks the future; (c) the gate is y * sigmoid(N(y))
+       (MAG: SWA(u) * sigmoid(N(u))), without the paper's extra learned normalisations, which the memory's
+       own RMSNorm and per-head gains stand in for.
+Every block ends with x += SwiGLU(norm(x)); layers without memory are attention + SwiGLU only (mac: segment
+attention). Every block trains chunk-parallel over a whole sequence (mac: one segment after another, since
+each segment's h needs the memory the previous one left) and steps token by token over a fixed-size state
+(titans_state.py), equal to the parallel forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from kititans.models.layers import HyperConnection, RMSNorm, SwiGLU
+from kititans.models.titans_attention import TitansAttention
+from kititans.models.titans_memory import NeuralMemory
+from kititans.models.titans_state import StateIO, StepCtx
+
+
+def _fp32(x: Tensor) -> torch.autocast:
+    """The memory path runs in fp32, also under bf16 autocast."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _like(t: Tensor, like: Tensor) -> Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+class TitansLayer(nn.Module):
+    def __init__(self, cfg, index: int):
+        super().__init__()
+        self.block = cfg.block
+        self.memory: NeuralMemory | None = None
+        if index in cfg.memory_set:
+            self.memory = NeuralMemory(
+                cfg.dim,
+                cfg.n_heads,
+                cfg.head_dim,
+                cfg.mem_hidden_mult * cfg.head_dim,
+                cfg.mem_chunk,
+                act=cfg.mem_act,
+                residual_norm=cfg.mem_residual_norm,
+                grad_base=cfg.mem_grad_base,
+                max_lr=cfg.mem_max_lr,
+                max_grad_norm=cfg.mem_max_grad_norm,
+                norm_eps=cfg.norm_eps,
+                conv=cfg.mem_conv,
+                norm_v=cfg.mem_norm_v,
+                forget=cfg.mem_forget_bias,
+                frozen=cfg.block == "mac",
+            )
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = TitansAttention(cfg.dim, cfg.n_heads, cfg.n_persistent, cfg.window, cfg.block == "mac")
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.hc: nn.ModuleList | None = None
+        if cfg.hyper_streams > 1:
+            n_branch = 3 if self.memory is not None and self.block == "mal" else 2
+            self.hc = nn.ModuleList(
+                HyperConnection(cfg.dim, cfg.hyper_streams, 3 * index + j, cfg.norm_eps)
+                for j in range(n_branch)
+            )
+
+    @property
+    def frozen(self) -> bool:
+        """A MAC memory layer: h rows in the ring, segment-start weights in the state."""
+        return self.memory is not None and self.memory.frozen
+
+    def state_spec(self, batch: int, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        ring = (batch, self.attn.ring_rows(2 if self.frozen else 1), self.attn.o_proj.in_features)
+        spec = [("k", ring, dtype), ("v", ring, dtype)]
+        if self.memory is not None:
+            spec += [(n, s, torch.float32) for n, s in self.memory.state_spec(batch)]
+        return spec
+
+    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        st = {n: torch.zeros(s, dtype=d, device=device) for n, s, d in self.state_spec(batch, dtype)[:2]}
+        n = self.attn.n_persistent
+        with torch.no_grad():  # the persistent rows sit at the front of the ring
+            st["k"][:, :n], st["v"][:, :n] = self.attn.persistent(batch, dtype)
+        if self.memory is not None:
+            st.update(self.memory.initial_state(batch, device))
+        return st
+
+    def forward(self, h: Tensor, ctx: StepCtx, io: StateIO | None) -> Tensor:
+        for j, fn in enumerate(self.branches(ctx, io)):
+            h = self.hc[j](h, fn) if self.hc is not None else h + fn(h)
+        return h
+
+    def branches(self, ctx: StepCtx, io: StateIO | None) -> list[Callable[[Tensor], Tensor]]:
+        attn = lambda u: self.attn(self.attn_norm(u), ctx, io)  # noqa: E731
+        ffn = lambda u: self.ffn(self.ffn_norm(u))  # noqa: E731
+        if self.memory is None:
+            return [attn, ffn]
+        if self.block == "mal":
+            return [lambda u: _like(self._memory(u, ctx, io), u), attn, ffn]
+        if self.block == "mag":
+            return [lambda u: self._mag(u, ctx, io), ffn]
+        return [lambda u: self._mac(u, ctx, io), ffn]
+
+    def _memory(self, x: Tensor, ctx: StepCtx, io: StateIO | None) -> Tensor:
+        """Store x and read it back: the whole sequence, or one call over the state."""
+        return self.memory(x) if not ctx.stateful else self.memory(x, ctx, io)
+
+    def _mag(self, u: Tensor, ctx: StepCtx, io: StateIO | None) -> Tensor:
+        un = self.attn_norm(u)
+        a = self.attn(un, ctx, io)
+        return a * _like(torch.sigmoid(self._memory(un, ctx, io)), a)
+
+    def _mac(self, u: Tensor, ctx: StepCtx, io: StateIO | None) -> Tensor:
+        if ctx.stateful:
+            return self._mac_step(u, ctx, io)
+        mem, attn = self.memory, self.attn
+        q, k, v = attn.project(self.attn_norm(u), ctx)
+        with _fp32(u):
+            qm, gm, _ = mem.queries(u)  # (B,H,T,d), (B,H,T): the segment-independent part of h
+        B, T, _ = u.shape
+        w = s = conv = None
+        outs = []
+        for a in range(0, T, attn.window):
+            b = min(a + attn.window, T)
+            with _fp32(u):
+                h = mem.read(qm[:, :, a:b], gm[:, :, a:b], w if w is not None else mem._start(B)[0])
+            hk, hv = attn.project_kv(self.attn_norm(_like(h, u)), ctx, a)
+            y = attn.o_proj(attn.segment_parallel(q[:, a:b], k[:, a:b], v[:, a:b], hk, hv, ctx))
+            with _fp32(u):
+                m, w, s, conv = mem.store_read(y, w, s, conv)
+            outs.append(y * _like(torch.sigmoid(m), y))
+        return torch.cat(outs, 1)
+
+    def _mac_step(self, u: Tensor, ctx: StepCtx, io: StateIO) -> Tensor:
+        mem, attn = self.memory, self.attn
+        h = mem(u, ctx, io, read_frozen=True)  # (B,T,D): read with the segment-start weights
+        hn = self.attn_norm(_like(h, u))
+        if ctx.eager_decode and u.shape[1] == 1:
+            y = attn.o_proj(attn.decode_one(self.attn_norm(u), ctx, io, hn))
+        else:
+            q, k, v = attn.project(self.attn_norm(u), ctx)
+            hk, hv = attn.project_kv(hn, ctx)
+            y = attn.o_proj(attn.segment_step(q, k, v, ctx, io, hk, hv))
+        m = mem(y, ctx, io)  # store y, read it back (a segment's end also moves the segment-start weights)
+        return y * _like(torch.sigmoid(m), y)
