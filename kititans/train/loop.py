@@ -439,3 +439,15 @@ def _open_metrics(run_dir: Path, start: int) -> Any:
     elif path.is_file():
         path.unlink()
     return open(path, "a", encoding="utf-8")
+
+
+def initial_val_loss(run_dir: Path) -> float | None:
+    """The step-0 val loss of a run (its starting model on its val split), from metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("step") == 0 and "val_loss" in row:
+            return float(row["val_loss"])
+    return None

@@ -26,7 +26,7 @@ from kititans.config import RunConfig, apply_overrides, flatten
 from kititans.errors import KititansError
 from kititans.models.spec import autocast_dtype
 from kititans.quantize import qat as Q
-from kititans.train.loop import TrainResult, TrainSetup, evaluate, run_training
+from kititans.train.loop import TrainResult, TrainSetup, evaluate, initial_val_loss, run_training
 from kititans.train.pretrain import StepWindows
 
 log = logging.getLogger("kititans")
@@ -247,18 +247,6 @@ def qat(
         plan=plan.to_dict(),
     )
     return result
-
-
-def initial_val_loss(run_dir: Path) -> float | None:
-    """The step-0 val loss (the base model, fake-quantized, before any QAT step), from metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if row.get("step") == 0 and "val_loss" in row:
-            return float(row["val_loss"])
-    return None
 
 
 def resume_spec(run_dir: Path, layers: list[tuple[str, Any]]) -> tuple[QatSpec, RunConfig]:

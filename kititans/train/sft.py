@@ -10,7 +10,6 @@ loop itself is kititans.train.loop.run_training.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -31,7 +30,14 @@ from kititans.data.tokenizer import END_TOKEN, Tokenizer
 from kititans.device import resolve_device, resolve_dtype
 from kititans.errors import KititansError
 from kititans.models.spec import autocast_dtype
-from kititans.train.loop import Batch, TrainResult, TrainSetup, batch_generator, run_training
+from kititans.train.loop import (
+    Batch,
+    TrainResult,
+    TrainSetup,
+    batch_generator,
+    initial_val_loss,
+    run_training,
+)
 
 log = logging.getLogger("kititans")
 
@@ -307,18 +313,6 @@ def sft(
     result.extra.setdefault("initial_val_loss", initial_val_loss(out))
     result.extra["data"] = data.describe
     return result
-
-
-def initial_val_loss(run_dir: Path) -> float | None:
-    """The step-0 val loss (the base model on this run's val split), from metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if row.get("step") == 0 and "val_loss" in row:
-            return float(row["val_loss"])
-    return None
 
 
 @dataclass
