@@ -143,6 +143,8 @@ class KititansEncoderModel(PreTrainedModel):
 
 
 def hf_config(cfg: Any) -> dict[str, Any]:
+    from kititans.models.lite import llama_dims
+
     return {
         "architectures": ["KititansEncoderModel"],
         "model_type": "kititans-encoder",
@@ -150,16 +152,7 @@ def hf_config(cfg: Any) -> dict[str, Any]:
             "AutoConfig": f"{MODELING_FILE[:-3]}.KititansEncoderConfig",
             "AutoModel": f"{MODELING_FILE[:-3]}.KititansEncoderModel",
         },
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.context_length,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
+        **llama_dims(cfg),
         "torch_dtype": "float32",
     }
 

@@ -235,11 +235,9 @@ def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tens
     return (loss * m).sum() / m.sum().clamp(min=1)
 
 
-def hf_llama_config(cfg: LiteConfig) -> dict:
-    """The transformers LlamaConfig fields; a Lite run directory loads in AutoModelForCausalLM."""
+def llama_dims(cfg: LiteConfig) -> dict:
+    """Lite's dimensions under LlamaConfig's names (the encoder's config.json and the GGUF writer read them)."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -247,10 +245,19 @@ def hf_llama_config(cfg: LiteConfig) -> dict:
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
         "max_position_embeddings": cfg.context_length,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
+    }
+
+
+def hf_llama_config(cfg: LiteConfig) -> dict:
+    """The transformers LlamaConfig fields; a Lite run directory loads in AutoModelForCausalLM."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **llama_dims(cfg),
+        "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
