@@ -9,7 +9,8 @@ train:  one optimizer step (AdamW, forward + backward) on batch x seq_len random
         tokens/s = tokens per step / median step time over `reps` interleaved rounds.
 torch decode: batch 1, a 16-token prefill, then `decode_tokens` single-token calls with the in-place state,
         every model fused for inference as the torch runtime fuses it; also Titans without its memory layers
-        (where the cost is).
+        (where the cost is); with --compiled also each block through TitansModel.compile_decode() (compiled
+        during the warm-up; decode_tokens must reach past the window so every kind of call is met).
 onnx decode: random weights of the same shapes exported to fp32 ONNX (cached under --work), run by kititans'
         OnnxRuntime (1 intra-op thread, no spinning): a 64-token prompt, then greedy single-token steps.
 Ratios: torch = Titans per-token time / Lite's (> 1: Titans slower); onnx = Titans tok/s / Lite's (< 1: slower).
@@ -94,11 +95,15 @@ def torch_decode(args: argparse.Namespace) -> dict:
     kinds = {"lite": build("tiny", args.width)}
     kinds.update({b: build("titans-tiny", args.width, block=b) for b in args.blocks})
     kinds["titans memory off"] = build("titans-tiny", args.width, memory_layers=[])
-    for m in kinds.values():
+    if args.compiled:  # TitansModel.compile_decode: torch.compile'd fixed-shape steps, one per kind of call
+        kinds.update({f"{b} compiled": build("titans-tiny", args.width, block=b) for b in args.blocks})
+    for n, m in kinds.items():
         m.eval().fuse_for_inference()
+        if n.endswith(" compiled"):
+            m.compile_decode()
     ids = torch.randint(0, 4096, (1, 16 + args.decode_tokens), generator=torch.Generator().manual_seed(1))
-    for m in kinds.values():
-        decode_seconds(m, ids[:, :48])  # warm-up
+    for n, m in kinds.items():  # warm-up; a compiled model compiles each kind of call it meets (all of them)
+        decode_seconds(m, ids if n.endswith(" compiled") else ids[:, :48])
     times: dict[str, list[float]] = {n: [] for n in kinds}
     for _ in range(args.reps):
         for n, m in kinds.items():
@@ -175,6 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--blocks", type=lambda s: s.split(","), default=["mal", "mac", "mag"])
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--onnx", action="store_true", help="also ONNX decode (exports random-weight models)")
+    ap.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also each block through compile_decode() (minutes to compile)",
+    )
     ap.add_argument("--width", type=int, default=0, help="widen every model to this dim (e.g. 1024)")
     ap.add_argument("--work", default="benchmarks/.work/titans_speed", help="where ONNX exports are cached")
     ap.add_argument("--json", help="also write the results here")

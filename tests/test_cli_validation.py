@@ -25,6 +25,7 @@ BAD = [
     (["--min-p", "1"], "--min-p must be in [0, 1)"),
     (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
     (["--seed", "-3"], "--seed must be an integer >= 0"),
+    (["--runtime", "onnx", "--compile"], "--compile is for the torch runtime"),
 ]
 
 

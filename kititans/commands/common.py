@@ -74,6 +74,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
         "llamacpp: cpu; coreml: cpu, gpu, ane, all, auto (default cpu)",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all cores)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch runtime, Titans: decode through torch.compile'd fixed-shape steps (faster tokens after "
+        "a compile of about a minute per kind of step)",
+    )
 
 
 # the --device values each runtime takes ("cuda:N" = cuda:0, cuda:1, ...)
@@ -111,6 +117,13 @@ def open_runtime(args: argparse.Namespace, task: str = "lm", **options: Any) -> 
 
     runtime = args.runtime or detect_runtime(args.model)
     check_runtime_args(runtime, args.device, args.threads)
+    if getattr(args, "compile", False):
+        if runtime != "torch":
+            raise KititansError(
+                f"--compile is for the torch runtime (a run directory); the {runtime} runtime has its own "
+                "compiled graphs: drop --compile"
+            )
+        options["compile"] = True
     rt = load_runtime(args.model, runtime, device=args.device, threads=args.threads, **options)
     have = getattr(rt, "task", "lm")
     if have == "embed" and task == "lm":

@@ -43,6 +43,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
+def signed_sin(sin: Tensor) -> Tensor:
+    """sin (..., hd) with its first half negated: rotate_half(x) * sin == x.roll(hd / 2, -1) * signed_sin(sin)."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rope_rolled(x: Tensor, cos: Tensor, ssin: Tensor) -> Tensor:
+    """apply_rope in 3 ops (a decode step runs it per layer): ssin = signed_sin(sin), in x's dtype."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), ssin)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), llama's MLP with HF names."""
 

@@ -31,6 +31,7 @@ RoPE angles past the precomputed table are computed from positions on the fly, s
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -251,7 +252,12 @@ class TitansModel(nn.Module):
             def one(ids: Tensor, pos: Tensor, layers: list[dict[str, Tensor]]) -> Tensor:
                 return self._run(ids, self.ctx(pos, 1, kind), [StateIO(st, in_place=True) for st in layers])
 
-            self._compiled[kind.name] = torch.compile(one, **self._compile_options)
+            # a code object of its own per model and kind: dynamo keeps its graphs per code object, so steps
+            # sharing one would recompile it for each model and kind (past dynamo's recompile limit in a
+            # process with a few Titans models) and check every graph's guards on each call
+            code = one.__code__.replace(co_name=f"titans_{kind.name}_{id(self):x}")
+            step = types.FunctionType(code, one.__globals__, code.co_name, None, one.__closure__)
+            self._compiled[kind.name] = torch.compile(step, **self._compile_options)
         return self._compiled[kind.name]
 
     def step_io(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kititans.models.layers import apply_rope
+from kititans.models.layers import apply_rope_rolled
 from kititans.models.titans_state import StateIO, StepCtx, attend
 
 
@@ -93,33 +93,30 @@ class TitansAttention(nn.Module):
             io.put_rows("v", idx, self._rows(ctx, 1, v[:, T - m :]))
         return self.o_proj(y)
 
-    def decode_one(self, u: Tensor, ctx: StepCtx, io: StateIO, h: Tensor | None = None) -> Tensor:
-        """The in-place torch decode of one token (u, and for MAC its normalised h row, (B,1,D)): the same
-        math as the general path in fewer ops (the per-op cost dominates at small widths)."""
-        B, H, hd = u.shape[0], self.n_heads, self.hd
+    def decode_one(self, rows: Tensor, ctx: StepCtx, io: StateIO) -> Tensor:
+        """The in-place torch decode of one token: the same math as the general path in fewer ops (the
+        per-op cost dominates at small widths). rows (B, streams, D), normalised: the token (B,1,D), or for
+        MAC [its h row ; the token], both at the token's position, one matmul for both (the h row's query is
+        computed and unused); the rows are the ring's streams."""
+        B, streams = rows.shape[:2]
+        H, hd = self.n_heads, self.hd
         D = H * hd
-        qkv = self.qkv(u).view(B, 3 * H, hd)
-        cos, sin = ctx.cos, ctx.sin  # (1, hd): broadcast over the heads
-        if cos.dtype != u.dtype:
-            cos, sin = cos.to(u.dtype), sin.to(u.dtype)
-        qk = apply_rope(qkv[:, : 2 * H], cos, sin)  # (B, 2H, hd)
-        k, v = qk[:, H:].reshape(B, 1, D), qkv[:, 2 * H :].reshape(B, 1, D)
-        if h is not None:  # MAC: the h row's key and value, at the same position
-            hkv = F.linear(h, self.qkv.weight[D:]).view(B, 2 * H, hd)
-            hk = apply_rope(hkv[:, :H], cos, sin).reshape(B, 1, D)
-            k, v = torch.cat([hk, k], 1), torch.cat([hkv[:, H:].reshape(B, 1, D), v], 1)
-        streams = k.shape[1]
+        cos, ssin = ctx.rope_rolled(rows.dtype)  # (1, hd): broadcast over the heads
+        qkv = self.qkv(rows).view(B, streams, 3 * H, hd)
+        qk = apply_rope_rolled(qkv[:, :, : 2 * H], cos, ssin)  # (B, streams, 2H, hd)
+        k, v = qk[:, :, H:].reshape(B, streams, D), qkv[:, :, 2 * H :].reshape(B, streams, D)
+        q = qk[:, -1, :H]  # (B, H, hd): the token's
         idx = ctx.ring_slots(self.window, streams, 1)
         rk, rv = io.put_rows("k", idx, k), io.put_rows("v", idx, v)
         S = rk.shape[1]
-        if rk.dtype != u.dtype:
-            rk, rv = rk.to(u.dtype), rv.to(u.dtype)
+        if rk.dtype != rows.dtype:
+            rk, rv = rk.to(rows.dtype), rv.to(rows.dtype)
         if self.segment:
             mask = ctx.segment_mask(streams)
         else:
             mask = None if ctx.ring_full else ctx.sliding_mask(read_first=False)
         y = F.scaled_dot_product_attention(
-            qk[:, :H].unsqueeze(2),
+            q.unsqueeze(2),
             rk.view(B, S, H, hd).transpose(1, 2),
             rv.view(B, S, H, hd).transpose(1, 2),
             attn_mask=mask,

@@ -146,10 +146,10 @@ class TitansLayer(nn.Module):
     def _mac_step(self, u: Tensor, ctx: StepCtx, io: StateIO) -> Tensor:
         mem, attn = self.memory, self.attn
         h = mem(u, ctx, io, read_frozen=True)  # (B,T,D): read with the segment-start weights
-        hn = self.attn_norm(_like(h, u))
-        if ctx.eager_decode and u.shape[1] == 1:
-            y = attn.o_proj(attn.decode_one(self.attn_norm(u), ctx, io, hn))
+        if ctx.eager_decode and u.shape[1] == 1:  # [h ; token] normalised together, one attention call
+            y = attn.o_proj(attn.decode_one(self.attn_norm(torch.cat([_like(h, u), u], 1)), ctx, io))
         else:
+            hn = self.attn_norm(_like(h, u))
             q, k, v = attn.project(self.attn_norm(u), ctx)
             hk, hv = attn.project_kv(hn, ctx)
             y = attn.o_proj(attn.segment_step(q, k, v, ctx, io, hk, hv))

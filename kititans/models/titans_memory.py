@@ -264,6 +264,10 @@ class NeuralMemory(nn.Module):
             w_all, _, _ = self.scan(k, v, theta, le, la, None, None)
             return self.combine(self.retrieve(q, w_all), gate)
         if read_frozen:
+            if ctx.eager_decode and x.shape[1] == 1 and not self.conv_size and self._fused_q is not None:
+                h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
+                zq = F.linear(h, self._fused_q[0], self._fused_q[1])  # (B,1,Hd+H): [queries | gate logits]
+                return self.read_one(zq, tuple(io.get(f"seg_{n}") for n in self.weight_names()), ctx.cache, 0)
             q, gate, conv_q = self.queries(x, io.get("conv_q") if self.conv_size else None)
             if conv_q is not None:
                 io.put("conv_q", conv_q)
@@ -374,9 +378,11 @@ class NeuralMemory(nn.Module):
         w_all = tuple(torch.stack([a, b], dim=2) for a, b in zip(w, w_new))
         return self.combine(self.retrieve(q, w_all), gate)
 
-    def read_one(self, z: Tensor, w: Weights, cache: dict | None = None) -> Tensor:
+    def read_one(self, z: Tensor, w: Weights, cache: dict | None = None, q_at: int | None = None) -> Tensor:
         """One token's read from its features z (B,1,width) with weights w -> (B,1,D): the few ops a decode
-        step runs (`cache`, the in-place decode's, keeps the query gain between calls)."""
+        step runs (`cache`, the in-place decode's, keeps the query gain between calls). The queries start at
+        column q_at of z (default: after the keys and values) and the output-gate logits are its last columns
+        (MAC's query stream passes [queries | gate logits] with q_at 0)."""
         B, H, d = z.shape[0], self.n_heads, self.head_dim
         gain, key = None, None
         if cache is not None:
@@ -389,7 +395,8 @@ class NeuralMemory(nn.Module):
             gain = (1 + self.qkv_gain[2].float()).view(H, 1, d)
             if key is not None:
                 cache[key] = gain
-        q = F.rms_norm(z[..., 2 * H * d : 3 * H * d].view(B, H, 1, d), (d,), eps=QK_EPS) * gain  # (B,H,1,d)
+        a = 2 * H * d if q_at is None else q_at
+        q = F.rms_norm(z[..., a : a + H * d].view(B, H, 1, d), (d,), eps=QK_EPS) * gain  # (B,H,1,d)
         y = ACT_ONLY[self.act](q @ w[0]) @ w[1]
         if len(w) == 3:
             y = F.layer_norm(y, (d,), eps=LN_EPS) * (1 + w[2].unsqueeze(-2)) + q

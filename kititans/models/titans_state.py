@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kititans.models.layers import apply_rope
+from kititans.models.layers import apply_rope, signed_sin
 
 
 class StateIO:
@@ -211,6 +211,13 @@ class StepCtx:
             self._memo[key] = (cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
         c, s = self._memo[key]
         return apply_rope(x4, c, s).reshape(B, T, D)
+
+    def rope_rolled(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and signed_sin(sin) in `dtype`, once per call (for layers.apply_rope_rolled)."""
+        key = ("rope_rolled", dtype)
+        if key not in self._memo:
+            self._memo[key] = (self.cos.to(dtype), signed_sin(self.sin).to(dtype))
+        return self._memo[key]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """q (B,T,D) over k, v (B,S,D) with a boolean mask (T,S) -> (B,T,D)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,21 @@ import torch
 from kititans.checkpoint import load_checkpoint
 from kititans.device import DTYPES, resolve_device
 
+log = logging.getLogger("kititans")
+
 
 class TorchRuntime:
     name = "torch"
 
-    def __init__(self, path: Path, device: str = "cpu", dtype: str = "fp32", threads: int = 0, **_: Any):
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        threads: int = 0,
+        compile: bool = False,
+        **_: Any,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -24,6 +35,16 @@ class TorchRuntime:
         self.model = self.ckpt.model
         if hasattr(self.model, "fuse_for_inference"):
             self.model.fuse_for_inference()
+        self.compiled = False
+        if compile:  # Titans: one torch.compile'd fixed-shape step per kind of call (models without: eager)
+            if hasattr(self.model, "compile_decode"):
+                self.model.compile_decode()
+                self.compiled = True
+            else:
+                log.warning(
+                    "--compile: the %s family has no compiled decode step; decoding eagerly",
+                    self.ckpt.spec.name,
+                )
         self.codec = self.ckpt.tokenizer
         self.vocab_size = self.ckpt.config.vocab_size
         self.context_length = self.ckpt.config.context_length

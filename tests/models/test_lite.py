@@ -84,3 +84,14 @@ def test_gqa_and_tied_embeddings_share_storage():
     model = small()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.model.layers[0].self_attn.k_proj.weight.shape == (128, 256)
+
+
+def test_rolled_rope_equals_rotate_half_rope():
+    """The decode step's 3-op RoPE (roll + signed sin) gives apply_rope's numbers."""
+    from kititans.models.layers import apply_rope, apply_rope_rolled, rope_tables, signed_sin
+
+    cos, sin = rope_tables(16, 40, 10000.0)
+    x = torch.randn(2, 3, 5, 16)
+    c, s = cos[7:8], sin[7:8]  # one position, broadcast over the heads
+    torch.testing.assert_close(apply_rope_rolled(x, c, signed_sin(s)), apply_rope(x, c, s), atol=1e-6, rtol=0)
+    assert not torch.allclose(apply_rope_rolled(x, c, s), apply_rope(x, c, s))  # the sign matters

@@ -51,6 +51,8 @@ def test_plan_and_metadata(runs, debug_run):
     assert meta["base_run"]["path"] == str(debug_run) and meta["stage"] == "pretrain"
     counts = q["plan"]["counts"]
     assert counts == {"q4_0": 14, "q8_0": 2}  # 7 matrices x 2 layers; the tied embedding and its head: q8_0
+    # windows of the model's whole context (256), not the base's 128: the float model matched where it is run
+    assert meta["run"]["train"]["seq_len"] == meta["model"]["context_length"] == 256
     assert default_out(debug_run, Q.parse_target("gguf:q4_0")).name == "debug-qat-q4_0"
     assert default_out(debug_run, Q.parse_target("onnx:int4")).name == "debug-qat-onnx-int4"
 
