@@ -189,16 +189,21 @@ class NeuralMemory(nn.Module):
         p, state = causal_conv(z[..., : self.n_proj], self.conv.float(), conv_state)
         return torch.cat([p, z[..., self.n_proj :]], dim=-1), state
 
+    def fused_query_rows(self, x: Tensor) -> Tensor:
+        """After fuse() (MAC): x (B,T,D) -> [raw queries | output-gate logits] (B,T,Hd+H), one matmul."""
+        h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
+        return F.linear(h, as_fp32(self._fused_q[0]), as_fp32(self._fused_q[1]))
+
     def query_features(
         self, x: Tensor, conv_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Only what a read needs (MAC's query stream): x (B,T,D) -> raw queries (B,T,Hd), output-gate logits
         (B,T,H), the new conv state of the query channels."""
         Hd, H = self.n_heads * self.head_dim, self.n_heads
-        h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
         if self._fused_q is not None:
-            q, gate = F.linear(h, as_fp32(self._fused_q[0]), as_fp32(self._fused_q[1])).split([Hd, H], dim=-1)
+            q, gate = self.fused_query_rows(x).split([Hd, H], dim=-1)
         else:
+            h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
             q = F.linear(h, self.proj.weight[2 * Hd :].float())
             gate = F.linear(h, self.gates.weight[3 * H :].float(), self.gates.bias[3 * H :].float())
         if not self.conv_size:
@@ -265,9 +270,8 @@ class NeuralMemory(nn.Module):
             return self.combine(self.retrieve(q, w_all), gate)
         if read_frozen:
             if ctx.eager_decode and x.shape[1] == 1 and not self.conv_size and self._fused_q is not None:
-                h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
-                zq = F.linear(h, self._fused_q[0], self._fused_q[1])  # (B,1,Hd+H): [queries | gate logits]
-                return self.read_one(zq, tuple(io.get(f"seg_{n}") for n in self.weight_names()), ctx.cache, 0)
+                seg = tuple(io.get(f"seg_{n}") for n in self.weight_names())
+                return self.read_one(self.fused_query_rows(x), seg, ctx.cache, q_at=0)
             q, gate, conv_q = self.queries(x, io.get("conv_q") if self.conv_size else None)
             if conv_q is not None:
                 io.put("conv_q", conv_q)
