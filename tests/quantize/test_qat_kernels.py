@@ -91,8 +91,10 @@ def test_kquant_writer_bytes_read_back_exactly(weights):
 
 
 def test_kquants_match_llamacpp_quantizer(debug_run, tmp_path):
-    """llama.cpp's compiled Q4_K/Q6_K on the same float32 tensors: the same values (its float arithmetic
-    differs from a C-order float32 replay on about one Q4_K sub-block in 10^4, so allow a sliver)."""
+    """llama.cpp's compiled Q4_K/Q6_K on the same float32 tensors: the same values. Its float arithmetic
+    (the build's SIMD and FMA contraction) picks a different sub-block scale from a C-order float32 replay on
+    a sliver of sub-blocks: 1e-4 of the values on one build, 1.2e-3 on another. So: at most 0.5% of the values
+    differ, and where they differ the disagreement is a small share of the quantization error itself."""
     gguf = pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
     from kititans.checkpoint import load_checkpoint
@@ -109,6 +111,7 @@ def test_kquants_match_llamacpp_quantizer(debug_run, tmp_path):
         out = tmp_path / f"{level}.gguf"
         llama_quantize(base, out, TYPES[level], pure=True)
         same = total = 0
+        disagree = qerr = 0.0
         for t in gguf.GGUFReader(str(out)).tensors:
             if int(t.tensor_type) != qtype:
                 continue
@@ -116,7 +119,10 @@ def test_kquants_match_llamacpp_quantizer(debug_run, tmp_path):
             got = kernel(torch.from_numpy(src[t.name])).numpy()
             same += int((got == ref).sum())
             total += ref.size
-        assert total > 0 and same / total > 0.999, (level, same / total)
+            disagree += float(((got - ref).astype(np.float64) ** 2).sum())
+            qerr += float(((ref - src[t.name]).astype(np.float64) ** 2).sum())
+        assert total > 0 and same / total > 0.995, (level, same / total)
+        assert disagree < 0.01 * qerr, (level, disagree / qerr)
 
 
 def test_torchao_closest_config_is_not_the_export_rounding(weights):
