@@ -12,7 +12,8 @@ torch decode: batch 1, a 16-token prefill, then `decode_tokens` single-token cal
         (where the cost is); with --compiled also each block through TitansModel.compile_decode() (compiled
         during the warm-up; decode_tokens must reach past the window so every kind of call is met).
 onnx decode: random weights of the same shapes exported to fp32 ONNX (cached under --work), run by kititans'
-        OnnxRuntime (1 intra-op thread, no spinning): a 64-token prompt, then greedy single-token steps.
+        OnnxRuntime (1 intra-op thread, no spinning): a 64-token prompt, then greedy single-token steps;
+        also the median time of a call inside a memory chunk and of the call that closes one (its update).
 Ratios: torch = Titans per-token time / Lite's (> 1: Titans slower); onnx = Titans tok/s / Lite's (< 1: slower).
 """
 
@@ -151,22 +152,36 @@ def onnx_decode(args: argparse.Namespace) -> dict:
     rts = {n: OnnxRuntime(p, threads=1, spin=False) for n, p in onnx_runs(args).items()}
     prompt = [int(i) for i in np.random.default_rng(0).integers(3, 4096, 64)]
 
-    def tps(rt, n: int) -> float:
+    chunk = shape("titans-tiny", args.width)[1].mem_chunk
+    calls: dict[str, dict[str, list[float]]] = {n: {"inside": [], "closing": []} for n in rts}
+
+    def tps(rt, n: int, name: str | None = None) -> float:
         rt.reset()
         logits = rt.forward(prompt)
-        t0 = time.perf_counter()
+        pos, total = len(prompt), 0.0
         for _ in range(n):
+            t0 = time.perf_counter()
             logits = rt.forward([int(np.argmax(logits))])
-        return n / (time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            total += dt
+            pos += 1
+            if name:  # the token that closes a memory chunk runs the chunk's update
+                calls[name]["closing" if pos % chunk == 0 else "inside"].append(dt)
+        return n / total
 
     for rt in rts.values():
         tps(rt, 16)  # warm-up
     runs: dict[str, list[float]] = {n: [] for n in rts}
     for _ in range(args.reps):
         for n, rt in rts.items():
-            runs[n].append(tps(rt, args.onnx_tokens))
+            runs[n].append(tps(rt, args.onnx_tokens, n))
     ratio = {n: statistics.median(a / b for a, b in zip(runs[n], runs["lite"])) for n in rts}
-    return {"tokens_per_s": {n: statistics.median(v) for n, v in runs.items()}, "tps_ratio_vs_lite": ratio}
+    per_call = {n: {kind: 1e6 * statistics.median(v) for kind, v in c.items() if v} for n, c in calls.items()}
+    return {
+        "tokens_per_s": {n: statistics.median(v) for n, v in runs.items()},
+        "tps_ratio_vs_lite": ratio,
+        "us_per_call": per_call,  # median over every call of that kind (Lite: the same positions)
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -225,6 +240,11 @@ def report(res: dict) -> str:
         o = res["onnx_decode"]
         lines.append("onnx fp32 decode, tok/s (x Lite's tok/s): " + ", ".join(
             f"{n} {o['tokens_per_s'][n]:,.0f} ({o['tps_ratio_vs_lite'][n]:.2f}x)" for n in o["tokens_per_s"]
+        ))  # fmt: skip
+        c, lite_in = o["us_per_call"], o["us_per_call"]["lite"]["inside"]
+        lines.append("onnx fp32 per call, median us (inside a memory chunk / closing one; x Lite's inside): " + ", ".join(
+            f"{n} {c[n]['inside']:,.0f} ({lite_in / c[n]['inside']:.2f}x) / {c[n].get('closing', 0):,.0f}"
+            for n in c
         ))  # fmt: skip
     return "\n".join(lines)
 
