@@ -174,11 +174,14 @@ class NeuralMemory(nn.Module):
 
     # -- projections
 
+    def _norm_in(self, x: Tensor) -> Tensor:
+        """The memory's input norm, in fp32 whatever the model's dtype."""
+        return F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
+
     def features(self, x: Tensor, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x (B,T,D) -> z (B,T,width) fp32: [keys | values | queries] (after the conv) and the gate logits;
         and the new conv state (None without conv)."""
-        # weights cast to fp32: the path stays fp32 in a bf16-stored model too
-        h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
+        h = self._norm_in(x)  # weights cast to fp32: the path stays fp32 in a bf16-stored model too
         if self._fused is not None:
             z = F.linear(h, as_fp32(self._fused[0]), as_fp32(self._fused[1]))
         else:
@@ -191,7 +194,7 @@ class NeuralMemory(nn.Module):
 
     def fused_query_rows(self, x: Tensor) -> Tensor:
         """After fuse() (MAC): x (B,T,D) -> [raw queries | output-gate logits] (B,T,Hd+H), one matmul."""
-        h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
+        h = self._norm_in(x)
         return F.linear(h, as_fp32(self._fused_q[0]), as_fp32(self._fused_q[1]))
 
     def query_features(
@@ -203,7 +206,7 @@ class NeuralMemory(nn.Module):
         if self._fused_q is not None:
             q, gate = self.fused_query_rows(x).split([Hd, H], dim=-1)
         else:
-            h = F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
+            h = self._norm_in(x)
             q = F.linear(h, self.proj.weight[2 * Hd :].float())
             gate = F.linear(h, self.gates.weight[3 * H :].float(), self.gates.bias[3 * H :].float())
         if not self.conv_size:
