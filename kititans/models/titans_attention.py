@@ -38,8 +38,6 @@ class TitansAttention(nn.Module):
         """u (B,T,D) normalised -> q, k (RoPE'd), v (B,T,D)."""
         qkv = self.qkv(u)
         D = qkv.shape[-1] // 3
-        if ctx.fused:
-            return ctx.rope(qkv[..., :D]), ctx.rope(qkv[..., D : 2 * D]), qkv[..., 2 * D :]
         qk = ctx.rope(qkv[..., : 2 * D], heads=2 * self.n_heads)  # one RoPE for both
         return qk[..., :D], qk[..., D:], qkv[..., 2 * D :]
 
@@ -122,6 +120,20 @@ class TitansAttention(nn.Module):
             attn_mask=mask,
         )  # (B, H, 1, hd)
         return y.view(B, 1, D)
+
+    def step_streams(self, rows: Tensor, ctx: StepCtx, io: StateIO) -> Tensor:
+        """decode_one for the exported and compiled steps (ctx.rope, ctx.attend): MAC's [h row ; token] rows
+        (B, 2, D), normalised, both at the token's position -> (B, 1, D) before o_proj."""
+        B, streams, D = rows.shape
+        qkv = self.qkv(rows)  # (B, streams, 3D)
+        # one RoPE for every row's q and k: all at the token's position, so they ride as heads of one row
+        qk = ctx.rope(qkv[..., : 2 * D].reshape(B, 1, streams * 2 * D), heads=streams * 2 * self.n_heads)
+        qk = qk.view(B, streams, 2 * D)
+        idx = ctx.ring_slots(self.window, streams, 1)
+        rk = io.put_rows("k", idx, self._rows(ctx, 0, qk[..., D:]))
+        rv = io.put_rows("v", idx, self._rows(ctx, 1, qkv[..., 2 * D :]))
+        q = qk[:, streams - 1 :, :D]  # the token's query (the h row's is computed and unused)
+        return ctx.attend(q, rk.to(q.dtype), rv.to(q.dtype), ctx.segment_mask(streams))
 
     def segment_step(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: StepCtx, io: StateIO, hk: Tensor | None = None,

@@ -146,8 +146,10 @@ class TitansLayer(nn.Module):
     def _mac_step(self, u: Tensor, ctx: StepCtx, io: StateIO) -> Tensor:
         mem, attn = self.memory, self.attn
         h = mem(u, ctx, io, read_frozen=True)  # (B,T,D): read with the segment-start weights
-        if ctx.eager_decode and u.shape[1] == 1:  # [h ; token] normalised together, one attention call
-            y = attn.o_proj(attn.decode_one(self.attn_norm(torch.cat([_like(h, u), u], 1)), ctx, io))
+        if u.shape[1] == 1:  # [h ; token] normalised together, one q/k/v matmul, one attention call
+            rows = self.attn_norm(torch.cat([_like(h, u), u], 1))
+            one = attn.decode_one if ctx.eager_decode else attn.step_streams
+            y = attn.o_proj(one(rows, ctx, io))
         else:
             hn = self.attn_norm(_like(h, u))
             q, k, v = attn.project(self.attn_norm(u), ctx)

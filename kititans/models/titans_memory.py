@@ -272,7 +272,7 @@ class NeuralMemory(nn.Module):
             w_all, _, _ = self.scan(k, v, theta, le, la, None, None)
             return self.combine(self.retrieve(q, w_all), gate)
         if read_frozen:
-            if ctx.eager_decode and x.shape[1] == 1 and not self.conv_size and self._fused_q is not None:
+            if x.shape[1] == 1 and not self.conv_size and self._fused_q is not None:  # one token: few ops
                 seg = tuple(io.get(f"seg_{n}") for n in self.weight_names())
                 return self.read_one(self.fused_query_rows(x), seg, ctx.cache, q_at=0)
             q, gate, conv_q = self.queries(x, io.get("conv_q") if self.conv_size else None)

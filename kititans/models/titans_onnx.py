@@ -81,12 +81,23 @@ class _KindStep(nn.Module):
         graph inside a chunk, ...): a wrong call shows instead of decoding garbage."""
         k = self.kind
         end = position + k.tokens
-        ok = torch.remainder(end, k.every) == 0
+        checks = []
+        if k.every > 1:
+            checks.append(torch.remainder(end, k.every) == 0)
         if k.tokens > 1:
-            ok = ok & (torch.remainder(position, k.tokens) == 0)
-        for other in self.kinds:  # a kind with the same size and a larger period would take this position
-            if other.tokens == k.tokens and other.every > k.every:
-                ok = ok & (torch.remainder(end, other.every) != 0)
+            checks.append(torch.remainder(position, k.tokens) == 0)
+        # a kind with the same size and a larger period would take this position; of those periods only the
+        # ones no smaller one divides need a check (off a chunk boundary is off a segment boundary too)
+        larger: list[int] = []
+        for e in sorted(o.every for o in self.kinds if o.tokens == k.tokens and o.every > k.every):
+            if all(e % f for f in larger):
+                larger.append(e)
+                checks.append(torch.remainder(end, e) != 0)
+        if not checks:
+            return logits
+        ok = checks[0]
+        for c in checks[1:]:
+            ok = ok & c
         return torch.where(ok, logits, torch.full_like(logits, float("nan")))
 
 

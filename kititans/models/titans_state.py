@@ -204,7 +204,7 @@ class StepCtx:
             half = cos.shape[-1] // 2
             c = cos[None, :, :half].to(x.dtype).expand(B, -1, -1)
             s = sin[None, :, :half].to(x.dtype).expand(B, -1, -1)
-            return torch.onnx.ops.rotary_embedding(x, c, s, num_heads=self.n_heads)
+            return torch.onnx.ops.rotary_embedding(x, c, s, num_heads=heads)
         x4 = x.view(B, T, heads, D // heads)
         key = ("rope", start, T, x.dtype)
         if key not in self._memo:  # (T, 1, hd): broadcast over the heads, once per call
