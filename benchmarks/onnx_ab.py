@@ -21,12 +21,19 @@ from kititans.errors import KititansError
 from kititans.runtimes.onnx import OnnxRuntime
 
 
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("exports", nargs="+", type=Path, help="ONNX export folders; the first is the reference")
-    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds (median taken)")
-    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens before timing")
-    ap.add_argument("--tokens", type=int, default=64, help="decode tokens timed per round")
+    ap.add_argument("--rounds", type=positive, default=9, help="interleaved rounds (median taken)")
+    ap.add_argument("--prompt", type=positive, default=64, help="prompt tokens before timing")
+    ap.add_argument("--tokens", type=positive, default=64, help="decode tokens timed per round")
     args = ap.parse_args(argv)
     try:
         rts = [OnnxRuntime(p, threads=1, spin=False) for p in args.exports]
