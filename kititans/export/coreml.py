@@ -341,7 +341,7 @@ def validate_package(
     for name, h in ops.items():
         if missing := sorted(required - set(h)):
             problems.append(f"{name}: missing ops {', '.join(missing)}")
-    weights = weight_report(prog.functions["decode"], step, quant)
+    weights = weight_report(list(prog.functions.values()), step, quant)
     if weights["max_relative_error"] > cq.ERROR_BOUND[quant]:
         problems.append(
             f"weight error {weights['max_relative_error']:.4f} > {cq.ERROR_BOUND[quant]} ({quant})"
@@ -387,10 +387,14 @@ def _function_io(f: Any) -> dict[str, Any]:
     }
 
 
-def weight_report(function: Any, step: nn.Module, quant: str) -> dict[str, Any]:
-    """Decompressed package weights vs the PyTorch weights: relative error per parameter; and which
-    consts were compressed (none of the family's keep_float ones may be)."""
-    values = cq.weight_values(function)
+def weight_report(functions: list[Any], step: nn.Module, quant: str) -> dict[str, Any]:
+    """Decompressed package weights (of every function: one may use a weight that another uses only in
+    part) vs the PyTorch weights: relative error per parameter; and which consts were compressed (none of
+    the family's keep_float ones may be)."""
+    # per function: a derived const's name (slice_7, ...) means different tensors in different functions
+    per_function = [cq.weight_values(f) for f in functions]
+    values = {k: v for vals in reversed(per_function) for k, v in vals.items() if k.startswith("p_")}
+    derived = [v for vals in per_function for v in vals.values()]
     aliases: dict[int, list[str]] = {}
     params: dict[int, nn.Parameter] = {}
     for name, p in step.named_parameters(remove_duplicate=False):  # a tied weight has two names
@@ -402,11 +406,16 @@ def weight_report(function: Any, step: nn.Module, quant: str) -> dict[str, Any]:
         # a weight of an fp16 op is stored as <name>_to_fp16, one of an fp32 op under its own name
         keys = ["p_" + n.replace(".", "_") + suffix for n in names for suffix in ("_to_fp16", "")]
         key = next((k for k in keys if k in values), None)
-        if key is None:
+        ref = params[pid].detach().numpy()
+        if key is not None:
+            errors[names[0]] = cq.relative_error(values[key], ref)
+        elif (err := _row_blocks_error(ref, derived, cq.ERROR_BOUND[quant])) is not None:
+            errors[names[0]] = err
+        else:
             (folded if any(f in names[0] for f in folds) else missing).append(names[0])
-            continue
-        errors[names[0]] = cq.relative_error(values[key], params[pid].detach().numpy())
-    compressed = [op.name for op in function.operations if op.op_type.startswith("constexpr_")]
+    compressed = sorted(
+        {op.name for f in functions for op in f.operations if op.op_type.startswith("constexpr_")}
+    )
     worst = max(errors, key=errors.get) if errors else None
     return {
         "scheme": quant,
@@ -420,6 +429,27 @@ def weight_report(function: Any, step: nn.Module, quant: str) -> dict[str, Any]:
         "compressed": len(compressed),
         "compressed_but_float": [n for n in compressed if any(k in n for k in step.keep_float)],
     }
+
+
+def _row_blocks_error(ref: np.ndarray, values: list[np.ndarray], bound: float) -> float | None:
+    """A matrix the program uses only in row blocks (coremltools folds a sliced parameter into consts named
+    after the slice): the worst relative error of the consts that tile its rows, each placed by its first
+    row; None when some row is not found within the bound."""
+    if ref.ndim != 2:
+        return None
+    covered, worst = np.zeros(ref.shape[0], bool), 0.0
+    ref32 = ref.astype(np.float32)
+    for v in values:
+        if v.ndim != 2 or v.shape[1] != ref.shape[1] or v.shape[0] >= ref.shape[0]:
+            continue
+        at = int(np.argmin(np.linalg.norm(ref32 - v[0].astype(np.float32), axis=1)))
+        if at + v.shape[0] > ref.shape[0]:
+            continue
+        err = cq.relative_error(v, ref[at : at + v.shape[0]])
+        if err <= bound:
+            covered[at : at + v.shape[0]] = True
+            worst = max(worst, err)
+    return worst if covered.all() else None
 
 
 def wrapper_report(step: nn.Module, model: nn.Module) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def validate(package: Path, ckpt: Any, quant: str, graph: Any, target: Any) -> d
     if needed and not any(needed in h for h in ops.values()):
         problems.append(f"missing op {needed}")
     function = next(iter(prog.functions.values()))
-    weights = base.weight_report(function, graph, quant)
+    weights = base.weight_report([function], graph, quant)
     if weights["max_relative_error"] > cq.ERROR_BOUND[quant]:
         problems.append(f"weight error {weights['max_relative_error']:.4f} > {cq.ERROR_BOUND[quant]}")
     if weights["missing"]:

@@ -21,9 +21,9 @@ Decode, two ways over one state layout (titans_state.py):
       layers.{i}.k, layers.{i}.v       (B, rows, dim)       K/V rings (persistent rows first), model dtype
       layers.{i}.{w1,w2,gamma}         memory weights       (memory layers only; fp32, as all memory state)
       layers.{i}.s_*                   momentum
-      layers.{i}.buf                   (B, mem_chunk-1, F)  the open chunk's projected inputs
-      layers.{i}.conv                  (B, k-1, 3*dim)      with mem_conv: the last k-1 projections
-      layers.{i}.seg_*, layers.{i}.conv_q                   mac: segment-start weights, query-stream conv
+      layers.{i}.buf                   (B, mem_chunk-1, dim) the open chunk's normalised memory inputs
+      layers.{i}.conv, layers.{i}.conv_q                    with mem_conv: key/value and query histories
+      layers.{i}.seg_*, layers.{i}.conv_h                   mac: segment-start weights, h-stream conv
 RoPE angles past the precomputed table are computed from positions on the fly, so decoding may run past
 `context_length` (the length the model was trained for): the state does not grow.
 """

@@ -66,9 +66,12 @@ class CoreMLIO(StateIO):
             return (self.pos >= self.segment).float()
         if name.startswith("s_") or name in MEMORY_WEIGHTS:
             return (self.pos >= self.chunk).float()
-        if name in ("conv", "conv_q"):  # row j holds position pos - (k-1) + j
+        if name.startswith("conv"):
+            # row j holds position start - (k-1) + j: start = pos for the per-token query histories (conv_q,
+            # conv_h), the open chunk's start for the keys and values (conv, written when a chunk closes)
             k1 = self.buffers[name].shape[1]
-            rows = self.pos + torch.arange(k1, device=self.pos.device) - k1
+            start = self.pos - torch.remainder(self.pos, self.chunk) if name == "conv" else self.pos
+            rows = start + torch.arange(k1, device=self.pos.device) - k1
             return (rows >= 0).float().view(1, k1, 1)
         return None
 
@@ -117,8 +120,9 @@ class TitansCoreMLStep(nn.Module):
         "except_ops": ("linear",),
         "angles": True,
     }
-    # small parameters coremltools folds into derived consts (expanded, scaled): not stored under their names
-    folded_params = ("persistent_k", "persistent_v", "qkv_gain", "memory.conv")
+    # small parameters coremltools folds into derived consts (expanded, scaled, sliced into linear biases): not
+    # stored under their names (the memory's projections are used in row blocks, which the report places)
+    folded_params = ("persistent_k", "persistent_v", "qkv_gain", "memory.conv", "memory.gates.bias")
     # const-name parts compression leaves in fp16: norms, the memory's W_0, gates and per-head gains (small,
     # and they steer what the memory stores), persistent K/V
     keep_float = (

@@ -16,13 +16,17 @@ The gradient is the closed form of research §4.1 written as plain tensor algebr
 so the same code trains (autograd differentiates *through* it), decodes token by token, and exports.
 Everything here runs in fp32, also under bf16 autocast.
 
-Decode state of one memory layer (B = batch, H = heads, d = head dim, h = hidden, C = chunk, F = 3Hd + 4H):
+Decode state of one memory layer (B = batch, H = heads, d = head dim, h = hidden, C = chunk, D = model dim):
     w1, w2, gamma        (B,H,d,h) (B,H,h,d) (B,H,d)   current weights W (gamma only with residual_norm)
     s_w1, s_w2, s_gamma  same shapes                    momentum S
-    buf                  (B, C-1, F)                    the open chunk's projected inputs, one row per token
-    conv                 (B, k-1, 3Hd)                  the last k-1 projections (only with conv)
-A token inside a chunk writes its row of `buf` and reads W; the token that closes the chunk (or a C-token
-prefill at a chunk boundary) runs the closed form once over the chunk and rewrites W and S.
+    buf                  (B, C-1, D)                    the open chunk's normalised inputs, one row per token
+    conv                 (B, k-1, 2Hd)                  with conv: the key/value projections of the k-1 tokens
+                                                        before the open chunk (written when a chunk closes)
+    conv_q               (B, k-1, Hd)                   with conv: the last k-1 query projections
+A token inside a chunk writes its row of `buf` and reads W through its query alone (one (Hd + H) x D matmul:
+what a read needs); the token that closes the chunk (or a C-token prefill at a chunk boundary) projects the
+chunk's rows in one matmul, runs the closed form once over the chunk and rewrites W and S. So the key, value
+and gate rows of the projection are read once per chunk, not once per token.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ class NeuralMemory(nn.Module):
         frozen: bool = False,
     ):
         super().__init__()
-        self.n_heads, self.head_dim, self.hidden, self.chunk = n_heads, head_dim, hidden, chunk
+        self.dim, self.n_heads, self.head_dim, self.hidden, self.chunk = dim, n_heads, head_dim, hidden, chunk
         self.act, self.grad_base, self.max_lr, self.max_grad_norm = act, grad_base, max_lr, max_grad_norm
         self.conv_size, self.norm_v, self.forget = conv, norm_v, forget
         self.frozen = frozen  # MAC: also reads with the weights frozen at the segment start (seg_* state)
@@ -91,8 +95,8 @@ class NeuralMemory(nn.Module):
         if residual_norm:
             self.gamma = nn.Parameter(torch.zeros(n_heads, head_dim))
         self.out = nn.Linear(n_heads * head_dim, dim, bias=False)
-        self._fused: tuple[Tensor, Tensor] | None = None  # fuse(): projections + gates as one matrix
-        self._fused_q: tuple[Tensor, Tensor] | None = None  # fuse(), MAC: its query stream's rows
+        self._fused: tuple[Tensor, Tensor, Tensor] | None = None  # fuse(): views of one matrix
+        self._fused_q: tuple[Tensor, Tensor] | None = None  # fuse(): the rows a read needs (queries, gate)
 
     @property
     def n_proj(self) -> int:
@@ -125,17 +129,20 @@ class NeuralMemory(nn.Module):
         self.norm.weight.data.fill_(1.0)
 
     def fuse(self) -> None:
-        """Inference: the projections and the gates become views of one (3Hd + 4H) x dim matrix (one matmul
-        per token; the same state_dict)."""
-        w = torch.cat([self.proj.weight, self.gates.weight]).detach()
-        b = torch.cat([self.gates.bias.new_zeros(self.n_proj), self.gates.bias]).detach()
-        self.proj.weight.data, self.gates.weight.data = w[: self.n_proj], w[self.n_proj :]
-        self.gates.bias.data = b[self.n_proj :]
-        self._fused = (w, b)
-        if self.frozen:  # MAC's query stream: the query rows and the output-gate rows, one matmul
-            Hd, H = self.n_heads * self.head_dim, self.n_heads
-            rows = torch.cat([w[2 * Hd : 3 * Hd], w[3 * Hd + 3 * H :]])
-            self._fused_q = (rows, torch.cat([b[2 * Hd : 3 * Hd], b[3 * Hd + 3 * H :]]))
+        """Inference: the projections and gates become one (3Hd + 4H) x dim matrix, rows [keys | values |
+        queries | output gate | theta, eta, alpha], read through three views: the keys and values, what a read
+        needs (queries and output gate: a token inside a chunk reads through these alone) and the store gates.
+        proj.weight becomes a view of it (the same state_dict, nothing stored twice); an exporter stores each
+        view once for all its graphs."""
+        if self._fused is not None:
+            return
+        Hd, H = self.n_proj // 3, self.n_heads
+        gw, gb = self.gates.weight.detach(), self.gates.bias.detach()
+        w = torch.cat([self.proj.weight.detach(), gw[3 * H :], gw[: 3 * H]])
+        b = torch.cat([gb[3 * H :], gb[: 3 * H]])
+        self.proj.weight.data = w[: 3 * Hd]
+        self._fused = (w[: 2 * Hd], w[3 * Hd + H :], b[H:])  # keys and values; the store gates and their bias
+        self._fused_q = (w[2 * Hd : 3 * Hd + H], torch.cat([gb.new_zeros(Hd), b[:H]]))
 
     def initial_weights(self) -> Weights:
         """W_0 in fp32, shapes (H, d, h), (H, h, d)[, (H, d)]."""
@@ -146,20 +153,21 @@ class NeuralMemory(nn.Module):
         return ("w1", "w2", "gamma") if hasattr(self, "gamma") else ("w1", "w2")
 
     def state_spec(self, batch: int) -> list[tuple[str, tuple[int, ...]]]:
-        """(name, shape) of the layer's memory state; a frozen (MAC) memory adds the segment-start weights
-        (seg_*) and the conv state of its query stream (conv_q)."""
+        """(name, shape) of the layer's memory state (module docstring); a frozen (MAC) memory adds the
+        segment-start weights (seg_*) and the conv state of its query stream h (conv_h)."""
         B, H, d, h = batch, self.n_heads, self.head_dim, self.hidden
         shapes = {"w1": (B, H, d, h), "w2": (B, H, h, d), "gamma": (B, H, d)}
         names = self.weight_names()
         out = [(n, shapes[n]) for n in names] + [(f"s_{n}", shapes[n]) for n in names]
         if self.chunk > 1:
-            out.append(("buf", (B, self.chunk - 1, self.width)))
+            out.append(("buf", (B, self.chunk - 1, self.dim)))
         if self.conv_size:
-            out.append(("conv", (B, self.conv_size - 1, self.n_proj)))
+            k1 = self.conv_size - 1
+            out += [("conv", (B, k1, 2 * H * d)), ("conv_q", (B, k1, H * d))]
         if self.frozen:
             out += [(f"seg_{n}", shapes[n]) for n in names]
             if self.conv_size:
-                out.append(("conv_q", (B, self.conv_size - 1, H * d)))
+                out.append(("conv_h", (B, self.conv_size - 1, H * d)))
         return out
 
     def initial_state(self, batch: int, device: torch.device) -> dict[str, Tensor]:
@@ -178,40 +186,63 @@ class NeuralMemory(nn.Module):
         """The memory's input norm, in fp32 whatever the model's dtype."""
         return F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
 
+    def project_parts(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised inputs h (B,T,D) fp32 -> [keys | values] (B,T,2Hd), [queries | output-gate logits]
+        (B,T,Hd+H) and the store-gate logits theta, eta, alpha (B,T,3H), before any conv (weights cast to
+        fp32: the path stays fp32 in a bf16-stored model too)."""
+        Hd, H = self.n_proj // 3, self.n_heads
+        if self._fused is None:
+            w_kv, w_g, b_g = self.proj.weight[: 2 * Hd], self.gates.weight[: 3 * H], self.gates.bias[: 3 * H]
+        else:
+            w_kv, w_g, b_g = self._fused
+        return F.linear(h, as_fp32(w_kv)), self.query_rows(h), F.linear(h, as_fp32(w_g), as_fp32(b_g))
+
+    def project(self, h: Tensor) -> Tensor:
+        """Normalised inputs h (B,T,D) fp32 -> z (B,T,width): [keys | values | queries] (before any conv) and
+        the gate logits."""
+        return self.assemble(*self.project_parts(h))
+
+    def assemble(self, kv: Tensor, r: Tensor, g: Tensor) -> Tensor:
+        """project_parts' three parts -> z (B,T,width) in `split`'s layout."""
+        Hd = self.n_proj // 3
+        return torch.cat([kv, r[..., :Hd], g, r[..., Hd:]], dim=-1)
+
     def features(self, x: Tensor, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x (B,T,D) -> z (B,T,width) fp32: [keys | values | queries] (after the conv) and the gate logits;
-        and the new conv state (None without conv)."""
-        h = self._norm_in(x)  # weights cast to fp32: the path stays fp32 in a bf16-stored model too
-        if self._fused is not None:
-            z = F.linear(h, as_fp32(self._fused[0]), as_fp32(self._fused[1]))
-        else:
-            g = F.linear(h, self.gates.weight.float(), self.gates.bias.float())
-            z = torch.cat([F.linear(h, self.proj.weight.float()), g], dim=-1)
+        and the new conv state (B,k-1,3Hd) (None without conv)."""
+        z = self.project(self._norm_in(x))
         if not self.conv_size:
             return z, None
         p, state = causal_conv(z[..., : self.n_proj], self.conv.float(), conv_state)
         return torch.cat([p, z[..., self.n_proj :]], dim=-1), state
 
-    def fused_query_rows(self, x: Tensor) -> Tensor:
-        """After fuse() (MAC): x (B,T,D) -> [raw queries | output-gate logits] (B,T,Hd+H), one matmul."""
-        h = self._norm_in(x)
-        return F.linear(h, as_fp32(self._fused_q[0]), as_fp32(self._fused_q[1]))
+    def query_rows(self, h: Tensor) -> Tensor:
+        """Only what a read needs: normalised inputs h (B,T,D) -> [raw queries | output-gate logits]
+        (B,T,Hd+H), one matmul after fuse()."""
+        if self._fused_q is not None:
+            return F.linear(h, as_fp32(self._fused_q[0]), as_fp32(self._fused_q[1]))
+        Hd, H = self.n_heads * self.head_dim, self.n_heads
+        q = F.linear(h, self.proj.weight[2 * Hd :].float())
+        return torch.cat(
+            [q, F.linear(h, self.gates.weight[3 * H :].float(), self.gates.bias[3 * H :].float())], -1
+        )
+
+    def query_conv(self, qg: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """[raw queries | gate logits] (B,T,Hd+H) -> the same with the queries through the causal conv (with
+        conv), and the new conv state of the query channels (None without conv)."""
+        if not self.conv_size:
+            return qg, None
+        Hd = self.n_heads * self.head_dim
+        q, state = causal_conv(qg[..., :Hd], self.conv[2 * Hd :].float(), conv_state)
+        return torch.cat([q, qg[..., Hd:]], dim=-1), state
 
     def query_features(
         self, x: Tensor, conv_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Only what a read needs (MAC's query stream): x (B,T,D) -> raw queries (B,T,Hd), output-gate logits
         (B,T,H), the new conv state of the query channels."""
-        Hd, H = self.n_heads * self.head_dim, self.n_heads
-        if self._fused_q is not None:
-            q, gate = self.fused_query_rows(x).split([Hd, H], dim=-1)
-        else:
-            h = self._norm_in(x)
-            q = F.linear(h, self.proj.weight[2 * Hd :].float())
-            gate = F.linear(h, self.gates.weight[3 * H :].float(), self.gates.bias[3 * H :].float())
-        if not self.conv_size:
-            return q, gate, None
-        q, state = causal_conv(q, self.conv[2 * Hd :].float(), conv_state)
+        qg, state = self.query_conv(self.query_rows(self._norm_in(x)), conv_state)
+        q, gate = qg.split([self.n_heads * self.head_dim, self.n_heads], dim=-1)
         return q, gate, state
 
     def read_query(self, q: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
@@ -272,14 +303,14 @@ class NeuralMemory(nn.Module):
             w_all, _, _ = self.scan(k, v, theta, le, la, None, None)
             return self.combine(self.retrieve(q, w_all), gate)
         if read_frozen:
-            if x.shape[1] == 1 and not self.conv_size and self._fused_q is not None:  # one token: few ops
-                seg = tuple(io.get(f"seg_{n}") for n in self.weight_names())
-                return self.read_one(self.fused_query_rows(x), seg, ctx.cache, q_at=0)
-            q, gate, conv_q = self.queries(x, io.get("conv_q") if self.conv_size else None)
-            if conv_q is not None:
-                io.put("conv_q", conv_q)
-            return self.read(q, gate, tuple(io.get(f"seg_{n}") for n in self.weight_names()))
-        out = self._step(x, ctx, io, "conv")
+            seg = tuple(io.get(f"seg_{n}") for n in self.weight_names())
+            if x.shape[1] == 1:  # one token: few ops
+                return self.read_one(self._step_query(self._norm_in(x), io, "conv_h"), seg, ctx.cache)
+            q, gate, conv_h = self.queries(x, io.get("conv_h") if self.conv_size else None)
+            if conv_h is not None:
+                io.put("conv_h", conv_h)
+            return self.read(q, gate, seg)
+        out = self._step(x, ctx, io)
         if self.frozen and ctx.closes_segment:  # the next segment's h reads the memory as this one left it
             for n in self.weight_names():
                 io.put(f"seg_{n}", io.get(n))
@@ -362,35 +393,60 @@ class NeuralMemory(nn.Module):
 
     # -- the per-token path over a state (decode, chunk prefill)
 
-    def _step(self, x: Tensor, ctx: Any, io: Any, conv: str) -> Tensor:
-        """x (B,T,D) with T = 1, or T = chunk at a chunk boundary. A token inside a chunk writes its features
-        into `buf` and reads W; a call that closes the chunk updates W and S once from the buffered rows and
-        its own, and its last token reads the new W."""
-        z, conv_state = self.features(x, io.get(conv) if self.conv_size else None)
-        if conv_state is not None:
-            io.put(conv, conv_state)
+    def _step_query(self, h: Tensor, io: Any, conv: str, qg: Tensor | None = None) -> Tensor:
+        """One token's [queries | gate logits] (B,1,Hd+H) from its normalised input h (or its projected rows
+        qg), through the conv over the query history in state `conv` (updated)."""
+        qg = self.query_rows(h) if qg is None else qg
+        if not self.conv_size:
+            return qg
+        qg, state = self.query_conv(qg, io.get(conv))
+        io.put(conv, state)
+        return qg
+
+    def _step(self, x: Tensor, ctx: Any, io: Any) -> Tensor:
+        """x (B,T,D) with T = 1, or T = chunk at a chunk boundary. A token inside a chunk writes its
+        normalised input into `buf` and reads W through its query alone; a call that closes the chunk projects
+        the chunk's rows, updates W and S once, and its last token reads the new W."""
         names = self.weight_names()
         w = tuple(io.get(n) for n in names)
-        if not ctx.closes_chunk:  # T == 1 inside a chunk
-            io.put_rows("buf", ctx.chunk_slots, z)
-            return self.read_one(z, w, ctx.cache)
-        rows = z if x.shape[1] == self.chunk else torch.cat([io.get("buf"), z], dim=1)  # (B,C,width)
-        k, v, q, theta, le, la, gate = self.split(rows)
-        w_new, s_new = self.close_chunk(w, tuple(io.get(f"s_{n}") for n in names), k, v, theta, le, la)
-        for n, a, b in zip(names, w_new, s_new):
-            io.put(n, a)
-            io.put(f"s_{n}", b)
+        Hd = self.n_heads * self.head_dim
         if x.shape[1] == 1:
-            return self.read_one(z, w_new, ctx.cache)
+            h = self._norm_in(x)  # (B,1,D)
+            if not ctx.closes_chunk:
+                io.put_rows("buf", ctx.chunk_slots, h)
+                return self.read_one(self._step_query(h, io, "conv_q"), w, ctx.cache)
+            kv, r, g = self.project_parts(torch.cat([io.get("buf"), h], dim=1) if self.chunk > 1 else h)
+            qg = self._step_query(h, io, "conv_q", r[:, -1:])  # the closing token's read
+            if self.conv_size:  # keys and values through the conv over the chunk's rows and the k-1 before
+                kv, state = causal_conv(kv, self.conv[: 2 * Hd].float(), io.get("conv"))
+                io.put("conv", state)
+            k, v, _, theta, le, la, _ = self.split(self.assemble(kv, r, g))
+            w_new, s_new = self.close_chunk(w, self._momentum(io), k, v, theta, le, la)
+            self._put_weights(io, w_new, s_new)
+            return self.read_one(qg, w_new, ctx.cache)
+        state = torch.cat([io.get("conv"), io.get("conv_q")], dim=-1) if self.conv_size else None
+        z, state = self.features(x, state)  # a whole chunk at a chunk boundary
+        if state is not None:
+            io.put("conv", state[..., : 2 * Hd])
+            io.put("conv_q", state[..., 2 * Hd :])
+        k, v, q, theta, le, la, gate = self.split(z)
+        w_new, s_new = self.close_chunk(w, self._momentum(io), k, v, theta, le, la)
+        self._put_weights(io, w_new, s_new)
         w_all = tuple(torch.stack([a, b], dim=2) for a, b in zip(w, w_new))
         return self.combine(self.retrieve(q, w_all), gate)
 
-    def read_one(self, z: Tensor, w: Weights, cache: dict | None = None, q_at: int | None = None) -> Tensor:
-        """One token's read from its features z (B,1,width) with weights w -> (B,1,D): the few ops a decode
-        step runs (`cache`, the in-place decode's, keeps the query gain between calls). The queries start at
-        column q_at of z (default: after the keys and values) and the output-gate logits are its last columns
-        (MAC's query stream passes [queries | gate logits] with q_at 0)."""
-        B, H, d = z.shape[0], self.n_heads, self.head_dim
+    def _momentum(self, io: Any) -> Weights:
+        return tuple(io.get(f"s_{n}") for n in self.weight_names())
+
+    def _put_weights(self, io: Any, w: Weights, s: Weights) -> None:
+        for n, a, b in zip(self.weight_names(), w, s):
+            io.put(n, a)
+            io.put(f"s_{n}", b)
+
+    def read_one(self, qg: Tensor, w: Weights, cache: dict | None = None) -> Tensor:
+        """One token's read from its [queries | output-gate logits] qg (B,1,Hd+H) with weights w -> (B,1,D):
+        the few ops a decode step runs (`cache`, the in-place decode's, keeps the query gain between calls)."""
+        B, H, d = qg.shape[0], self.n_heads, self.head_dim
         gain, key = None, None
         if cache is not None:
             try:  # the parameter's version: an optimizer step changes it in place
@@ -402,12 +458,11 @@ class NeuralMemory(nn.Module):
             gain = (1 + self.qkv_gain[2].float()).view(H, 1, d)
             if key is not None:
                 cache[key] = gain
-        a = 2 * H * d if q_at is None else q_at
-        q = F.rms_norm(z[..., a : a + H * d].view(B, H, 1, d), (d,), eps=QK_EPS) * gain  # (B,H,1,d)
+        q = F.rms_norm(qg[..., : H * d].view(B, H, 1, d), (d,), eps=QK_EPS) * gain  # (B,H,1,d)
         y = ACT_ONLY[self.act](q @ w[0]) @ w[1]
         if len(w) == 3:
             y = F.layer_norm(y, (d,), eps=LN_EPS) * (1 + w[2].unsqueeze(-2)) + q
-        gate = torch.sigmoid(z[..., -H:]).view(B, H, 1, 1)
+        gate = torch.sigmoid(qg[..., H * d :]).view(B, H, 1, 1)
         return F.linear((y * gate).view(B, 1, H * d), as_fp32(self.out.weight))
 
     @torch.no_grad()

@@ -2,9 +2,11 @@
 and returning only the state it changes (research/titans.md §4.5-4.6). Batch 1, fixed shapes.
 
   model.onnx               a token inside a memory chunk: writes its K/V ring rows and its row of the memory
-                           buffer (and the conv state); reads the memory weights, changes none
-  decode_close.onnx        the token that closes a chunk: the chunk's update (closed form over the buffered
-                           rows and its own), then its read; returns the new weights and momentum
+                           buffer (its normalised input; and the query conv state); reads the memory weights
+                           through its query rows alone, changes none
+  decode_close.onnx        the token that closes a chunk: the chunk's update (the buffered rows and its own
+                           projected in one matmul, the closed form over them), then its read; returns the new
+                           weights and momentum
   prefill.onnx             a whole chunk at a chunk boundary (prompt processing)
   decode_segment.onnx,     mac only: as decode_close / prefill, for the call that also closes a segment (it
   prefill_segment.onnx     also returns the segment-start weights the next segment's h reads)

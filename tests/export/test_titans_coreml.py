@@ -104,8 +104,11 @@ def test_package_passes_validation_read_back(packages, titans_dir, quant):
         "persistent_v",
         "qkv_gain",
         "conv",
+        "bias",  # the memory's gate biases, sliced into the biases of the projections' row blocks
     }
     assert "model.layers.1.memory.w1" in weights["per_parameter"]  # W_0 is stored (what the state adds to)
+    # used only in row blocks (a read needs the query rows alone): placed block by block, within the bound
+    assert "model.layers.1.memory.proj.weight" in weights["per_parameter"]
     for fn in ("decode", "decode_close", "prefill"):
         ops = report["ops"][fn]
         assert {"read_state", "write_state", "scaled_dot_product_attention", "sin", "cos"} <= set(ops)

@@ -181,8 +181,10 @@ def onnx_rows(graph: Path) -> list[np.ndarray]:
 
 
 def assert_onnx_handoff(run: Path, quant: str, tmp_path: Path) -> None:
-    """Every graph (Titans: one per kind of step) holds exactly the fake-quantized rows, each planned row once
-    (the exporter may fuse linears that read the same input, which only stacks rows)."""
+    """Every graph (Titans: one per kind of step) holds only fake-quantized rows, none twice; a graph that runs
+    every linear (Lite's one graph, Titans' chunk-closing ones) holds each planned row once (the exporter may
+    fuse linears that read the same input, which only stacks rows; a Titans token inside a memory chunk reads
+    the memory through its query rows alone)."""
     pytest.importorskip("onnxruntime")
     from kititans.export import export_model
 
@@ -191,12 +193,15 @@ def assert_onnx_handoff(run: Path, quant: str, tmp_path: Path) -> None:
     want = {r.tobytes() for w in fq.values() for r in w.numpy()}
     graphs = sorted(res.path.glob("*.onnx"))
     assert graphs
+    planned, rows = sum(w.shape[0] for w in fq.values()), {}
     for g in graphs:
         got = [r.tobytes() for m in onnx_rows(g) for r in m.astype(np.float32)]
         assert got and all(r in want for r in got), (
             f"{g.name}: a block differs from the fake-quantized weights"
         )
-        assert len(got) == sum(w.shape[0] for w in fq.values()), f"{g.name}: the plan and the MatMuls differ"
+        assert len(got) <= planned, f"{g.name}: more MatMul rows than the plan"
+        rows[g.name] = len(got)
+    assert max(rows.values()) == planned, f"no graph holds every planned row: {rows}"
 
 
 def test_onnx_int4_handoff_is_exact(runs, tmp_path):
