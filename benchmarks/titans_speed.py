@@ -76,6 +76,14 @@ def decode_seconds(model, ids) -> float:
     return time.perf_counter() - t0
 
 
+@torch.inference_mode()
+def decoded_logits(model, ids) -> torch.Tensor:
+    """Logits of ids[16:] decoded one token at a time after a 16-token prefill."""
+    state = model.new_state(1)
+    model(ids[:, :16], state=state)
+    return torch.cat([model(ids[:, i : i + 1], state=state) for i in range(16, ids.shape[1])], 1)
+
+
 def train_speed(models: dict, args: argparse.Namespace) -> dict:
     g, res = torch.Generator().manual_seed(0), {}
     x = torch.randint(0, 4096, (args.batch, args.seq_len + 1), generator=g)
@@ -105,6 +113,11 @@ def torch_decode(args: argparse.Namespace) -> dict:
     ids = torch.randint(0, 4096, (1, 16 + args.decode_tokens), generator=torch.Generator().manual_seed(1))
     for n, m in kinds.items():  # warm-up; a compiled model compiles each kind of call it meets (all of them)
         decode_seconds(m, ids if n.endswith(" compiled") else ids[:, :48])
+    # a compiled step is timed only if it decodes the same logits as the eager one
+    for b in args.blocks if args.compiled else []:
+        err = (decoded_logits(kinds[f"{b} compiled"], ids) - decoded_logits(kinds[b], ids)).abs().max().item()
+        if err > 1e-3:
+            sys.exit(f"error: {b} compiled decode differs from eager by {err:.3g} (a torch.compile bug?)")
     times: dict[str, list[float]] = {n: [] for n in kinds}
     for _ in range(args.reps):
         for n, m in kinds.items():

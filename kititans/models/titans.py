@@ -244,6 +244,11 @@ class TitansModel(nn.Module):
         (each compiles on first use; `options` go to torch.compile). The numbers stay the same."""
         self._compiled = {}
         self._compile_options = {"fullgraph": True, "dynamic": False, **options}
+        if self._compile_options.get("backend", "inductor") == "inductor":
+            # Inductor (torch 2.13) reuses a still-live buffer in the MAC step's graph: wrong logits from the
+            # first decoded token on. A decode step's buffers are small, so none is reused.
+            safe = {"allow_buffer_reuse": False, "inplace_buffers": False}
+            self._compile_options["options"] = {**safe, **dict(options.get("options") or {})}
         return self
 
     def _compiled_step(self, kind: StepKind) -> Callable[..., Tensor]:

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kititans.models.layers import apply_rope_rolled
 from kititans.models.titans_state import StateIO, StepCtx, attend
 
 
@@ -56,17 +55,9 @@ class TitansAttention(nn.Module):
     def forward(self, u: Tensor, ctx: StepCtx, io: StateIO | None) -> Tensor:
         """Attention of layers without MAC's h rows: u (B,T,D) normalised -> (B,T,D)."""
         B, T, _ = u.shape
-        if ctx.eager_decode and T == 1:
-            return self.o_proj(self.decode_one(u, ctx, io))
+        if ctx.stateful and T == 1:
+            return self.o_proj(self.step_one(u, ctx, io))
         q, k, v = self.project(u, ctx)
-        if ctx.stateful and T == 1 and not self.segment:  # write, then read the ring
-            idx = ctx.ring_slots(self.window, 1, 1)
-            rk = io.put_rows("k", idx, self._rows(ctx, 0, k))  # the row it overwrites has left the window
-            rv = io.put_rows("v", idx, self._rows(ctx, 1, v))
-            mask = None if ctx.ring_full else ctx.sliding_mask(read_first=False)
-            if rk.dtype != q.dtype:
-                rk, rv = rk.to(q.dtype), rv.to(q.dtype)
-            return self.o_proj(ctx.attend(q, rk, rv, mask))
         if not ctx.stateful:  # the whole sequence
             pk, pv = self.persistent(B, k.dtype)
             i = torch.arange(T, device=u.device)
@@ -91,49 +82,25 @@ class TitansAttention(nn.Module):
             io.put_rows("v", idx, self._rows(ctx, 1, v[:, T - m :]))
         return self.o_proj(y)
 
-    def decode_one(self, rows: Tensor, ctx: StepCtx, io: StateIO) -> Tensor:
-        """The in-place torch decode of one token: the same math as the general path in fewer ops (the
-        per-op cost dominates at small widths). rows (B, streams, D), normalised: the token (B,1,D), or for
-        MAC [its h row ; the token], both at the token's position, one matmul for both (the h row's query is
-        computed and unused); the rows are the ring's streams."""
-        B, streams = rows.shape[:2]
-        H, hd = self.n_heads, self.hd
-        D = H * hd
-        cos, ssin = ctx.rope_rolled(rows.dtype)  # (1, hd): broadcast over the heads
-        qkv = self.qkv(rows).view(B, streams, 3 * H, hd)
-        qk = apply_rope_rolled(qkv[:, :, : 2 * H], cos, ssin)  # (B, streams, 2H, hd)
-        k, v = qk[:, :, H:].reshape(B, streams, D), qkv[:, :, 2 * H :].reshape(B, streams, D)
-        q = qk[:, -1, :H]  # (B, H, hd): the token's
+    def step_one(self, rows: Tensor, ctx: StepCtx, io: StateIO) -> Tensor:
+        """One token over the ring (decode, eager, exported or compiled): rows (B, streams, D) normalised, all at
+        the token's position, are the ring's streams: the token (B,1,D), or MAC's [h row ; token]. One q/k/v
+        matmul and one RoPE for every row (each row's q and k ride as heads of one row; the h row's query is
+        computed and unused), the ring write, the token's attention -> (B,1,D) before o_proj."""
+        B, streams, D = rows.shape
+        qkv = self.qkv(rows)  # (B, streams, 3D)
+        qk = qkv[..., : 2 * D] if streams == 1 else qkv[..., : 2 * D].reshape(B, 1, streams * 2 * D)
+        qk = ctx.rope(qk, heads=streams * 2 * self.n_heads).view(B, streams, 2 * D)
         idx = ctx.ring_slots(self.window, streams, 1)
-        rk, rv = io.put_rows("k", idx, k), io.put_rows("v", idx, v)
-        S = rk.shape[1]
-        if rk.dtype != rows.dtype:
-            rk, rv = rk.to(rows.dtype), rv.to(rows.dtype)
+        rk = io.put_rows("k", idx, self._rows(ctx, 0, qk[..., D:]))  # an overwritten row has left the window
+        rv = io.put_rows("v", idx, self._rows(ctx, 1, qkv[..., 2 * D :]))
+        if rk.dtype != qk.dtype:  # a bf16 autocast step over an fp32 ring
+            rk, rv = rk.to(qk.dtype), rv.to(qk.dtype)
         if self.segment:
             mask = ctx.segment_mask(streams)
         else:
             mask = None if ctx.ring_full else ctx.sliding_mask(read_first=False)
-        y = F.scaled_dot_product_attention(
-            q.unsqueeze(2),
-            rk.view(B, S, H, hd).transpose(1, 2),
-            rv.view(B, S, H, hd).transpose(1, 2),
-            attn_mask=mask,
-        )  # (B, H, 1, hd)
-        return y.view(B, 1, D)
-
-    def step_streams(self, rows: Tensor, ctx: StepCtx, io: StateIO) -> Tensor:
-        """decode_one for the exported and compiled steps (ctx.rope, ctx.attend): MAC's [h row ; token] rows
-        (B, 2, D), normalised, both at the token's position -> (B, 1, D) before o_proj."""
-        B, streams, D = rows.shape
-        qkv = self.qkv(rows)  # (B, streams, 3D)
-        # one RoPE for every row's q and k: all at the token's position, so they ride as heads of one row
-        qk = ctx.rope(qkv[..., : 2 * D].reshape(B, 1, streams * 2 * D), heads=streams * 2 * self.n_heads)
-        qk = qk.view(B, streams, 2 * D)
-        idx = ctx.ring_slots(self.window, streams, 1)
-        rk = io.put_rows("k", idx, self._rows(ctx, 0, qk[..., D:]))
-        rv = io.put_rows("v", idx, self._rows(ctx, 1, qkv[..., 2 * D :]))
-        q = qk[:, streams - 1 :, :D]  # the token's query (the h row's is computed and unused)
-        return ctx.attend(q, rk.to(q.dtype), rv.to(q.dtype), ctx.segment_mask(streams))
+        return ctx.attend(qk[:, streams - 1 :, :D], rk, rv, mask)
 
     def segment_step(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: StepCtx, io: StateIO, hk: Tensor | None = None,

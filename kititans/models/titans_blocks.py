@@ -148,8 +148,7 @@ class TitansLayer(nn.Module):
         h = mem(u, ctx, io, read_frozen=True)  # (B,T,D): read with the segment-start weights
         if u.shape[1] == 1:  # [h ; token] normalised together, one q/k/v matmul, one attention call
             rows = self.attn_norm(torch.cat([_like(h, u), u], 1))
-            one = attn.decode_one if ctx.eager_decode else attn.step_streams
-            y = attn.o_proj(one(rows, ctx, io))
+            y = attn.o_proj(attn.step_one(rows, ctx, io))
         else:
             hn = self.attn_norm(_like(h, u))
             q, k, v = attn.project(self.attn_norm(u), ctx)

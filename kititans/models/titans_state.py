@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kititans.models.layers import apply_rope, signed_sin
+from kititans.models.layers import apply_rope, apply_rope_rolled, signed_sin
 
 
 class StateIO:
@@ -208,16 +208,12 @@ class StepCtx:
         x4 = x.view(B, T, heads, D // heads)
         key = ("rope", start, T, x.dtype)
         if key not in self._memo:  # (T, 1, hd): broadcast over the heads, once per call
-            self._memo[key] = (cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
+            c, s = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+            self._memo[key] = (c, signed_sin(s) if self.eager_decode else s)
         c, s = self._memo[key]
-        return apply_rope(x4, c, s).reshape(B, T, D)
-
-    def rope_rolled(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos and signed_sin(sin) in `dtype`, once per call (for layers.apply_rope_rolled)."""
-        key = ("rope_rolled", dtype)
-        if key not in self._memo:
-            self._memo[key] = (self.cos.to(dtype), signed_sin(self.sin).to(dtype))
-        return self._memo[key]
+        # the in-place decode rotates in 3 ops (the per-op cost dominates a decode step); the same rotation
+        y = apply_rope_rolled(x4, c, s) if self.eager_decode else apply_rope(x4, c, s)
+        return y.reshape(B, T, D)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """q (B,T,D) over k, v (B,S,D) with a boolean mask (T,S) -> (B,T,D)."""
