@@ -34,6 +34,7 @@ import torch
 
 from kititans.models.lite import lm_loss
 from kititans.models.spec import count_params, find_preset
+from kititans.models.titans_config import BLOCKS
 
 
 def shape(preset: str, width: int = 0, **extra: object) -> tuple:
@@ -47,6 +48,15 @@ def shape(preset: str, width: int = 0, **extra: object) -> tuple:
         if spec.name == "lite":
             over["n_kv_heads"] = heads
     return spec, spec.make_config(p.name, over)
+
+
+def blocks(text: str) -> list[str]:
+    """--blocks: comma-separated Titans blocks."""
+    names = text.split(",")
+    bad = [n for n in names if n not in BLOCKS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown block {bad[0]!r}; valid blocks: {', '.join(BLOCKS)}")
+    return names
 
 
 def build(preset: str, width: int = 0, **extra: object) -> torch.nn.Module:
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--onnx-tokens", type=int, default=128)
-    ap.add_argument("--blocks", type=lambda s: s.split(","), default=["mal", "mac", "mag"])
+    ap.add_argument("--blocks", type=blocks, default=list(BLOCKS), help="comma-separated: mal,mac,mag")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--onnx", action="store_true", help="also ONNX decode (exports random-weight models)")
     ap.add_argument(
