@@ -122,8 +122,9 @@ def torch_decode(args: argparse.Namespace) -> dict:
             m.compile_decode()
     ids = torch.randint(0, 4096, (1, 16 + args.decode_tokens), generator=torch.Generator().manual_seed(1))
     for n, m in kinds.items():  # warm-up; a compiled model compiles each kind of call it meets (all of them)
-        decode_seconds(m, ids if n.endswith(" compiled") else ids[:, :48])
-    # a compiled step is timed only if it decodes the same logits as the eager one
+        if not n.endswith(" compiled"):
+            decode_seconds(m, ids[:, :48])
+    # a compiled step is timed only if it decodes the same logits as the eager one (its warm-up)
     for b in args.blocks if args.compiled else []:
         err = (decoded_logits(kinds[f"{b} compiled"], ids) - decoded_logits(kinds[b], ids)).abs().max().item()
         if err > 1e-3:
