@@ -8,7 +8,8 @@ vocab 4096), measured interleaved in one process so all see the same machine loa
 train:  one optimizer step (AdamW, forward + backward) on batch x seq_len random tokens, fp32 and bf16 autocast;
         tokens/s = tokens per step / median step time over `reps` interleaved rounds.
 torch decode: batch 1, a 16-token prefill, then `decode_tokens` single-token calls with the in-place state,
-        every model fused for inference as the torch runtime fuses it; also Titans without its memory layers
+        every model fused for inference as the torch runtime fuses it (also the median time of a call inside a
+        memory chunk and of the call that closes one); also Titans without its memory layers
         (where the cost is); with --compiled also each block through TitansModel.compile_decode() (compiled
         during the warm-up; decode_tokens must reach past the window so every kind of call is met).
 onnx decode: random weights of the same shapes exported to fp32 ONNX (cached under --work), run by kititans'
@@ -76,14 +77,25 @@ def train_step_seconds(model, opt, x, dtype) -> float:
 
 
 @torch.inference_mode()
-def decode_seconds(model, ids) -> float:
-    """Seconds for single-token decode of ids[16:] after a 16-token prefill, in place."""
+def decode_seconds(model, ids, calls: dict[str, list[float]] | None = None, chunk: int = 16) -> float:
+    """Seconds for single-token decode of ids[16:] after a 16-token prefill, in place; with `calls`, each
+    call's seconds also go to calls["inside"] or, for the call that closes a memory chunk, calls["closing"]."""
     state = model.new_state(1)
     model(ids[:, :16], state=state)
-    t0 = time.perf_counter()
+    total = 0.0
     for i in range(16, ids.shape[1]):
+        t0 = time.perf_counter()
         model(ids[:, i : i + 1], state=state)
-    return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        total += dt
+        if calls is not None:
+            calls["closing" if (i + 1) % chunk == 0 else "inside"].append(dt)
+    return total
+
+
+def median_us(calls: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Per model, the median microseconds of each kind of call ("inside" a memory chunk, "closing" one)."""
+    return {n: {kind: 1e6 * statistics.median(v) for kind, v in c.items() if v} for n, c in calls.items()}
 
 
 @torch.inference_mode()
@@ -130,14 +142,17 @@ def torch_decode(args: argparse.Namespace) -> dict:
         if err > 1e-3:
             sys.exit(f"error: {b} compiled decode differs from eager by {err:.3g} (a torch.compile bug?)")
     times: dict[str, list[float]] = {n: [] for n in kinds}
+    calls: dict[str, dict[str, list[float]]] = {n: {"inside": [], "closing": []} for n in kinds}
+    chunk = shape("titans-tiny", args.width)[1].mem_chunk
     for _ in range(args.reps):
         for n, m in kinds.items():
-            times[n].append(decode_seconds(m, ids) / args.decode_tokens)
+            times[n].append(decode_seconds(m, ids, calls[n], chunk) / args.decode_tokens)
     us = {n: 1e6 * statistics.median(t) for n, t in times.items()}
     ratio = {n: statistics.median(a / b for a, b in zip(times[n], times["lite"])) for n in kinds}
     return {
         "us_per_token": us,
         "time_ratio_vs_lite": ratio,
+        "us_per_call": median_us(calls),  # median over every call of that kind (Lite: the same positions)
         "params": {n: count_params(m) for n, m in kinds.items()},
     }
 
@@ -200,11 +215,10 @@ def onnx_decode(args: argparse.Namespace) -> dict:
         for n, rt in rts.items():
             runs[n].append(tps(rt, args.onnx_tokens, n))
     ratio = {n: statistics.median(a / b for a, b in zip(runs[n], runs["lite"])) for n in rts}
-    per_call = {n: {kind: 1e6 * statistics.median(v) for kind, v in c.items() if v} for n, c in calls.items()}
     return {
         "tokens_per_s": {n: statistics.median(v) for n, v in runs.items()},
         "tps_ratio_vs_lite": ratio,
-        "us_per_call": per_call,  # median over every call of that kind (Lite: the same positions)
+        "us_per_call": median_us(calls),  # median over every call of that kind (Lite: the same positions)
     }
 
 
@@ -259,6 +273,11 @@ def report(res: dict) -> str:
     d = res["torch_decode"]
     lines.append("torch decode, us/token (x Lite's time): " + ", ".join(
         f"{n} {d['us_per_token'][n]:,.0f} ({d['time_ratio_vs_lite'][n]:.2f}x)" for n in d["us_per_token"]
+    ))  # fmt: skip
+    c, lite_in = d["us_per_call"], d["us_per_call"]["lite"]["inside"]
+    lines.append("torch per call, median us (inside a memory chunk / closing one; x Lite's inside time): " + ", ".join(
+        f"{n} {c[n]['inside']:,.0f} ({c[n]['inside'] / lite_in:.2f}x) / {c[n].get('closing', 0):,.0f}"
+        f" ({c[n].get('closing', 0) / lite_in:.2f}x)" for n in c
     ))  # fmt: skip
     if "onnx_decode" in res:
         o = res["onnx_decode"]
