@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, md_table, write_json
 
 from kititans.checkpoint import load_checkpoint
-from kititans.models.titans_coreml import TitansCoreMLStep
-from kititans.models.titans_memory import NeuralMemory
+from kititans.models.titans.coreml_step import TitansCoreMLStep
+from kititans.models.titans.memory import NeuralMemory
 
 DEFAULT_RUN = "runs/titans-valloss/builtin/titans-tiny"
 

@@ -35,7 +35,7 @@ import torch
 
 from kititans.models.lite import lm_loss
 from kititans.models.spec import count_params, find_preset
-from kititans.models.titans_config import BLOCKS
+from kititans.models.titans.config import BLOCKS
 
 
 def shape(preset: str, width: int = 0, **extra: object) -> tuple:

@@ -269,7 +269,7 @@ def _defined_in(module: nn.Module, files: tuple[str, ...]) -> bool:
         src = inspect.getsourcefile(type(module)) or ""
     except TypeError:
         return False
-    return bool(files) and Path(src).name in files
+    return any(Path(src).as_posix().endswith("/" + f) for f in files)
 
 
 def make_plan(model: nn.Module, spec: Any, target: Target) -> Plan:

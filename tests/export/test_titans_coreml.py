@@ -23,7 +23,7 @@ from kititans.errors import KititansError  # noqa: E402
 from kititans.export import ExportOptions, export_model  # noqa: E402
 from kititans.export.coreml import deployment_target, validate_package  # noqa: E402
 from kititans.models.titans import SPEC  # noqa: E402
-from kititans.models.titans_coreml import TitansCoreMLStep, state_writes  # noqa: E402
+from kititans.models.titans.coreml_step import TitansCoreMLStep, state_writes  # noqa: E402
 from kititans.quantize.coreml import ERROR_BOUND  # noqa: E402
 from kititans.runtimes.base import pick_step, plan_chunks  # noqa: E402
 from kititans.runtimes.coreml import make_feeds  # noqa: E402

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from kititans.checkpoint import load_checkpoint, save_checkpoint
 from kititans.generate import Generation, SamplingConfig
 from kititans.models.titans import SPEC
-from kititans.models.titans_hf import MODELING_FILE
+from kititans.models.titans.hf import MODELING_FILE
 from kititans.runtimes.pytorch import TorchRuntime
 
 PROMPT = "Once upon a time, a little girl named Mia found a red ball in the garden."

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from kititans.models.titans import SPEC
-from kititans.models.titans_math import (
+from kititans.models.titans.memory import NeuralMemory
+from kititans.models.titans.memory_math import (
     apply_update,
     causal_conv,
     forget_bias,
@@ -17,7 +18,6 @@ from kititans.models.titans_math import (
     mlp_grad,
     soft_clamp,
 )
-from kititans.models.titans_memory import NeuralMemory
 
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from kititans.errors import KititansError
 from kititans.models.spec import Preset
-from kititans.models.titans_math import ACTIVATIONS
+from kititans.models.titans.memory_math import ACTIVATIONS
 
 BLOCKS = ("mal", "mac", "mag")
 FORGET_BIAS = ("chunk", "token")
@@ -25,7 +25,7 @@ class TitansConfig:
     context_length: int = 512  # training length / generation limit; the state itself is fixed-size
     window: int = 128  # sliding attention window: a token sees itself and the window-1 tokens before it
     n_persistent: int = 4  # learned persistent K/V slots per layer, visible to every token
-    # how attention and memory combine (titans_blocks.py; runs saved without it are "mal"):
+    # how attention and memory combine (blocks.py; runs saved without it are "mal"):
     #   mal  memory as a layer: x += NM(x), then sliding-window attention
     #   mag  memory as a gate: NM and sliding-window attention on the same normalised input, y * sigmoid(NM)
     #   mac  memory as context (the paper's §4.1): attention within segments of `window` tokens over

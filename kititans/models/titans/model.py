@@ -1,13 +1,13 @@
 """Titans: a transformer whose neural long-term memory learns at test time (arXiv 2501.00663).
 
-Per layer, `model.block` (titans_blocks.py) picks how memory and attention combine: mal (memory as a layer,
+Per layer, `model.block` (blocks.py) picks how memory and attention combine: mal (memory as a layer,
 the default, and what runs saved before blocks existed are), mag (memory as a gate) or mac (memory as context,
 the paper's §4.1, the titans-500m preset). Attention is a sliding window over [N_p learned persistent K/V (no
 RoPE) ; the last `window` tokens (RoPE)] (mac: segments of `window` tokens, plus the memory's h rows). Optional
 hyper-connections (n residual streams, static + dynamic, Zhu et al.) replace the plain residual. Training
-processes whole sequences chunk-parallel (titans_memory.py); decoding steps over a fixed-size state.
+processes whole sequences chunk-parallel (memory.py); decoding steps over a fixed-size state.
 
-Decode, two ways over one state layout (titans_state.py):
+Decode, two ways over one state layout (state.py):
   * in place: `state = model.new_state(B)`, then `model(ids, state=state)` for any T >= 1 (a prompt, then single
     tokens); state.pos counts the tokens consumed. A call is split like the exported runtimes split it: whole
     memory chunks where the position is a multiple of mem_chunk, single tokens elsewhere.
@@ -42,17 +42,17 @@ from torch.utils.checkpoint import checkpoint
 from kititans.errors import KititansError
 from kititans.models.layers import RMSNorm
 from kititans.models.spec import FamilySpec, Unsupported, register
-from kititans.models.titans_blocks import TitansLayer
-from kititans.models.titans_config import PRESETS, TitansConfig, titans_component, titans_param_roles
-from kititans.models.titans_coreml import TitansCoreMLStep
-from kititans.models.titans_hf import hf_config, run_files
-from kititans.models.titans_onnx import TitansOnnxStep
-from kititans.models.titans_state import StateIO, StepCtx, StepKind, pick_kind, rope_rows, step_kinds
+from kititans.models.titans.blocks import TitansLayer
+from kititans.models.titans.config import PRESETS, TitansConfig, titans_component, titans_param_roles
+from kititans.models.titans.coreml_step import TitansCoreMLStep
+from kititans.models.titans.hf import hf_config, run_files
+from kititans.models.titans.onnx_step import TitansOnnxStep
+from kititans.models.titans.state import StateIO, StepCtx, StepKind, pick_kind, rope_rows, step_kinds
 
 
 @dataclass
 class TitansState:
-    """Decode state: per layer a dict of tensors (titans_state.py), and the number of tokens consumed."""
+    """Decode state: per layer a dict of tensors (state.py), and the number of tokens consumed."""
 
     layers: list[dict[str, Tensor]]
     pos: int = 0
@@ -146,7 +146,7 @@ class TitansModel(nn.Module):
     # -- state
 
     def kinds(self) -> list[StepKind]:
-        """The shapes of stateful call this model needs (titans_state.step_kinds)."""
+        """The shapes of stateful call this model needs (state.step_kinds)."""
         cfg = self.cfg
         return step_kinds(cfg.mem_chunk, cfg.window if cfg.block == "mac" else None)
 

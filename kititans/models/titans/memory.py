@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kititans.models.layers import RMSNorm
-from kititans.models.titans_math import (
+from kititans.models.titans.memory_math import (
     ACT_ONLY,
     LN_EPS,
     QK_EPS,
@@ -289,7 +289,7 @@ class NeuralMemory(nn.Module):
 
     def forward(self, x: Tensor, ctx: Any = None, io: Any = None, read_frozen: bool = False) -> Tensor:
         """x (B,T,D) -> memory output (B,T,D) fp32. Without `io`: a whole sequence from W_0 (store x, read
-        x). With `ctx` (titans_state.StepCtx) and `io` (titans_state.StateIO): one call over the state, `step`
+        x). With `ctx` (state.StepCtx) and `io` (state.StateIO): one call over the state, `step`
         (store and read), or with read_frozen MAC's h (read with the segment-start weights). Decode enters here
         so that an exporter sees every memory op inside this module's forward."""
         if torch.is_autocast_enabled(x.device.type):  # the memory path always runs in fp32

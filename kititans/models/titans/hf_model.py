@@ -1,4 +1,4 @@
-"""The transformers classes of a Titans run's remote-code file. titans_hf.py pastes this module, its kititans
+"""The transformers classes of a Titans run's remote-code file. hf.py pastes this module, its kititans
 imports taken out, after the model code into RUN/modeling_titans.py; kititans itself never imports it (only
 tests do, with transformers installed).
 
@@ -16,8 +16,8 @@ from torch import Tensor
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from kititans.models.titans import TitansModel
-from kititans.models.titans_config import TitansConfig
+from kititans.models.titans.config import TitansConfig
+from kititans.models.titans.model import TitansModel
 
 
 class TitansHFConfig(PretrainedConfig):

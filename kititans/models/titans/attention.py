@@ -1,7 +1,7 @@
 """Titans attention: learned persistent K/V (no RoPE) in front of RoPE'd keys, either a sliding window (mal,
 mag: a token sees itself and the window-1 tokens before it) or segments (mac: a token sees the tokens of its
 own segment of `window` tokens up to itself, and in memory layers also the memory's h rows of those tokens).
-Keys and values travel as (B, S, H*hd) rows, the layout of the decode rings (titans_state.py)."""
+Keys and values travel as (B, S, H*hd) rows, the layout of the decode rings (state.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kititans.models.titans_state import StateIO, StepCtx, attend
+from kititans.models.titans.state import StateIO, StepCtx, attend
 
 
 class TitansAttention(nn.Module):

@@ -1,5 +1,5 @@
 """The three Titans blocks of the paper (arXiv 2501.00663 §4), chosen by `model.block`. In each, N is the layer's
-neural memory (titans_memory.py), SWA sliding-window attention over [persistent K/V ; the last `window` tokens]:
+neural memory (memory.py), SWA sliding-window attention over [persistent K/V ; the last `window` tokens]:
 
   mal  memory as a layer:   x += N(x);  x += SWA(norm(x))                  (the memory stores and reads x)
   mag  memory as a gate:    u = norm(x);  x += SWA(u) * sigmoid(N(u))      (both branches on the same u)
@@ -16,7 +16,7 @@ neural memory (titans_memory.py), SWA sliding-window attention over [persistent 
 Every block ends with x += SwiGLU(norm(x)); layers without memory are attention + SwiGLU only (mac: segment
 attention). Every block trains chunk-parallel over a whole sequence (mac: one segment after another, since
 each segment's h needs the memory the previous one left) and steps token by token over a fixed-size state
-(titans_state.py), equal to the parallel forward.
+(state.py), equal to the parallel forward.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from kititans.models.layers import HyperConnection, RMSNorm, SwiGLU
-from kititans.models.titans_attention import TitansAttention
-from kititans.models.titans_memory import NeuralMemory
-from kititans.models.titans_state import StateIO, StepCtx
+from kititans.models.titans.attention import TitansAttention
+from kititans.models.titans.memory import NeuralMemory
+from kititans.models.titans.state import StateIO, StepCtx
 
 
 def _fp32(x: Tensor) -> torch.autocast:

@@ -6,9 +6,9 @@ names it (`auto_map`), so
     model = transformers.AutoModelForCausalLM.from_pretrained(run, trust_remote_code=True)
 
 loads the run with no kititans installed: the file imports torch and transformers only. It is generated from
-this package's own model code (layers.py, titans_memory.py, titans_state.py, titans_attention.py,
-titans_blocks.py, titans_config.py, titans.py, with their kititans imports taken out) plus the transformers
-classes of titans_hf_model.py, so it computes exactly what `kititans` computes: the same logits, the same
+this package's own model code (layers.py, memory.py, state.py, attention.py,
+blocks.py, config.py, model.py, with their kititans imports taken out) plus the transformers
+classes of hf_model.py, so it computes exactly what `kititans` computes: the same logits, the same
 greedy text. transformers' generate() recomputes the whole sequence per token (the file brings no HF cache
 class); decoding over the fixed-size state is TitansForCausalLM.titans_generate, or kititans itself.
 """
@@ -25,14 +25,14 @@ MODELING_FILE = "modeling_titans.py"
 # (module, top-level names or Class.member names left out: they need kititans beyond the model)
 SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kititans.models.layers", ()),
-    ("kititans.models.titans_math", ()),
-    ("kititans.models.titans_memory", ()),
-    ("kititans.models.titans_state", ()),
-    ("kititans.models.titans_attention", ()),
-    ("kititans.models.titans_blocks", ()),
-    ("kititans.models.titans_config", ("_TRAIN_DEBUG", "PRESETS")),
-    ("kititans.models.titans", ("SPEC", "TitansModel.loss")),
-    ("kititans.models.titans_hf_model", ()),
+    ("kititans.models.titans.memory_math", ()),
+    ("kititans.models.titans.memory", ()),
+    ("kititans.models.titans.state", ()),
+    ("kititans.models.titans.attention", ()),
+    ("kititans.models.titans.blocks", ()),
+    ("kititans.models.titans.config", ("_TRAIN_DEBUG", "PRESETS")),
+    ("kititans.models.titans.model", ("SPEC", "TitansModel.loss")),
+    ("kititans.models.titans.hf_model", ()),
 )
 HEADER = '''"""Titans (KiTitans) for transformers: `AutoModelForCausalLM.from_pretrained(run, trust_remote_code=True)`.
 

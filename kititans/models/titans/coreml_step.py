@@ -25,7 +25,7 @@ ring slots before position 0 are masked out and their persistent rows rewritten 
 Core ML creates (zeros) is a fresh sequence, and a call at position 0 starts one whatever the state holds.
 
 Precision: traced in fp32 and converted with fp16 compute, except (`fp32_compute`) the neural memory's state
-math (everything traced in titans_memory.py but its linear projections, the W_0 + keep * state reads
+math (everything traced in memory.py but its linear projections, the W_0 + keep * state reads
 included) and the RoPE angles; weights are stored in fp16 (or compressed), states in fp16. `fp16_copy()` is a
 torch stand-in for these numerics (benchmarks/titans_coreml_drift.py measures the drift on a trained model).
 """
@@ -41,8 +41,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kititans.models.titans_math import stored_read, stored_write
-from kititans.models.titans_state import StateIO, StepKind, pick_kind
+from kititans.models.titans.memory_math import stored_read, stored_write
+from kititans.models.titans.state import StateIO, StepKind, pick_kind
 
 MEMORY_WEIGHTS = ("w1", "w2", "gamma")
 
@@ -112,11 +112,11 @@ class TitansCoreMLStep(nn.Module):
     required_ops = ("read_state", "write_state", "scaled_dot_product_attention")
     prefill_exact = True  # prefill takes exactly prefill_len tokens at a multiple of prefill_len
     # fp32 compute for the neural memory's state math (closed-form gradient, chunk update, retrieval through
-    # the memory MLP, the W_0 + keep * state reads of titans_memory.stored_read) but not its input/output
+    # the memory MLP, the W_0 + keep * state reads of memory.stored_read) but not its input/output
     # projections (linear), and for the RoPE angles: position * frequency loses whole radians in fp16 past a
     # few hundred positions.
     fp32_compute: ClassVar[dict] = {
-        "code": ("titans_memory.py",),
+        "code": ("titans/memory.py",),
         "except_ops": ("linear",),
         "angles": True,
     }
