@@ -38,7 +38,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--miners", choices=["lexical", "dense", "both"], default=None, help="hard-negative miners"
     )
     p.add_argument(
-        "--lexical-weight", type=float, default=None, help="BM25's weight in the fusion (default: tuned on dev documents held back from stage 2)"
+        "--lexical-weight",
+        type=float,
+        default=None,
+        help="BM25's weight in the fusion (default: tuned on dev documents held back from stage 2)",
     )
     p.add_argument(
         "--set", action="append", default=None, metavar="KEY=VALUE", help="a config key for both stages"

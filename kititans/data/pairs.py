@@ -204,7 +204,9 @@ def build_pairs(
             for item in read_items(sources, builtin_bytes, seed):
                 if item.kind == "doc":
                     ids = tok.encode(item.texts[0])
-                    got = spans(ids, f"{seed}\x00{item.texts[0][:4096]}", body)
+                    got = spans(
+                        ids, f"{seed}\x00{item.where}\x00{item.texts[0][:4096]}", body
+                    )  # a repeat: new crops
                     if got is None:
                         counts["skipped_short"] += 1
                         continue

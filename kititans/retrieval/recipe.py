@@ -29,6 +29,8 @@ REPORT = "retrieval_report.json"
 SETTINGS = (
     "retrieval.json"  # the run's search defaults (fusion weight, analyzer, passages), read by index/search
 )
+MAX_CROPS = 32  # span pairs per training document in stage 1 (fewer when the steps need fewer)
+STAGE1_VAL = 0.02  # stage 1's own held-out spans (its loss curve only)
 WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
@@ -93,7 +95,7 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def _run_config(rc: RecipeConfig, out: Path, sources: list[str], steps: int, tokenizer: str | None,
-                init: str | None, seed: int) -> Any:  # fmt: skip
+                init: str | None, seed: int, val_fraction: float) -> Any:  # fmt: skip
     """A `kititans train --family encoder` config: the preset's training defaults, then the recipe's."""
     from kititans.config import parse_set, resolve_run_config
     from kititans.models.spec import find_preset
@@ -104,7 +106,7 @@ def _run_config(rc: RecipeConfig, out: Path, sources: list[str], steps: int, tok
 
     layers = [("family", "encoder"), ("preset", rc.preset), ("data.sources", sources), ("out", str(out)),
               ("train.steps", steps), ("train.batch_size", rc.batch_size), ("train.seq_len", rc.seq_len),
-              ("contrastive.val_fraction", rc.val_fraction), ("data.seed", seed),
+              ("contrastive.val_fraction", val_fraction), ("data.seed", seed),
               ("train.eval_every", max(steps // 4, 1)), ("train.save_every", max(steps // 2, 1))]  # fmt: skip
     if rc.lr is not None:
         layers.append(("optim.lr", rc.lr))
@@ -135,12 +137,14 @@ def _tokenizer(rc: RecipeConfig, pairs: list[tuple[str, str]], out: Path) -> str
     return str(out)
 
 
-def _stage1_corpus(pairs: list[tuple[str, str]], heldout: list[bool], path: Path) -> int:
-    """The training documents of the pairs file as {"text"} lines (held-out documents never enter stage 1)."""
+def _stage1_corpus(pairs: list[tuple[str, str]], heldout: list[bool], path: Path, crops: int) -> int:
+    """The training documents of the pairs file as {"text"} lines, each `crops` times (every line gives its
+    own two spans: Contriever's fresh crops per epoch); held-out documents never enter stage 1."""
     docs = sorted({p for (_, p), h in zip(pairs, heldout) if not h})
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+        for _ in range(crops):
+            for d in docs:
+                f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
     return len(docs)
 
 
@@ -184,12 +188,14 @@ def run_recipe(rc: RecipeConfig, progress: bool = True) -> dict[str, Any]:
     stage1 = rc.init
     report: dict[str, Any] = {"recipe": dataclasses.asdict(rc), "split": ev.info}
     if rc.stage1_steps:
-        n = _stage1_corpus(pairs, heldout, out / "stage1_docs.jsonl")
+        n_docs = len({p for (_, p), h in zip(pairs, heldout) if not h})
+        crops = max(1, min(MAX_CROPS, -(-rc.stage1_steps * rc.batch_size // max(n_docs, 1))))
+        n = _stage1_corpus(pairs, heldout, out / "stage1_docs.jsonl", crops)
         log.info(
             "stage 1: span pairs over %d training documents%s", n, f" + {rc.corpus}" if rc.corpus else ""
         )
         cfg = _run_config(rc, out / "stage1", [str(out / "stage1_docs.jsonl"), *rc.corpus], rc.stage1_steps,
-                          tok, rc.init, rc.seed + 1)  # fmt: skip  # seed + 1: its own held-out spans
+                          tok, rc.init, rc.seed + 1, STAGE1_VAL)  # fmt: skip  # seed + 1: its own held-out spans
         train_encoder(cfg, progress=progress)
         stage1 = str(out / "stage1")
     if stage1 is None:
@@ -211,7 +217,9 @@ def run_recipe(rc: RecipeConfig, progress: bool = True) -> dict[str, Any]:
                           [n for n, k in zip(negs, keep) if k])  # fmt: skip
     report["mining"] = {**counts, "pairs_written": written}
     log.info("mined negatives: %s", counts)
-    cfg = _run_config(rc, out, [str(out / "mined.jsonl")], rc.stage2_steps, None, stage1, rc.seed)
+    cfg = _run_config(
+        rc, out, [str(out / "mined.jsonl")], rc.stage2_steps, None, stage1, rc.seed, rc.val_fraction
+    )
     result = train_encoder(cfg, progress=progress)
     s2, _ = _evaluate(out, ev, rc)
     dense, lex = s2.pop("_scores")
