@@ -239,3 +239,35 @@ def test_two_stage_recipe_end_to_end(encoder_run, tmp_path, capsys):
     assert (
         main(["train-retriever", "--pairs", str(tmp_path / "p.jsonl"), "--out", str(run)]) == 2
     )  # a run is there
+
+
+def test_search_api_for_serve(tmp_path):
+    """The /v1/search body over an index, lexical mode (no encoder needed), and its 400-class errors."""
+    from kititans.retrieval.api import search_request
+    from kititans.retrieval.index import Encoder, build_index, load_index
+    from kititans.retrieval.search import Searcher
+
+    class Codec:  # a character codec: enough for an index whose lexical side is searched
+        bos_id, vocab_size = 0, 300
+
+        def encode(self, t):
+            return [min(ord(c), 299) for c in t]
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+        def id_to_piece(self, i):
+            return chr(i)
+
+    enc = Encoder(lambda rows: np.eye(len(rows), 4, dtype=np.float32), Codec(), 64, "chars")
+    docs = [{"source": "a", "text": "the fox by the river"}, {"source": "b", "text": "bread in the oven"}]
+    build_index(tmp_path / "idx", enc, docs, passage_tokens=16, stride=8, analyzer="words")
+    s = Searcher(load_index(tmp_path / "idx"), None)
+    out = search_request(s, {"query": ["oven bread", "river"], "top_k": 1, "mode": "lexical"}, "m")
+    assert [(d["query_index"], d["source"]) for d in out["data"]] == [(0, "b"), (1, "a")]
+    for bad, msg in [([], "JSON object"), ({"query": ""}, "non-empty"), ({"query": "x", "top_k": 0}, "top_k"),
+                     ({"query": "x", "mode": "fuzzy"}, "mode"), ({"query": "x", "lexical_weight": -1}, "lexical_weight")]:  # fmt: skip
+        with pytest.raises(KititansError, match=msg):
+            search_request(s, bad)
+    with pytest.raises(KititansError, match="need the encoder"):
+        search_request(s, {"query": "x", "mode": "dense"})
