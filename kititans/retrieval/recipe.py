@@ -137,6 +137,18 @@ def _tokenizer(rc: RecipeConfig, pairs: list[tuple[str, str]], out: Path) -> str
     return str(out)
 
 
+def _stage1_fraction(docs: set[str], seed: int) -> float:
+    """Stage 1's held-out share: STAGE1_VAL, raised just enough that at least one document is held out
+    (the split hashes documents as kititans.data.shards.is_val does), for small corpora."""
+    import hashlib
+
+    def h(d: str) -> float:
+        digest = hashlib.blake2b(f"{seed}\x00{d[:4096]}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2**64
+
+    return min(0.49, max(STAGE1_VAL, min((h(d) for d in docs), default=0.0) + 1e-9))
+
+
 def _stage1_corpus(pairs: list[tuple[str, str]], heldout: list[bool], path: Path, crops: int) -> int:
     """The training documents of the pairs file as {"text"} lines, each `crops` times (every line gives its
     own two spans: Contriever's fresh crops per epoch); held-out documents never enter stage 1."""
@@ -191,11 +203,12 @@ def run_recipe(rc: RecipeConfig, progress: bool = True) -> dict[str, Any]:
         n_docs = len({p for (_, p), h in zip(pairs, heldout) if not h})
         crops = max(1, min(MAX_CROPS, -(-rc.stage1_steps * rc.batch_size // max(n_docs, 1))))
         n = _stage1_corpus(pairs, heldout, out / "stage1_docs.jsonl", crops)
+        s1_val = _stage1_fraction({p for (_, p), h in zip(pairs, heldout) if not h}, rc.seed + 1)
         log.info(
             "stage 1: span pairs over %d training documents%s", n, f" + {rc.corpus}" if rc.corpus else ""
         )
         cfg = _run_config(rc, out / "stage1", [str(out / "stage1_docs.jsonl"), *rc.corpus], rc.stage1_steps,
-                          tok, rc.init, rc.seed + 1, STAGE1_VAL)  # fmt: skip  # seed + 1: its own held-out spans
+                          tok, rc.init, rc.seed + 1, s1_val)  # fmt: skip  # seed + 1: its own held-out spans
         train_encoder(cfg, progress=progress)
         stage1 = str(out / "stage1")
     if stage1 is None:
