@@ -35,6 +35,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="BM25's weight in hybrid (default: the run's, else 1)",
     )
+    p.add_argument(
+        "--lexical-only", action="store_true", help="BM25 only (the encoder just tokenizes passages)"
+    )
     p.add_argument("--out", help="also write the report as JSON here")
 
 
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     weight = args.lexical_weight if args.lexical_weight is not None else saved.get("lexical_weight", 1.0)
     if weight < 0:
         raise KititansError(f"--lexical-weight must be >= 0, got {weight}")
-    report = evaluate(ev, enc.embed, enc.codec, EvalSettings(pt, stride, args.analyzer, weight), enc.context)
+    embed = None if args.lexical_only else enc.embed
+    report = evaluate(ev, embed, enc.codec, EvalSettings(pt, stride, args.analyzer, weight), enc.context)
     report.pop("_scores", None)
     report["model"] = str(args.model)
     print(f"{args.model}:")
