@@ -233,7 +233,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term, 0..1 (default 0.5)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T (default 1)")
     p.add_argument("--teacher-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="the frozen teacher's weights (auto: bf16, fp16 on MPS)")  # fmt: skip
+                   help="the frozen teacher's weights (auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU)")  # fmt: skip
     p.add_argument("--teacher-device", help="run the teacher here (default: the student's device)")
     p.add_argument("--preset", help="train a new student of this preset from scratch into RUN")
     p.add_argument("--tokenizer", type=Path, help="a new student's tokenizer (with --teacher-scores only)")

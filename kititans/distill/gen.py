@@ -208,6 +208,7 @@ class Generator:
         self.tokens = 0
         self.fatal: BaseException | None = None
         self.errors: list[str] = []
+        self.workers: list[asyncio.Task] = []
 
     def load_previous(self) -> None:
         """Ids already kept or rejected, and the duplicate filters rebuilt from the kept records."""
@@ -256,7 +257,8 @@ class Generator:
         try:
             chat = await Conversation(self, task).run_chat()
         except HttpError as e:
-            if e.status in FATAL_STATUS or (not self.counts and len(self.errors) + 1 >= MAX_EARLY_ERRORS):
+            finished = sum(v for k, v in self.counts.items() if k != "request_error")
+            if e.status in FATAL_STATUS or (not finished and len(self.errors) + 1 >= MAX_EARLY_ERRORS):
                 raise
             self.errors.append(str(e))
             self.counts["request_error"] += 1
@@ -289,6 +291,9 @@ class Generator:
                 await self.one(task, out, rej)
             except (EndpointError, HttpError, KititansError) as e:
                 self.fatal = self.fatal or e
+                for w in self.workers:  # the others stop now, not after their own retries
+                    if w is not asyncio.current_task():
+                        w.cancel()
                 return
             bar.update(self.kept - bar.n)
             elapsed = max(time.perf_counter() - self.t0, 1e-9)
@@ -314,11 +319,15 @@ class Generator:
             bar = tqdm(total=self.target(), initial=min(self.kept, self.target()), unit="conv",
                        desc="distill gen", disable=not progress, dynamic_ncols=True)  # fmt: skip
             with bar, Appender(c.out, "conversations") as out, Appender(sidecar(c.out, "rejected")) as rej:
-                workers = [asyncio.create_task(self.worker(it, out, rej, bar)) for _ in range(c.concurrency)]
+                self.workers = [
+                    asyncio.create_task(self.worker(it, out, rej, bar)) for _ in range(c.concurrency)
+                ]
                 try:
-                    await asyncio.gather(*workers)
+                    for r in await asyncio.gather(*self.workers, return_exceptions=True):
+                        if isinstance(r, Exception):
+                            raise r  # a failure outside the request/record path: not swallowed
                 finally:
-                    for w in workers:
+                    for w in self.workers:
                         w.cancel()
                     self.write_stats()
             if self.fatal is not None:

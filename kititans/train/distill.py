@@ -11,7 +11,8 @@ and its gradient are computed there, so no full-vocabulary fp32 log-softmax exis
 model-dtype logits of student and teacher and their gradient. When train/loss.py's chunked losses over hidden
 states land, `kd_loss` is the one function to move onto them (the logits then never exist in full).
 
-The teacher is frozen (eval, no grad), in bf16/fp16 (--teacher-dtype), on the student's device or its own
+The teacher is frozen (eval, no grad), in bf16/fp16 on GPUs (--teacher-dtype; fp32 on CPUs, where bf16 is
+emulated and slower), on the student's device or its own
 (--teacher-device). A teacher with another tokenizer is refused: its token ids mean other things.
 """
 
@@ -60,7 +61,7 @@ def _chunk_loss(
         kl = (p * (torch.where(valid, teacher.logprobs, 0.0) - q)).sum(1)
         kl = kl + teacher.rest.exp() * (teacher.rest - q_rest)
         loss = loss + alpha * kl
-    elif alpha > 0:
+    elif alpha > 0 and teacher is not None:
         ps = F.log_softmax(s / temp, dim=-1) if temp != 1 else logp
         pt = F.log_softmax(teacher.float() / temp, dim=-1)  # (c, V)
         loss = loss + alpha * temp**2 * (pt.exp() * (pt - ps)).sum(1)
@@ -165,7 +166,7 @@ class DistillSpec:
     scores: Path | None = None
     alpha: float = 0.5
     temperature: float = 1.0
-    teacher_dtype: str = "auto"  # auto: bf16 (fp16 on MPS); fp32 for exact comparisons
+    teacher_dtype: str = "auto"  # auto: bf16 on CUDA (fp16 without bf16, and on MPS), fp32 on CPU
     teacher_device: str | None = None  # default: the student's device
     fresh: bool = False  # a new student from --preset, trained from scratch
     chat: list[str] = field(default_factory=list)  # chat files: SFT data (else pretraining data)
@@ -243,10 +244,12 @@ def distill_config(spec: DistillSpec, layers: list[tuple[str, Any]], preset_hint
 def load_teacher(spec: DistillSpec, device: torch.device) -> torch.nn.Module:
     ckpt = load_checkpoint(spec.teacher)
     name = spec.teacher_dtype
-    if name == "auto":
-        name = "fp16" if device.type == "mps" else "bf16"
+    tdev = torch.device(spec.teacher_device or device)
+    if name == "auto":  # CPUs without bf16 units emulate it: 3x slower than fp32 (benchmarks/distill_step.py)
+        cuda_bf16 = tdev.type == "cuda" and torch.cuda.is_bf16_supported()
+        name = "bf16" if cuda_bf16 else "fp16" if tdev.type in ("cuda", "mps") else "fp32"
     model = ckpt.model.eval().requires_grad_(False)
-    return model.to(device=torch.device(spec.teacher_device or device), dtype=TEACHER_DTYPES[name])
+    return model.to(device=tdev, dtype=TEACHER_DTYPES[name])
 
 
 def _pretrain_data(spec: DistillSpec, cfg: RunConfig, tok: Any, out: Path) -> tuple[Any, Path]:

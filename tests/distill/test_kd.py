@@ -103,6 +103,7 @@ def test_alpha_zero_trains_like_plain_training(student, teacher_run, tmp_path):
 def test_distill_cli_bf16_teacher_and_resume(student, teacher_run, tmp_path, capsys):
     out = tmp_path / "d"
     args = ["distill", str(student), "--teacher", str(teacher_run), "--alpha", "0.7", "--temperature", "2",
+            "--teacher-dtype", "bf16",
             "--out", str(out), "--steps", "4", "-q", *[f"--set={k}={v}" for k, v in FAST]]  # fmt: skip
     assert main(args) == 0
     assert "distilled from" in capsys.readouterr().out
@@ -110,7 +111,7 @@ def test_distill_cli_bf16_teacher_and_resume(student, teacher_run, tmp_path, cap
     assert (
         cfg["stage"] == "distill"
         and cfg["distill"]["alpha"] == 0.7
-        and cfg["distill"]["teacher_dtype"] == "auto"
+        and cfg["distill"]["teacher_dtype"] == "bf16"
     )
     assert main(["distill", str(out), "--resume", "--steps", "6", "-q"]) == 0
     assert len(losses(out)) == 6 and all(x == x for x in losses(out))
