@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+JUDGE_CHARS = 300
 CLI = [sys.executable, "-c", "from kititans.cli import main; raise SystemExit(main())"]
 
 
@@ -90,7 +91,7 @@ async def replies(url: str, prompts: list[str], max_tokens: int) -> list[tuple[s
 
 
 async def win_rate(judge_url: str, prompts: list[str], a: list[str], b: list[str]) -> dict[str, int]:
-    from kititans.distill.client import Endpoint, EndpointConfig, open_client
+    from kititans.distill.client import Endpoint, EndpointConfig, HttpError, open_client
     from kititans.distill.judge import compare
 
     counts = {"a": 0, "b": 0, "tie": 0, "none": 0}
@@ -98,8 +99,13 @@ async def win_rate(judge_url: str, prompts: list[str], a: list[str], b: list[str
         ep = Endpoint(EndpointConfig(judge_url), client, "judge")
         await ep.resolve_model()
         for p, x, y in zip(prompts, a, b):
-            first = await compare(ep, p, x, y)
-            second = await compare(ep, p, y, x)  # swapped: a verdict that follows the position cancels out
+            x, y = x[:JUDGE_CHARS], y[:JUDGE_CHARS]  # a small judge's context holds both answers
+            try:
+                first = await compare(ep, p, x, y)
+                second = await compare(ep, p, y, x)  # swapped: a verdict that follows the position cancels
+            except HttpError:  # still longer than the judge's context
+                counts["too_long"] = counts.get("too_long", 0) + 2
+                continue
             second = {"a": "b", "b": "a"}.get(second or "", second)
             for v in (first, second):
                 counts[v or "none"] += 1
