@@ -128,62 +128,31 @@ def heldout_loss(run: Path, chats: Path) -> float:
     return evaluate_assistant(ckpt.model, batches, cpu, autocast_dtype(cpu, torch.float32))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--teacher-steps", type=int, default=600)
-    ap.add_argument("--teacher-layers", type=int, default=4)
-    ap.add_argument("--teacher-dim", type=int, default=256)
-    ap.add_argument("--student-steps", type=int, default=300)
-    ap.add_argument("--sft-steps", type=int, default=150)
-    ap.add_argument("--n-chats", type=int, default=300)
-    ap.add_argument("--held-out", type=int, default=100)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--skip-logit", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: a busy shared CPU)")
-    a = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(a.threads)  # kititans serve's torch threads
-    w = a.work
-    w.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()}, "load_start": os.getloadavg()}
-    common = ["--set=train.compile=off", "--set=train.dtype=fp32", "--set=train.report=false", "-q",
-              f"--set=train.threads={a.threads}"]  # fmt: skip
-    data = ["--set=data.builtin_bytes=1500000"]
-    tb = w / "teacher-base"
-    if not (tb / "model.safetensors").exists():
-        sh("train", "--preset", "debug", "--steps", str(a.teacher_steps), "--out", str(tb), *common, *data,
-           f"--set=model.n_layers={a.teacher_layers}", f"--set=model.dim={a.teacher_dim}")  # fmt: skip
-    teacher = w / "teacher"
-    if not (teacher / "model.safetensors").exists():
-        sh("sft", str(tb), "--out", str(teacher), "--steps", str(a.sft_steps), *common)
-    base = w / "student-alone"
-    if not (base / "model.safetensors").exists():
-        sh("train", "--preset", "debug", "--steps", str(a.student_steps), "--out", str(base),
-           "--set", f"tokenizer.path={tb}", *common, *data)  # fmt: skip
-    res["teacher"] = {
-        "val_loss": metrics(tb)[-1].get("val_loss"),
-        "sft_val_loss": metrics(teacher)[-1].get("val_loss"),
+def logit_stage(
+    a: argparse.Namespace, w: Path, tb: Path, base: Path, common: list[str], data: list[str]
+) -> dict[str, Any]:
+    """The student trained from scratch with `kititans distill --teacher` vs alone (`base`), equal tokens."""
+    kd = w / "student-kd"
+    if not (kd / "model.safetensors").exists():
+        sh("distill", str(kd), "--preset", "debug", "--teacher", str(tb), "--steps", str(a.student_steps),
+           "--alpha", "0.5", "--temperature", "1", "--teacher-dtype", "fp32", *common, *data)  # fmt: skip
+    ma, mk = metrics(base), metrics(kd)
+    sps = lambda m: m[-1]["time"] / max(m[-1]["step"], 1)  # noqa: E731
+    out = {
+        "alone_val_loss": [r["val_loss"] for r in ma if "val_loss" in r][-1],
+        "kd_val_loss": [r["val_loss"] for r in mk if "val_loss" in r][-1],
+        "alone_tokens": ma[-2].get("tokens") or [r for r in ma if "tokens" in r][-1]["tokens"],
+        "kd_tokens": [r for r in mk if "tokens" in r][-1]["tokens"],
+        "alone_s_per_step": sps([r for r in ma if "time" in r]),
+        "kd_s_per_step": sps([r for r in mk if "time" in r]),
     }
-    # ---------------------------------------------------------------- logit level
-    if not a.skip_logit:
-        kd = w / "student-kd"
-        if not (kd / "model.safetensors").exists():
-            sh("distill", str(kd), "--preset", "debug", "--teacher", str(tb), "--steps", str(a.student_steps),
-               "--alpha", "0.5", "--temperature", "1", "--teacher-dtype", "fp32", *common, *data)  # fmt: skip
-        ma, mk = metrics(base), metrics(kd)
-        sps = lambda m: m[-1]["time"] / max(m[-1]["step"], 1)  # noqa: E731
-        res["logit"] = {
-            "alone_val_loss": [r["val_loss"] for r in ma if "val_loss" in r][-1],
-            "kd_val_loss": [r["val_loss"] for r in mk if "val_loss" in r][-1],
-            "alone_tokens": ma[-2].get("tokens") or [r for r in ma if "tokens" in r][-1]["tokens"],
-            "kd_tokens": [r for r in mk if "tokens" in r][-1]["tokens"],
-            "alone_s_per_step": sps([r for r in ma if "time" in r]),
-            "kd_s_per_step": sps([r for r in mk if "time" in r]),
-        }
-        print(json.dumps(res["logit"]), flush=True)
-    # ---------------------------------------------------------------- sequence level
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def seq_stage(a: argparse.Namespace, w: Path, teacher: Path, base: Path, common: list[str]) -> dict[str, Any]:
+    """Teacher-written chats -> SFT vs the built-in dialogues at equal tokens; throughput; judged win rate."""
+    res: dict[str, Any] = {}
     train_p = prompts_file(w / "prompts.txt", 101, a.n_chats)
     held_p = [p for p in prompts_file(w / "held.txt", 202, a.held_out * 2) if p not in set(train_p)][
         : a.held_out
@@ -246,6 +215,50 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--teacher-steps", type=int, default=600)
+    ap.add_argument("--teacher-layers", type=int, default=4)
+    ap.add_argument("--teacher-dim", type=int, default=256)
+    ap.add_argument("--student-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=150)
+    ap.add_argument("--n-chats", type=int, default=300)
+    ap.add_argument("--held-out", type=int, default=100)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--skip-logit", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: a busy shared CPU)")
+    a = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)  # kititans serve's torch threads
+    w = a.work
+    w.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()}, "load_start": os.getloadavg()}
+    common = ["--set=train.compile=off", "--set=train.dtype=fp32", "--set=train.report=false", "-q",
+              f"--set=train.threads={a.threads}"]  # fmt: skip
+    data = ["--set=data.builtin_bytes=1500000"]
+    tb = w / "teacher-base"
+    if not (tb / "model.safetensors").exists():
+        sh("train", "--preset", "debug", "--steps", str(a.teacher_steps), "--out", str(tb), *common, *data,
+           f"--set=model.n_layers={a.teacher_layers}", f"--set=model.dim={a.teacher_dim}")  # fmt: skip
+    teacher = w / "teacher"
+    if not (teacher / "model.safetensors").exists():
+        sh("sft", str(tb), "--out", str(teacher), "--steps", str(a.sft_steps), *common)
+    base = w / "student-alone"
+    if not (base / "model.safetensors").exists():
+        sh("train", "--preset", "debug", "--steps", str(a.student_steps), "--out", str(base),
+           "--set", f"tokenizer.path={tb}", *common, *data)  # fmt: skip
+    res["teacher"] = {
+        "val_loss": metrics(tb)[-1].get("val_loss"),
+        "sft_val_loss": metrics(teacher)[-1].get("val_loss"),
+    }
+    if not a.skip_logit:
+        res["logit"] = logit_stage(a, w, tb, base, common, data)
+    res.update(seq_stage(a, w, teacher, base, common))
     res["load_end"] = os.getloadavg()
     a.out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
