@@ -130,3 +130,29 @@ def test_teacher_with_another_tokenizer_is_refused(student, teacher_run, tmp_pat
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "another tokenizer" in err and "sequence-level" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_distill_like_one_rank(student, teacher_run, tmp_path):
+    """torchrun with 2 CPU ranks (DDP over gloo) through the distillation loss = 1 rank with the same global
+    batch, step for step: the teacher runs on each rank's own micro-batches."""
+    import os
+    import subprocess
+    import sys
+
+    def run(out: Path, ranks: int) -> list[float]:
+        args = ["distill", str(student), "--teacher", str(teacher_run), "--alpha", "0.5", "--temperature", "2",
+                "--teacher-dtype", "fp32", "--out", str(out), "--steps", "4", "-q",
+                *[f"--set={k}={v}" for k, v in FAST], "--set=train.global_batch=8"]  # fmt: skip
+        launch = ["-m", "torch.distributed.run", "--nproc-per-node", "2"] if ranks == 2 else []
+        if ranks == 2:
+            args.append("--set=train.parallel=ddp")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, *launch, "-m", "kititans", *args], capture_output=True, text=True,
+                           env=env, timeout=900)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        return losses(out)
+
+    one = run(tmp_path / "one", 1)
+    two = run(tmp_path / "two", 2)
+    assert len(one) == 4 and two == pytest.approx(one, rel=1e-4)
