@@ -98,7 +98,10 @@ def error_message(body: bytes) -> str:
 
 
 def open_client(concurrency: int, timeout: float) -> Any:
+    import logging
+
     httpx = require("httpx", "distill", "talking to an OpenAI-compatible endpoint")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request under the CLI's INFO log
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)))
 

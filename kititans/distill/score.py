@@ -9,7 +9,10 @@ POST /v1/completions, asking, in this order:
             itself is in each dict, which checks that the endpoint tokenizes as we do
   OpenAI    {"echo": true, "logprobs": k, "max_tokens": 1}: choices[0].logprobs {tokens, token_logprobs,
             top_logprobs [{token: logprob}]} over prompt + completion (llama-cpp-python style servers that
-            drop the leading BOS are aligned); token strings map to ids by "token_id:N" or by the piece
+            drop the leading BOS are aligned); sent with vLLM's return_tokens_as_token_ids, so strings are
+            "token_id:N" where the server knows it, else they map by piece / decoded text when that names
+            one id only (a shared string goes to the rest mass); the echoed token's string must be one of
+            the prompt id's own (the tokenizer check)
 An endpoint that answers neither is refused in one line.
 """
 
@@ -57,13 +60,22 @@ class ScoreReport:
     seconds: float
 
 
+def token_strings(tok: Any, i: int) -> set[str]:
+    """The strings an endpoint may send for id i: "token_id:i" (vLLM's return_tokens_as_token_ids), the piece,
+    the piece with its word-start mark as a space, the id decoded alone, a byte piece's character."""
+    piece = tok.id_to_piece(i)
+    out = {f"token_id:{i}", piece, piece.replace("\u2581", " "), tok.decode([i])}
+    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+        out.add(bytes([int(piece[3:5], 16)]).decode("utf-8", "replace"))
+    return out
+
+
 def piece_table(tok: Any) -> dict[str, int]:
-    """Token strings an endpoint may send for our ids: "token_id:N", the piece, the piece with spaces."""
+    """String -> id for the strings of token_strings that name one id only (others are ambiguous: dropped)."""
     table: dict[str, int] = {}
     ambiguous: set[str] = set()
     for i in range(tok.vocab_size):
-        piece = tok.id_to_piece(i)
-        for s in {piece, piece.replace("\u2581", " ")}:
+        for s in token_strings(tok, i) - {f"token_id:{i}"}:
             if s in table and table[s] != i:
                 ambiguous.add(s)
             table.setdefault(s, i)
@@ -73,8 +85,6 @@ def piece_table(tok: Any) -> dict[str, int]:
 
 
 def to_id(token: Any, table: dict[str, int]) -> int | None:
-    if isinstance(token, int):
-        return token
     s = str(token)
     if s.startswith("token_id:"):
         try:
@@ -84,16 +94,13 @@ def to_id(token: Any, table: dict[str, int]) -> int | None:
     return table.get(s)
 
 
-def row(entry: Any, k: int, table: dict[str, int] | None) -> tuple[list[int], list[float], float, set[int]]:
-    """One position's dict -> (top-k ids, their log-probs, log of the rest mass, every id in the dict).
-    Keys are token ids (vLLM, table None) or token strings (echo)."""
+def row(entry: Any, k: int) -> tuple[list[int], list[float], float, set[int]]:
+    """One position's {token id: logprob or {logprob, ...}} -> (top-k ids, their log-probs, log of the rest
+    mass, every id in the dict)."""
     pairs: list[tuple[float, int]] = []
     for key, val in (entry or {}).items():
         lp = val.get("logprob") if isinstance(val, dict) else val
-        if table is None:
-            tid = int(key) if str(key).lstrip("-").isdigit() else None
-        else:
-            tid = to_id(key, table)
+        tid = int(key) if str(key).lstrip("-").isdigit() else None
         if tid is not None and isinstance(lp, (int, float)) and math.isfinite(lp):
             pairs.append((float(lp), tid))
     pairs.sort(reverse=True)
@@ -103,54 +110,70 @@ def row(entry: Any, k: int, table: dict[str, int] | None) -> tuple[list[int], li
     return [t for _, t in top], [lp for lp, _ in top], rest, {t for _, t in pairs}
 
 
-def pack(
-    ids: list[int], mask: list[int], rows: list[Any], k: int, table: dict[str, int] | None
-) -> tuple[Scored, float]:
-    """The Scored record of a conversation, and the share of its tokens the rows name as present."""
+def pack(ids: list[int], mask: list[int], rows: list[Any], k: int) -> Scored:
+    """The Scored record of a conversation from its id-keyed rows."""
     n = len(ids)
     tk = np.full((n, k), -1, dtype=np.int32)
     lp = np.full((n, k), -np.inf, dtype=np.float32)
     rest = np.zeros(n, dtype=np.float32)
-    agree = 0
     for i in range(1, n):
-        t, p, r, present = row(rows[i], k, table)
+        t, p, r, _ = row(rows[i], k)
         tk[i, : len(t)], lp[i, : len(p)], rest[i] = t, p, r
-        agree += ids[i] in present
-    scored = Scored(np.asarray(ids, np.int32), np.asarray(mask, np.uint8), tk, lp, rest)
-    return scored, agree / max(n - 1, 1)
+    return Scored(np.asarray(ids, np.int32), np.asarray(mask, np.uint8), tk, lp, rest)
 
 
-async def ask(ep: Endpoint, ids: list[int], k: int, protocol: str) -> list[Any] | None:
-    """The per-prompt-token rows of one request, aligned with `ids` (None: this protocol gave none)."""
+def _echo_rows(
+    lp: dict[str, Any], ids: list[int], tok: Any, table: dict[str, int]
+) -> tuple[list[Any], float]:
+    """Echo's string-keyed rows -> id-keyed rows aligned with ids, and the share of prompt tokens whose echoed
+    string is one of ours for that id (does the endpoint tokenize as we do?)."""
+    top, tokens, chosen = lp["top_logprobs"], lp.get("tokens") or [], lp.get("token_logprobs") or []
+    shift = 0 if len(top) > len(ids) else 1  # one row per prompt token plus the completion's; BOS dropped: -1
+    rows: list[Any] = [None] * len(ids)
+    agree = 0
+    for i in range(max(shift, 1), len(ids)):
+        j = i - shift
+        d: dict[int, float] = {}
+        for s, v in (top[j] or {}).items():
+            tid = to_id(s, table)
+            if tid is not None and isinstance(v, (int, float)):
+                d[tid] = max(float(v), d.get(tid, -math.inf))
+        if j < len(chosen) and isinstance(chosen[j], (int, float)):
+            d[ids[i]] = float(chosen[j])  # the echoed token is ids[i]: its log-prob exactly
+        rows[i] = d
+        agree += j < len(tokens) and str(tokens[j]) in token_strings(tok, ids[i])
+    return rows, agree / max(len(ids) - 1, 1)
+
+
+async def ask(ep: Endpoint, ids: list[int], k: int, protocol: str, tok: Any, table: dict[str, int]) -> Any:
+    """(id-keyed rows aligned with `ids`, tokenizer agreement), or None when this protocol gave no rows."""
     body: dict[str, Any] = {"model": ep.model, "prompt": ids, "max_tokens": 1, "temperature": 0}
-    body.update({"prompt_logprobs": k} if protocol == "vllm" else {"echo": True, "logprobs": k})
+    if protocol == "vllm":
+        body["prompt_logprobs"] = k
+    else:  # token_id:N strings where the server knows vLLM's flag; others ignore it
+        body.update({"echo": True, "logprobs": k, "return_tokens_as_token_ids": True})
     data = await ep.request("POST", "/completions", body)
     choice = (data.get("choices") or [{}])[0] if isinstance(data, dict) else {}
     if protocol == "vllm":
         rows = choice.get("prompt_logprobs") or data.get("prompt_logprobs")
-        return rows[: len(ids)] if isinstance(rows, list) and len(rows) >= len(ids) else None
+        if not isinstance(rows, list) or len(rows) < len(ids):
+            return None
+        rows = rows[: len(ids)]
+        agree = sum(str(ids[i]) in (rows[i] or {}) for i in range(1, len(ids))) / max(len(ids) - 1, 1)
+        return rows, agree
     lp = choice.get("logprobs") if isinstance(choice, dict) else None
     top = lp.get("top_logprobs") if isinstance(lp, dict) else None
     if not isinstance(top, list) or len(top) < len(ids) - 1:
         return None
-    tokens = lp.get("tokens") or []
-    # one row per prompt token plus the completion's; a server that drops the leading BOS sends one less
-    shift = 0 if len(top) > len(ids) else 1
-    rows = [None] * shift + top[: len(ids) - shift]
-    for i in range(shift, len(ids)):  # the echoed token itself: present in its row, as vLLM does
-        if isinstance(rows[i], dict) and i - shift < len(tokens) and tokens[i - shift] not in rows[i]:
-            lps = lp.get("token_logprobs") or []
-            if i - shift < len(lps) and isinstance(lps[i - shift], (int, float)):
-                rows[i] = {**rows[i], tokens[i - shift]: lps[i - shift]}
-    return rows
+    return _echo_rows(lp, ids, tok, table)
 
 
-async def detect(ep: Endpoint, ids: list[int], k: int) -> str:
+async def detect(ep: Endpoint, ids: list[int], k: int, tok: Any, table: dict[str, int]) -> str:
     """Which protocol the endpoint answers, or one line saying it returns no prompt log-probs."""
     said = []
     for protocol in ("vllm", "echo"):
         try:
-            if await ask(ep, ids, k, protocol) is not None:
+            if await ask(ep, ids, k, protocol, tok, table) is not None:
                 return protocol
             said.append(f"{protocol}: no per-token log-probs in the answer")
         except HttpError as e:
@@ -205,23 +228,23 @@ async def _score(cfg: ScoreConfig, progress: bool) -> ScoreReport:
                 ids, mask = ids[: cfg.max_tokens], mask[: cfg.max_tokens]
             async with sem:
                 if m["protocol"] is None:
-                    m["protocol"] = await detect(ep, ids, cfg.top_k)
+                    m["protocol"] = await detect(ep, ids, cfg.top_k, tok, table)
                 try:
-                    rows = await ask(ep, ids, cfg.top_k, m["protocol"])
+                    got = await ask(ep, ids, cfg.top_k, m["protocol"], tok, table)
                 except HttpError as e:
                     if e.status != 400:
                         raise
                     return None  # e.g. longer than the teacher's context: counted as skipped
-            if rows is None:
+            if got is None:
                 raise EndpointError(f"{cfg.teacher.url} stopped returning prompt log-probs ({c.where})")
-            scored, agree = pack(ids, mask, rows, cfg.top_k, None if m["protocol"] == "vllm" else table)
+            rows, agree = got
             if agree < MIN_AGREE:
                 raise KititansError(
                     f"{cfg.teacher.url} does not tokenize {c.where} as {cfg.tokenizer} does ({agree:.0%} of the "
                     "tokens agree): serve a teacher with this tokenizer, or use sequence-level distillation "
                     "(`kititans distill gen`)"
                 )
-            return scored
+            return pack(ids, mask, rows, cfg.top_k)
 
         cfg.out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(convs), initial=done0, unit="conv", desc="distill score", disable=not progress)
