@@ -105,15 +105,21 @@ def read_items(sources: list[str], builtin_bytes: int = 2_000_000, seed: int = 0
 
 
 def spans(ids: list[int], key: str, max_len: int) -> tuple[list[int], list[int]] | None:
-    """Two disjoint spans of a document's tokens, chosen from a hash of the document (deterministic)."""
+    """Two disjoint spans of a document's tokens, chosen from a hash of the document (deterministic).
+
+    The two lengths are drawn independently (as Contriever's crops are): with one shared length, every positive
+    pair matches in length while in-batch negatives mostly do not, and the encoder learns to embed length; that
+    shortcut scored at chance on question -> paragraph retrieval, where the two sides never match in length."""
     n = len(ids)
     if n < 2 * MIN_SPAN:
         return None
     rng = random.Random(hashlib.blake2b(key.encode(), digest_size=8).digest())
-    length = rng.randint(MIN_SPAN, min(max_len, n // 2))
-    a = rng.randint(0, n - 2 * length)
-    b = rng.randint(a + length, n - length)
-    first, second = ids[a : a + length], ids[b : b + length]
+    hi = min(max_len, n - MIN_SPAN)
+    first_len = rng.randint(MIN_SPAN, hi)
+    second_len = rng.randint(MIN_SPAN, min(max_len, n - first_len))
+    a = rng.randint(0, n - first_len - second_len)
+    b = rng.randint(a + first_len, n - second_len)
+    first, second = ids[a : a + first_len], ids[b : b + second_len]
     return (first, second) if rng.random() < 0.5 else (second, first)
 
 
