@@ -111,8 +111,11 @@ class OnnxRuntime:
         self.path = Path(path)
         self.file = model_file(self.path)
         folder = self.file.parent
-        if info is None and (folder / "manifest.json").is_file():
-            info = json.loads((folder / "manifest.json").read_text()).get("onnx", {})
+        self.manifest: dict[str, Any] = {}
+        if (folder / "manifest.json").is_file():
+            self.manifest = json.loads((folder / "manifest.json").read_text())
+        if info is None:
+            info = self.manifest.get("onnx", {})
         info = info or {}
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -296,6 +299,37 @@ class OnnxRuntime:
             feed["position_ids"] = position_ids.astype(np.int64)
         outs = self.session.run(["logits", *(s.output for s in self.states)], {**feed, **past})
         return outs[0], {s.input: o for s, o in zip(self.states, outs[1:])}
+
+    # -- sessions (kititans/runtimes/session.py): a recurrent export's state by its torch names
+
+    def session_identity(self) -> dict[str, Any]:
+        if not getattr(self, "recurrent", False) or self.steps is None:
+            raise KititansError(
+                f"{self.file}: this export keeps a KV cache that grows with the text: sessions save the "
+                "fixed-size state of a Titans export"
+            )
+        source = self.manifest.get("source", {})
+        return {
+            "family": source.get("family"),
+            "weights_sha256": source.get("weights_sha256"),
+            "runtime": self.name,
+            "quant": self.manifest.get("quant"),
+            "layout": {"pos": [1], **{s.input.removeprefix("past_"): list(s.shape) for s in self.states}},
+        }
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The state by name (copies), "pos" included."""
+        if not self.steps.state:
+            self.reset()
+        out = {"pos": np.array([self._n], np.int64)}
+        for s in self.states:
+            out[s.input.removeprefix("past_")] = np.array(self.steps.state[s.input].numpy(), copy=True)
+        return out
+
+    def set_state(self, tensors: dict[str, np.ndarray]) -> None:
+        start = {s.input: np.asarray(tensors[s.input.removeprefix("past_")], s.dtype) for s in self.states}
+        self.steps.reset(start, self.device)
+        self._n = int(np.asarray(tensors["pos"]).reshape(-1)[0])
 
 
 class StepGraphs:

@@ -219,6 +219,31 @@ class TitansCoreMLStep(nn.Module):
                 problems.append(f"decode rewrites {written} of the {size} values of state {name} per token")
         return problems
 
+    def session_layout(self) -> dict[str, Any]:
+        """How a session file (kititans/runtimes/session.py, the torch state layout) maps onto the package's
+        states, for the manifest: canonical name -> state name and shape, which states hold their change from
+        W_0 (`relative`, rebuilt with memory_base()), and the chunk and segment sizes the keep factors use."""
+        spec = self.model.state_spec(1)
+        states = {n: n.replace(".", "_") for n, _, _ in spec[1:]}
+        relative = [n for n in states if n.rsplit(".", 1)[1].removeprefix("seg_") in MEMORY_WEIGHTS]
+        return {
+            "layout": {n: list(shape) for n, shape, _ in spec},
+            "states": states,
+            "relative": relative,
+            "chunk": self.chunk,
+            "segment": self.window,
+        }
+
+    def memory_base(self) -> dict[str, Tensor]:
+        """W_0 (fp32, batch 1) of every state the package stores as its change from W_0, by canonical name."""
+        out = {}
+        for name in self.session_layout()["relative"]:
+            i, key = name.split(".")[1], name.rsplit(".", 1)[1].removeprefix("seg_")
+            memory = self.model.layers[int(i)].memory
+            w0 = dict(zip(memory.weight_names(), memory.initial_weights()))[key]
+            out[name] = w0.detach().float().unsqueeze(0).contiguous()
+        return out
+
     def fp16_state_copy(self) -> nn.Module:
         """This wrapper with the package's fp16 state storage (fp32 compute): what fp16 states alone cost."""
         step = copy.deepcopy(self)
