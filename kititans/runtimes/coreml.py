@@ -131,7 +131,8 @@ class CoreMLRuntime:
                 f"{self._n + len(ids)} tokens exceed the model's context of {self.context_length}"
             )
         outs = []
-        for chunk in plan_chunks(ids, self._n, self.prefill_len, self.prefill_exact):
+        sizes = [int(row["tokens"]) for row in self.steps]
+        for chunk in plan_chunks(ids, self._n, self.prefill_len, self.prefill_exact, sizes):
             model = self.decode if len(chunk) == 1 else self.prefill
             if self.steps:
                 model = self.functions[pick_step(self.steps, len(chunk), self._n)["function"]]

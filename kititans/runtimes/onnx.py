@@ -74,6 +74,16 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def session_options(ort: Any, threads: int, spin: bool) -> Any:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    if not spin:  # spinning threads cost more than they save on a busy, shared CPU
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 def _session(ort: Any, file: Path, so: Any, providers: list[str]) -> Any:
     try:
         return ort.InferenceSession(str(file), so, providers=providers)
@@ -104,9 +114,13 @@ class OnnxRuntime:
         threads: int = 0,
         spin: bool = True,
         info: dict[str, Any] | None = None,
+        decode_threads: int | None = None,
         **_: Any,
     ):
-        """`info` is the manifest's "onnx" section (read from manifest.json next to the graph when None)."""
+        """`info` is the manifest's "onnx" section (read from manifest.json next to the graph when None).
+        `decode_threads`: intra-op threads of a recurrent (Titans) export's single-token graphs; None: 1 (their
+        many small ops lose more to thread hand-offs than a second thread gains), while its prefill graphs
+        use `threads`."""
         ort = require("onnxruntime", "onnx", "the ONNX runtime")
         self.path = Path(path)
         self.file = model_file(self.path)
@@ -117,14 +131,12 @@ class OnnxRuntime:
         if info is None:
             info = self.manifest.get("onnx", {})
         info = info or {}
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-        if not spin:  # spinning threads cost more than they save on a busy, shared CPU
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so = session_options(ort, threads, spin)
         providers = providers_for(device)
-        self.session = _session(ort, self.file, so, providers)
+        steps_kind = info.get("kind") == "recurrent" and bool(info.get("steps"))
+        self.decode_threads = (1 if decode_threads is None else decode_threads) if steps_kind else threads
+        decode_so = session_options(ort, self.decode_threads, spin) if self.decode_threads != threads else so
+        self.session = _session(ort, self.file, decode_so, providers)
         self.task = "embed" if info.get("kind") == "embed" else "lm"  # an encoder: embed_batch, no logits
         if self.task == "embed":
             self.context_length = int(info["context_length"])
@@ -136,7 +148,9 @@ class OnnxRuntime:
         prefill = info.get("prefill") or {}
         self.prefill = _session(ort, folder / prefill["file"], so, providers) if prefill else None
         self.prefill_tokens = int(prefill.get("tokens", 0))
-        self.steps = StepGraphs(ort, folder, info, so, providers, self.session) if info.get("steps") else None
+        self.steps = (
+            StepGraphs(ort, folder, info, (so, decode_so), providers, self.session) if steps_kind else None
+        )
         if self.steps is not None:
             self.prefill_tokens = self.steps.max_tokens
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -242,8 +256,9 @@ class OnnxRuntime:
         """A fixed-size state has no length limit; whole memory chunks go through the prefill graph when the
         position is chunk-aligned, every other token through the decode graph."""
         C = self.prefill_tokens if self.prefill is not None or self.steps is not None else 1
+        sizes = self.steps.sizes if self.steps is not None else ()
         out = []
-        for chunk in plan_chunks(ids, self._n, C, exact=True):
+        for chunk in plan_chunks(ids, self._n, C, exact=True, sizes=sizes):
             if self.steps is not None:
                 logits = self.steps.run(chunk, self._n, self.device, self._logits)
                 self._n += len(chunk)
@@ -318,12 +333,13 @@ class OnnxRuntime:
         }
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """The state by name (copies), "pos" included."""
+        """The state by name, "pos" included (arrays may share the runtime's memory: valid until its next
+        call)."""
         if not self.steps.state:
             self.reset()
         out = {"pos": np.array([self._n], np.int64)}
         for s in self.states:
-            out[s.input.removeprefix("past_")] = np.array(self.steps.state[s.input].numpy(), copy=True)
+            out[s.input.removeprefix("past_")] = self.steps.state[s.input].numpy()
         return out
 
     def set_state(self, tensors: dict[str, np.ndarray]) -> None:
@@ -340,17 +356,24 @@ class StepGraphs:
     A state tensor a graph does not write keeps its value; only the logits come back to the host."""
 
     def __init__(
-        self, ort: Any, folder: Path, info: dict[str, Any], so: Any, providers: list[str], first: Any
+        self, ort: Any, folder: Path, info: dict[str, Any], so: tuple, providers: list[str], first: Any
     ):
+        """so: the session options of (prefill graphs, single-token graphs)."""
         self.table = list(info["steps"])
-        session = lambda f: first if f == MODEL_FILE else _session(ort, folder / f, so, providers)  # noqa: E731
-        self.sessions = {row["file"]: session(row["file"]) for row in self.table}
+
+        def session(row: dict[str, Any]) -> Any:
+            if row["file"] == MODEL_FILE:
+                return first
+            return _session(ort, folder / row["file"], so[1] if int(row["tokens"]) == 1 else so[0], providers)
+
+        self.sessions = {row["file"]: session(row) for row in self.table}
         self.bindings = {f: s.io_binding() for f, s in self.sessions.items()}
         self.past = {s["output"]: s["input"] for s in info["states"]}
         self.types = {
             i.name: _NP_TYPES.get(i.type, np.float32) for s in self.sessions.values() for i in s.get_inputs()
         }
-        self.max_tokens = max(int(row["tokens"]) for row in self.table)
+        self.sizes = sorted({int(row["tokens"]) for row in self.table}, reverse=True)
+        self.max_tokens = self.sizes[0]
         self._ids = np.zeros((1, self.max_tokens), np.int64)
         self._position = np.zeros(1, np.int64)
         self.state: dict[str, Any] = {}

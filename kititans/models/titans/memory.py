@@ -404,7 +404,7 @@ class NeuralMemory(nn.Module):
         return qg
 
     def _step(self, x: Tensor, ctx: Any, io: Any) -> Tensor:
-        """x (B,T,D) with T = 1, or T = chunk at a chunk boundary. A token inside a chunk writes its
+        """x (B,T,D) with T = 1, or T = whole chunks at a chunk boundary. A token inside a chunk writes its
         normalised input into `buf` and reads W through its query alone; a call that closes the chunk projects
         the chunk's rows, updates W and S once, and its last token reads the new W."""
         names = self.weight_names()
@@ -429,10 +429,9 @@ class NeuralMemory(nn.Module):
         if state is not None:
             io.put("conv", state[..., : 2 * Hd])
             io.put("conv_q", state[..., 2 * Hd :])
-        k, v, q, theta, le, la, gate = self.split(z)
-        w_new, s_new = self.close_chunk(w, self._momentum(io), k, v, theta, le, la)
+        k, v, q, theta, le, la, gate = self.split(z)  # whole chunks: one update each, in order
+        w_all, w_new, s_new = self.scan(k, v, theta, le, la, w, self._momentum(io))
         self._put_weights(io, w_new, s_new)
-        w_all = tuple(torch.stack([a, b], dim=2) for a, b in zip(w, w_new))
         return self.combine(self.retrieve(q, w_all), gate)
 
     def _momentum(self, io: Any) -> Weights:
