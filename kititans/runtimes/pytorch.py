@@ -102,17 +102,24 @@ class TorchRuntime:
         }
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """The state by name (copies; bf16 as fp32), "pos" included."""
+        """The state by name, "pos" included (bf16 as fp32; arrays may share the runtime's memory: valid until
+        its next call)."""
         state = self.state if self.state is not None else self.model.new_state(batch_size=1)
         names = [n for n, _, _ in self.model.state_spec(1)]
         out = {}
         for name, t in zip(names, self.model.state_to_tensors(state), strict=True):
             t = t.detach().cpu()
-            out[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy().copy()
+            out[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
         return out
 
     def set_state(self, tensors: dict[str, np.ndarray]) -> None:
         spec = self.model.state_spec(1)
         self.state = self.model.state_from_tensors(
-            [torch.from_numpy(np.array(tensors[n], copy=True)).to(self.device, dtype) for n, _, dtype in spec]
+            [_tensor(tensors[n]).to(self.device, dtype) for n, _, dtype in spec]
         )
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A torch tensor over `a` (its own copy when `a` is read-only: the state is written in place)."""
+    a = np.asarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())

@@ -16,7 +16,8 @@ export of the same run. A file from another model, another state layout or a new
 line, before the runtime's state is touched. Writes are atomic (a temp name, then a rename).
 
 A runtime takes part through three methods: `session_identity() -> dict` (family, weights_sha256, runtime,
-quant, layout: {name: shape}), `get_state() -> dict[str, np.ndarray]` and `set_state(dict)` (the layout above, "pos" included).
+quant, layout: {name: shape}), `get_state() -> dict[str, np.ndarray]` (arrays that may share the runtime's
+memory, read before its next call) and `set_state(dict)` (the layout above, "pos" included).
 """
 
 from __future__ import annotations

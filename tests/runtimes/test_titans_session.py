@@ -20,7 +20,6 @@ from safetensors.numpy import load_file, save_file
 from kititans.checkpoint import load_checkpoint, save_checkpoint
 from kititans.errors import KititansError
 from kititans.models import get_family
-from kititans.models.titans import SPEC
 from kititans.models.titans.coreml_step import TitansCoreMLStep
 from kititans.models.titans.state import pick_kind
 from kititans.runtimes import load_runtime
@@ -31,64 +30,40 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from kititans.data.builtin import generate_corpus
-    from kititans.data.tokenizer import train_tokenizer
-
-    return train_tokenizer(generate_corpus(0, 200_000), tmp_path_factory.mktemp("tok"), 512)
-
-
-def random_run(out: Path, tok, seed: int = 0, **over) -> Path:
-    """A random titans-debug run (window 32, memory chunk 8) whose memory stores and forgets visibly."""
-    cfg = SPEC.make_config("titans-debug", over)
-    torch.manual_seed(seed)
-    model = SPEC.build(cfg).eval()
-    with torch.no_grad():
-        for layer in model.layers:
-            if layer.memory is not None:
-                layer.memory.gates.bias.view(4, -1)[0].fill_(1.0)
-                layer.memory.gates.bias.view(4, -1)[2].fill_(-2.0)
-    return save_checkpoint(out, model, SPEC, cfg, tok, extra={"step": 0})
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tokenizer) -> Path:
-    return random_run(tmp_path_factory.mktemp("titans") / "run", tokenizer, block="mac")
-
-
 def ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_torch_session_continues_exactly(run, tmp_path):
+def test_torch_session_continues_exactly(titans_run_mac, tmp_path):
     """Prompt (past a mac segment and inside a memory chunk), save, load into a new runtime: the next tokens'
     logits equal the uninterrupted runtime's; the file holds the tokens and the caller's extra."""
     first, more = ids(45, 1), ids(21, 2)
-    a = load_runtime(run, "torch")
+    a = load_runtime(titans_run_mac, "torch")
     a.forward(first)
     header = save_session(a, tmp_path / "s.state", first, {"messages": [{"role": "user", "content": "hi"}]})
     want = a.forward(more, all_logits=True)
-    b = load_runtime(run, "torch")
+    b = load_runtime(titans_run_mac, "torch")
     session = load_session(b, tmp_path / "s.state")
     assert session.tokens == first and session.extra["messages"][0]["content"] == "hi"
     assert b.n_past == 45 and header["tokens"] == 45 and header["family"] == "titans"
     np.testing.assert_array_equal(b.forward(more, all_logits=True), want)
-    fresh = load_runtime(run, "torch")  # the state matters: without it the logits differ
+    fresh = load_runtime(titans_run_mac, "torch")  # the state matters: without it the logits differ
     assert np.abs(fresh.forward(more, all_logits=True) - want).max() > 1e-2
 
 
-def test_a_session_of_another_model_version_or_kind_is_refused_in_one_line(run, tokenizer, tmp_path):
-    a = load_runtime(run, "torch")
+def test_a_session_of_another_model_version_or_kind_is_refused_in_one_line(
+    titans_run_mac, titans_tokenizer, make_titans_run, tmp_path
+):
+    a = load_runtime(titans_run_mac, "torch")
     a.forward(ids(10, 3))
     path = tmp_path / "s.state"
     save_session(a, path, ids(10, 3))
-    other = load_runtime(random_run(tmp_path / "other", tokenizer, seed=1, block="mac"), "torch")
+    other = load_runtime(make_titans_run(tmp_path / "other", titans_tokenizer, seed=1, block="mac"), "torch")
     with pytest.raises(KititansError, match="belongs to another model") as e:
         load_session(other, path)
     assert "\n" not in str(e.value)
     assert other.n_past == 0  # refused before the state was touched
-    reshaped = load_runtime(random_run(tmp_path / "mal", tokenizer, block="mal"), "torch")
+    reshaped = load_runtime(make_titans_run(tmp_path / "mal", titans_tokenizer, block="mal"), "torch")
     reshaped._weights_sha256 = a.session_identity()["weights_sha256"]  # same hash, another layout
     with pytest.raises(KititansError, match="state layout differs"):
         load_session(reshaped, path)
@@ -104,54 +79,45 @@ def test_a_session_of_another_model_version_or_kind_is_refused_in_one_line(run, 
         load_session(a, tmp_path / "missing.state")
 
 
-def test_a_kv_cache_model_says_sessions_need_titans(tokenizer, tmp_path):
+def test_a_kv_cache_model_says_sessions_need_titans(titans_tokenizer, tmp_path):
     lite = get_family("lite")
     cfg = lite.make_config("debug", {"vocab_size": 512})
-    rt = load_runtime(save_checkpoint(tmp_path / "lite", lite.build(cfg), lite, cfg, tokenizer), "torch")
+    rt = load_runtime(
+        save_checkpoint(tmp_path / "lite", lite.build(cfg), lite, cfg, titans_tokenizer), "torch"
+    )
     with pytest.raises(KititansError, match="KV cache that grows"):
         save_session(rt, tmp_path / "s.state", [])
     assert not (tmp_path / "s.state").exists()
 
 
-@pytest.fixture(scope="module")
-def onnx_export(run) -> Path:
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from kititans.export import ExportOptions, export_model
-
-    return export_model(
-        run, "onnx", "fp32", run / "export" / "onnx" / "fp32", ExportOptions(progress=False)
-    ).path
-
-
-def test_onnx_session_round_trip_and_across_runtimes(run, onnx_export, tmp_path):
+def test_onnx_session_round_trip_and_across_runtimes(titans_run_mac, titans_onnx_mac, tmp_path):
     """ONNX saves and loads its own sessions, and loads the torch runtime's (the same run's weights)."""
     first, more = ids(37, 4), ids(19, 5)
-    o = load_runtime(onnx_export, "onnx", threads=1)
+    o = load_runtime(titans_onnx_mac, "onnx", threads=1)
     o.forward(first)
     save_session(o, tmp_path / "o.state", first)
     want = o.forward(more, all_logits=True)
-    o2 = load_runtime(onnx_export, "onnx", threads=1)
+    o2 = load_runtime(titans_onnx_mac, "onnx", threads=1)
     load_session(o2, tmp_path / "o.state")
     np.testing.assert_allclose(o2.forward(more, all_logits=True), want, atol=1e-5)
-    t = load_runtime(run, "torch")
+    t = load_runtime(titans_run_mac, "torch")
     t.forward(first)
     save_session(t, tmp_path / "t.state", first)
-    o3 = load_runtime(onnx_export, "onnx", threads=1)
+    o3 = load_runtime(titans_onnx_mac, "onnx", threads=1)
     load_session(o3, tmp_path / "t.state")
     np.testing.assert_allclose(o3.forward(more, all_logits=True), t.forward(more, all_logits=True), atol=1e-4)
 
 
-def test_the_coreml_state_layout_maps_both_ways(run):
+def test_the_coreml_state_layout_maps_both_ways(titans_run_mac):
     """The package's states (the torch wrapper holds them exactly: fp32 buffers here) <-> the session layout:
     after the same tokens they read back as the torch runtime's state, and a torch session written into them
     continues as torch does."""
-    ckpt = load_checkpoint(run)
+    ckpt = load_checkpoint(titans_run_mac)
     step = TitansCoreMLStep(ckpt.model).to(torch.float32)
     info = json.loads(json.dumps(step.session_layout()))  # as the manifest holds it
     base = {n: t.numpy() for n, t in step.memory_base().items()}
     tokens = ids(41, 6)  # past a segment, inside a chunk
-    t = load_runtime(run, "torch")
+    t = load_runtime(titans_run_mac, "torch")
     t.forward(tokens)
     with torch.no_grad():
         at = 0
@@ -207,9 +173,9 @@ def converse(model: Path, runtime: str, session: str, turns: list) -> list[list[
 
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
 def test_a_conversation_split_across_two_processes_gives_the_tokens_of_one(
-    run, onnx_export, runtime, tmp_path
+    titans_run_mac, titans_onnx_mac, runtime, tmp_path
 ):
-    model = run if runtime == "torch" else onnx_export
+    model = titans_run_mac if runtime == "torch" else titans_onnx_mac
     one, two, three = ids(30, 8), ids(5, 9), ids(9, 10)
     whole = converse(model, runtime, "-", ["new", one, two, three])
     path = str(tmp_path / "me.state")
@@ -218,13 +184,23 @@ def test_a_conversation_split_across_two_processes_gives_the_tokens_of_one(
     assert part == whole and len(whole) == 3 and all(len(t) == 6 for t in whole)
 
 
-def test_chat_session_continues_in_a_new_process(run, tmp_path):
+def test_chat_session_continues_in_a_new_process(titans_run_mac, tmp_path):
     """`kititans chat RUN --session FILE`: two invocations, one turn each, reply as one with both turns; a
     session of another model is refused in one line, exit 2."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def chat(text: str, *extra: str) -> subprocess.CompletedProcess:
-        args = [sys.executable, "-m", "kititans", "chat", str(run), "--temperature", "0", "--max-tokens", "8"]
+        args = [
+            sys.executable,
+            "-m",
+            "kititans",
+            "chat",
+            str(titans_run_mac),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+        ]
         return subprocess.run(
             [*args, *extra], input=text, capture_output=True, text=True, env=env, timeout=300
         )

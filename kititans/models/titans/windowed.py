@@ -292,6 +292,7 @@ def _flex_fn() -> Callable:
     return _flex["fn"]
 
 
+@torch.compiler.disable  # made eagerly and cached, also when first met inside a compiled forward
 def _block_mask(kind: str, window: int, n: int, T: int, S: int, device: torch.device, L: int = 0):
     key = (kind, window, n, T, S, L, str(device))
     if key not in _flex["block_masks"]:
@@ -310,9 +311,9 @@ def flex_rows(
     """FlexAttention on rows: q (B,T,D) over k, v (B,S,D) (S = the persistent rows + the rest) -> (B,T,D)."""
     T, S = q.shape[1], k.shape[1]
     bm = _block_mask(kind, window, n, T, S, q.device, L)
-    if compiled:
+    if compiled and not torch.compiler.is_compiling():
         fn = _flex_fn()
-    else:
+    else:  # inside a compiled model its compiler fuses flex_attention itself
         from torch.nn.attention.flex_attention import flex_attention as fn
     return _rows(fn(_heads(q, n_heads), _heads(k, n_heads), _heads(v, n_heads), block_mask=bm))
 
