@@ -74,13 +74,17 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session_options(ort: Any, threads: int, spin: bool) -> Any:
+def session_options(ort: Any, threads: int, spin: bool, stop_spinning: bool = False) -> Any:
+    """stop_spinning: the worker threads stop spinning when a run ends (an export of several sessions, each
+    with its own pool: an idle session's spinning workers would take the cores from the one running)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
     if not spin:  # spinning threads cost more than they save on a busy, shared CPU
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if stop_spinning:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 
@@ -131,11 +135,15 @@ class OnnxRuntime:
         if info is None:
             info = self.manifest.get("onnx", {})
         info = info or {}
-        so = session_options(ort, threads, spin)
-        providers = providers_for(device)
         steps_kind = info.get("kind") == "recurrent" and bool(info.get("steps"))
+        so = session_options(ort, threads, spin, stop_spinning=steps_kind)
+        providers = providers_for(device)
         self.decode_threads = (1 if decode_threads is None else decode_threads) if steps_kind else threads
-        decode_so = session_options(ort, self.decode_threads, spin) if self.decode_threads != threads else so
+        decode_so = (
+            session_options(ort, self.decode_threads, spin, steps_kind)
+            if self.decode_threads != threads
+            else so
+        )
         self.session = _session(ort, self.file, decode_so, providers)
         self.task = "embed" if info.get("kind") == "embed" else "lm"  # an encoder: embed_batch, no logits
         if self.task == "embed":

@@ -23,6 +23,7 @@ memory, read before its next call) and `set_state(dict)` (the layout above, "pos
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,20 @@ def read_header(path: str | Path) -> dict[str, Any]:
             f"({VERSION}): upgrade kititans"
         )
     return header
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def session_path(directory: str | Path, name: str) -> Path:
+    """The file of session `name` in `directory` (a server's session store: `kititans serve`'s `session`
+    field); a name that is not 1-128 letters, digits, `_ . -` (no leading dot or dash, no path) is refused."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise KititansError(
+            f"bad session name {str(name)[:40]!r}: use 1-128 letters, digits, '_', '.', '-' (starting with a "
+            "letter or digit)"
+        )
+    return Path(directory) / f"{name}.state"
 
 
 def check_compatible(

@@ -214,3 +214,12 @@ def test_chat_session_continues_in_a_new_process(titans_run_mac, tmp_path):
     bad = chat("Hi\n", "--session", str(REPO / "pyproject.toml"))
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "not a kititans session file" in bad.stderr
+
+
+def test_a_server_session_name_maps_to_one_file_in_its_store(tmp_path):
+    from kititans.runtimes.session import session_path
+
+    assert session_path(tmp_path, "alice-2.chat") == tmp_path / "alice-2.chat.state"
+    for bad in ("../etc/passwd", ".hidden", "a/b", "", "x" * 129, "-rf", "a..b", 7):
+        with pytest.raises(KititansError, match="bad session name"):
+            session_path(tmp_path, bad)
