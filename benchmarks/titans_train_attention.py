@@ -1,5 +1,9 @@
-"""Titans training step time at a long sequence: the masked attention (a dense (T, n_p + T) mask, the previous
-path) against the blocked windowed attention (kititans/models/titans/windowed.py), interleaved in one process.
+"""Titans training step time at a long sequence, the previous path against this release's, interleaved in one
+process:
+    before   the previous training step: masked attention (a dense (T, n_p + T) mask) and the memory scan's
+             per-chunk selects (each one's backward a full-size zero gradient: O(n_chunks^2))
+    masked   masked attention, this release's scan (one unbind per tensor): the attention's share alone
+    blocked  this release: the blocked windowed attention (kititans/models/titans/windowed.py) and the new scan
 
     python benchmarks/titans_train_attention.py                          # T 2048, window 512, every block
     python benchmarks/titans_train_attention.py --seq-len 4096 --blocks mac --reps 3
@@ -8,7 +12,8 @@ step:      one AdamW step (forward, backward, update) of titans-tiny's shape (25
            window (mal, mag) / segment (mac) `--window`, on batch x seq_len random tokens, fp32;
 attention: the attention alone (windowed.local_attention forward + backward) at the same shape, per layer.
 Reported: the median over `reps` interleaved rounds of wall seconds and of process CPU seconds (robust to other
-jobs on a shared machine), and the median per-round ratio masked / blocked (> 1: the blocked path is faster).
+jobs on a shared machine), and the median per-round ratio of each variant's time to blocked's (> 1: this
+release is faster).
 """
 
 from __future__ import annotations
@@ -19,15 +24,31 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from kititans.models.lite import lm_loss
 from kititans.models.spec import find_preset
-from kititans.models.titans import windowed
+from kititans.models.titans import memory, windowed
 
-IMPLS = ("masked", "blocked")
+VARIANTS = {"before": ("masked", "select"), "masked": ("masked", "unbind"), "blocked": ("blocked", "unbind")}
+
+
+@contextmanager
+def variant(name: str) -> Iterator[None]:
+    """Run with variant `name`'s attention implementation and memory scan views (VARIANTS)."""
+    impl, scan = VARIANTS[name]
+    old = memory._chunk_columns
+    if scan == "select":  # the previous scan: t[:, :, j] per chunk
+        memory._chunk_columns = lambda n: lambda t: [t[:, :, j] for j in range(n)]
+    try:
+        with windowed.attention_impl(impl):
+            yield
+    finally:
+        memory._chunk_columns = old
 
 
 def timed(fn) -> tuple[float, float]:
@@ -66,25 +87,26 @@ def attention_step(kind: str, args: argparse.Namespace):
     return step
 
 
-def compare(make, args: argparse.Namespace) -> dict:
+def compare(make, args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     steps = {}
-    for impl in IMPLS:
-        steps[impl] = make()
-        with windowed.attention_impl(impl):
-            steps[impl]()  # warm-up
-    wall: dict[str, list[float]] = {i: [] for i in IMPLS}
-    cpu: dict[str, list[float]] = {i: [] for i in IMPLS}
+    for name in names:
+        steps[name] = make()
+        with variant(name):
+            steps[name]()  # warm-up
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.reps):
-        for impl in IMPLS:
-            with windowed.attention_impl(impl):
-                w, c = timed(steps[impl])
-            wall[impl].append(w)
-            cpu[impl].append(c)
+        for name in names:
+            with variant(name):
+                w, c = timed(steps[name])
+            wall[name].append(w)
+            cpu[name].append(c)
+    ref = names[-1]
     return {
-        "wall_s": {i: statistics.median(v) for i, v in wall.items()},
-        "cpu_s": {i: statistics.median(v) for i, v in cpu.items()},
-        "speedup_wall": statistics.median(a / b for a, b in zip(wall["masked"], wall["blocked"])),
-        "speedup_cpu": statistics.median(a / b for a, b in zip(cpu["masked"], cpu["blocked"])),
+        "wall_s": {n: statistics.median(v) for n, v in wall.items()},
+        "cpu_s": {n: statistics.median(v) for n, v in cpu.items()},
+        "speedup_wall": {n: statistics.median(a / b for a, b in zip(wall[n], wall[ref])) for n in names[:-1]},
+        "speedup_cpu": {n: statistics.median(a / b for a, b in zip(cpu[n], cpu[ref])) for n in names[:-1]},
     }
 
 
@@ -102,9 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict = {k: getattr(args, k) for k in ("seq_len", "window", "batch", "reps", "threads")}
     res["load_before"] = os.getloadavg()
     for kind in ("sliding", "segment"):
-        res[f"attention {kind}"] = compare(lambda kind=kind: attention_step(kind, args), args)
+        res[f"attention {kind}"] = compare(
+            lambda kind=kind: attention_step(kind, args), args, ("masked", "blocked")
+        )
     for block in args.blocks.split(","):
-        res[f"step {block}"] = compare(lambda block=block: model_step(block, args), args)
+        res[f"step {block}"] = compare(lambda block=block: model_step(block, args), args, tuple(VARIANTS))
     res["load_after"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
@@ -118,11 +142,13 @@ if __name__ == "__main__":
     )
     for k, v in r.items():
         if isinstance(v, dict) and "wall_s" in v:
-            print(
-                f"{k}: masked {v['wall_s']['masked']:.2f} s / blocked {v['wall_s']['blocked']:.2f} s wall "
-                f"-> {v['speedup_wall']:.2f}x; CPU {v['cpu_s']['masked']:.2f} / {v['cpu_s']['blocked']:.2f} s "
-                f"-> {v['speedup_cpu']:.2f}x"
-            )
+            cells = [
+                f"{n} {v['cpu_s'][n]:.2f} s"
+                + (f" ({v['speedup_cpu'][n]:.2f}x)" if n in v["speedup_cpu"] else "")
+                for n in v["cpu_s"]
+            ]
+            walls = ", ".join(f"{n} {x:.2f} s" for n, x in v["wall_s"].items())
+            print(f"{k}: CPU {', '.join(cells)}; wall {walls}")
     print(
         f"load average {tuple(round(x, 1) for x in r['load_before'])} -> {tuple(round(x, 1) for x in r['load_after'])}"
     )

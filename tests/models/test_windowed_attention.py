@@ -32,6 +32,7 @@ CASES = [  # (kind, T, window, n_persistent): sequences shorter than a block, ra
     ("sliding", 7, 12, 2),
     ("sliding", 130, 64, 4),
     ("sliding", 64, 16, 0),
+    ("sliding", 40, 40, 2),  # a window as long as the sequence (a global layer): the causal kernel
     ("segment", 45, 12, 2),
     ("segment", 64, 16, 0),
     ("segment", 10, 16, 3),
@@ -87,6 +88,22 @@ def test_cpu_never_uses_flex_and_says_so_once(caplog):
     assert len(lines) == 1 and "\n" not in lines[0].getMessage()
     with pytest.raises(ValueError, match="valid: auto, masked, blocked, flex"), w.attention_impl("dense"):
         pass
+
+
+def test_a_window_as_long_as_the_sequence_takes_the_causal_kernel(monkeypatch):
+    """A global layer (window = context_length) is full causal attention: no band mask, no key blocks."""
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v, pk, pv = (t.detach() for t in rows(1, 64, 2, seed=9))
+    with w.attention_impl("blocked"):
+        w.local_attention(q, k, v, pk, pv, H, 64, "sliding")
+        w.local_attention(q, k, v, pk, pv, H, 32, "sliding")
+    assert calls == [(True, True), (False, False)]
 
 
 def model(block: str, window: int) -> TitansModel:

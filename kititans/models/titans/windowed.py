@@ -3,7 +3,7 @@
 Every query sees the learned persistent K/V rows (a prefix, no RoPE) and, among the tokens, one of:
     sliding   itself and the window-1 tokens before it (mal, mag)
     segment   the tokens of its own segment of `window` tokens up to itself (mac)
-    causal    every token up to itself (a global layer)
+    causal    every token up to itself (a global layer; also a sliding window at least as long as the sequence)
 Three implementations compute the same numbers (fp32: within 1e-5 of each other):
     masked    the reference: one SDPA call over [persistent ; all T tokens] with a (T, n_p + T) boolean mask,
               O(T^2) work and memory whatever the window
@@ -96,6 +96,10 @@ def local_attention(
     impl = resolve_impl(q.device)
     if impl == "masked":
         return masked_attention(q, k, v, pk, pv, n_heads, window, kind)
+    if (
+        kind == "sliding" and window >= q.shape[1]
+    ):  # a window as long as the sequence (a global layer): causal
+        kind = "causal"
     if impl == "flex":
         return flex_local_attention(q, k, v, pk, pv, n_heads, window, kind)
     if kind == "sliding":
