@@ -150,3 +150,22 @@ def test_no_dense_mask_is_built_for_a_long_sequence(monkeypatch):
     with torch.no_grad(), w.attention_impl("blocked"):
         m(torch.zeros(1, T, dtype=torch.long))
     assert seen and max(seen) < T * T
+
+
+@pytest.mark.parametrize("block", ["mal", "mac"])
+def test_the_memory_scan_trains_the_same_with_one_unbind_as_with_per_chunk_selects(block, monkeypatch):
+    """The scan's per-chunk views under autograd (one unbind, an O(n) backward) give the loss and gradients of
+    the previous per-chunk selects."""
+    from kititans.models.titans import memory
+
+    x = torch.randint(0, 97, (2, 65), generator=torch.Generator().manual_seed(2))
+    results = []
+    for views in (memory._chunk_columns, lambda n: lambda t: [t[:, :, j] for j in range(n)]):
+        monkeypatch.setattr(memory, "_chunk_columns", views)
+        m = model(block, 32)
+        loss = m.loss(x[:, :-1], x[:, 1:])
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert l0 == l1 and g0.keys() == g1.keys()
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
