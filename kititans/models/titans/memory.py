@@ -418,7 +418,7 @@ class NeuralMemory(nn.Module):
         return qg
 
     def _step(self, x: Tensor, ctx: Any, io: Any) -> Tensor:
-        """x (B,T,D) with T = 1, or T = whole chunks at a chunk boundary. A token inside a chunk writes its
+        """x (B,T,D) with T = 1, or T = chunk at a chunk boundary. A token inside a chunk writes its
         normalised input into `buf` and reads W through its query alone; a call that closes the chunk projects
         the chunk's rows, updates W and S once, and its last token reads the new W."""
         names = self.weight_names()
