@@ -165,6 +165,7 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
         metadata = stamp_package(merged, ckpt, layout, options.extra.get("license"))
         with atomic_path(out) as tmp:  # every file 0644
             shutil.move(str(merged), str(tmp))
+    session = session_files(step, out)
     manifest = base_manifest(ckpt, FORMAT, quant, out)
     manifest.update(
         coreml={
@@ -176,6 +177,7 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
             "prefill_len": step.prefill_len,
             "single_function_bytes": single,
             **interface(step),
+            **session,
         },
         quantization={**cq.details(quant), "kept_float": kept},
         metadata=metadata,
@@ -188,6 +190,20 @@ def export(ckpt: Any, quant: str, out: Path, options: ExportOptions) -> ExportRe
     )
     mpath = write_manifest(out, manifest)
     return ExportResult(out, mpath, manifest)
+
+
+def session_files(step: nn.Module, out: Path) -> dict[str, Any]:
+    """A recurrent package's session layout (kititans/runtimes/session.py), for the manifest, and the W_0 of
+    its memory states beside the package (`<package>.session.safetensors`): what the runtime needs to load a
+    session saved by another runtime, or to save one they can load."""
+    if not hasattr(step, "session_layout"):
+        return {}
+    from safetensors.torch import save_file
+
+    base = out.with_name(out.name + ".session.safetensors")
+    with atomic_path(base) as tmp:
+        save_file(step.memory_base(), str(tmp))
+    return {"session": {**step.session_layout(), "memory_base": base.name}}
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ Runtimes are listed here as import paths so that loading one never imports anoth
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,20 @@ def load_runtime(path: str | Path, runtime: str | None = None, **options: Any) -
     return runtime_class(name)(Path(path), **options)
 
 
-def plan_chunks(ids: list[int], n_past: int, prefill_len: int, exact: bool) -> list[list[int]]:
+def plan_chunks(
+    ids: list[int], n_past: int, prefill_len: int, exact: bool, sizes: Sequence[int] = ()
+) -> list[list[int]]:
     """How `ids` go in after n_past tokens: chunks of up to prefill_len; with an exact prefill (Titans: a
-    memory chunk), whole chunks where the position is a multiple of prefill_len, single tokens elsewhere."""
+    memory chunk), whole chunks where the position is a multiple of prefill_len, single tokens elsewhere; with
+    exact `sizes` (Titans: a long prefill and a memory chunk), the largest size that starts at a multiple of
+    itself and fits, else single tokens."""
     C, out, at, n = prefill_len, [], 0, n_past
+    exact_sizes = sorted(set(sizes) | {C}, reverse=True)
     while at < len(ids):
         if not exact:
             take = min(C, len(ids) - at)
         else:
-            take = C if n % C == 0 and len(ids) - at >= C else 1
+            take = next((s for s in exact_sizes if s > 1 and n % s == 0 and len(ids) - at >= s), 1)
         out.append(ids[at : at + take])
         at, n = at + take, n + take
     return out

@@ -72,7 +72,10 @@ class CoreMLRuntime:
         ct = coremltools(purpose="the CoreML runtime")
         self.path = Path(path)
         manifest_file = self.path.with_name(self.path.name + ".json")
-        info = json.loads(manifest_file.read_text()).get("coreml", {}) if manifest_file.is_file() else {}
+        self.manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+        info = self.manifest.get("coreml", {})
+        self.session_info = info.get("session")
+        self._memory_base: dict[str, np.ndarray] | None = None
         units = compute_units(ct, device)
         self.task = "embed" if info.get("kind") == "embed" else "lm"
         if self.task == "embed":  # an encoder package: one stateless function (export/coreml_embed.py)
@@ -128,7 +131,8 @@ class CoreMLRuntime:
                 f"{self._n + len(ids)} tokens exceed the model's context of {self.context_length}"
             )
         outs = []
-        for chunk in plan_chunks(ids, self._n, self.prefill_len, self.prefill_exact):
+        sizes = [int(row["tokens"]) for row in self.steps]
+        for chunk in plan_chunks(ids, self._n, self.prefill_len, self.prefill_exact, sizes):
             model = self.decode if len(chunk) == 1 else self.prefill
             if self.steps:
                 model = self.functions[pick_step(self.steps, len(chunk), self._n)["function"]]
@@ -137,6 +141,79 @@ class CoreMLRuntime:
             self._n += len(chunk)
         logits = np.concatenate(outs).astype(np.float32)
         return logits if all_logits else logits[-1]
+
+    # -- sessions (kititans/runtimes/session.py): the package's fp16 states <-> the torch state layout
+
+    def session_identity(self) -> dict[str, Any]:
+        if not getattr(self, "recurrent", False) or not self.session_info:
+            raise KititansError(
+                f"{self.path}: this package keeps no session layout (a KV cache, or exported before "
+                "sessions): re-export a Titans run"
+            )
+        source = self.manifest.get("source", {})
+        return {
+            "family": source.get("family"),
+            "weights_sha256": source.get("weights_sha256"),
+            "runtime": self.name,
+            "quant": self.manifest.get("quant"),
+            "layout": self.session_info["layout"],
+        }
+
+    def _base(self) -> dict[str, np.ndarray]:
+        if self._memory_base is None:
+            from safetensors.numpy import load_file
+
+            self._memory_base = load_file(str(self.path.with_name(self.session_info["memory_base"])))
+        return self._memory_base
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        if self.state is None:
+            self.reset()
+        read = {n: np.asarray(self.state.read_state(n)) for n in self.session_info["states"].values()}
+        return canonical_from_coreml(read, self._n, self.session_info, self._base())
+
+    def set_state(self, tensors: dict[str, np.ndarray]) -> None:
+        self.reset()
+        for name, value in coreml_from_canonical(tensors, self.session_info, self._base()).items():
+            self.state.write_state(name, value)
+        self._n = int(np.asarray(tensors["pos"]).reshape(-1)[0])
+
+
+def _keep(name: str, shape: tuple[int, ...], pos: int, info: dict[str, Any]) -> np.ndarray | float:
+    """The factor the package reads a stored state with (coreml_step.CoreMLIO._keep): 0 for what belongs to
+    an earlier sequence."""
+    key = name.rsplit(".", 1)[1]
+    if key.startswith("seg_"):
+        return float(pos >= info["segment"])
+    if key.startswith("s_") or key in ("w1", "w2", "gamma"):
+        return float(pos >= info["chunk"])
+    if key.startswith("conv"):
+        k1, chunk = shape[1], info["chunk"]
+        start = pos - pos % chunk if key == "conv" else pos
+        return ((start + np.arange(k1) - k1) >= 0).astype(np.float32).reshape(1, k1, 1)
+    return 1.0
+
+
+def canonical_from_coreml(
+    read: dict[str, np.ndarray], pos: int, info: dict[str, Any], base: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The package's stored states (by state name) at position `pos` -> the torch layout (fp32)."""
+    out = {"pos": np.array([pos], np.int64)}
+    for name, state in info["states"].items():
+        value = read[state].astype(np.float32) * _keep(name, read[state].shape, pos, info)
+        out[name] = value + base[name] if name in base else value
+    return out
+
+
+def coreml_from_canonical(
+    tensors: dict[str, np.ndarray], info: dict[str, Any], base: dict[str, np.ndarray], dtype: Any = np.float16
+) -> dict[str, np.ndarray]:
+    """The torch layout -> the package's stored states (fp16; memory weights as their change from W_0)."""
+    out = {}
+    for name, state in info["states"].items():
+        value = np.asarray(tensors[name], np.float32)
+        out[state] = (value - base[name] if name in base else value).astype(dtype)
+    return out
 
 
 def make_feeds(inputs: Sequence[str], chunk: list[int], start: int) -> dict[str, np.ndarray]:

@@ -74,6 +74,20 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def session_options(ort: Any, threads: int, spin: bool, stop_spinning: bool = False) -> Any:
+    """stop_spinning: the worker threads stop spinning when a run ends (an export of several sessions, each
+    with its own pool: an idle session's spinning workers would take the cores from the one running)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    if not spin:  # spinning threads cost more than they save on a busy, shared CPU
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if stop_spinning:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+    return so
+
+
 def _session(ort: Any, file: Path, so: Any, providers: list[str]) -> Any:
     try:
         return ort.InferenceSession(str(file), so, providers=providers)
@@ -104,24 +118,33 @@ class OnnxRuntime:
         threads: int = 0,
         spin: bool = True,
         info: dict[str, Any] | None = None,
+        decode_threads: int | None = None,
         **_: Any,
     ):
-        """`info` is the manifest's "onnx" section (read from manifest.json next to the graph when None)."""
+        """`info` is the manifest's "onnx" section (read from manifest.json next to the graph when None).
+        `decode_threads`: intra-op threads of a recurrent (Titans) export's single-token graphs; None: 1 (their
+        many small ops lose more to thread hand-offs than a second thread gains), while its prefill graphs
+        use `threads`."""
         ort = require("onnxruntime", "onnx", "the ONNX runtime")
         self.path = Path(path)
         self.file = model_file(self.path)
         folder = self.file.parent
-        if info is None and (folder / "manifest.json").is_file():
-            info = json.loads((folder / "manifest.json").read_text()).get("onnx", {})
+        self.manifest: dict[str, Any] = {}
+        if (folder / "manifest.json").is_file():
+            self.manifest = json.loads((folder / "manifest.json").read_text())
+        if info is None:
+            info = self.manifest.get("onnx", {})
         info = info or {}
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-        if not spin:  # spinning threads cost more than they save on a busy, shared CPU
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        steps_kind = info.get("kind") == "recurrent" and bool(info.get("steps"))
+        so = session_options(ort, threads, spin, stop_spinning=steps_kind)
         providers = providers_for(device)
-        self.session = _session(ort, self.file, so, providers)
+        self.decode_threads = (1 if decode_threads is None else decode_threads) if steps_kind else threads
+        decode_so = (
+            session_options(ort, self.decode_threads, spin, steps_kind)
+            if self.decode_threads != threads
+            else so
+        )
+        self.session = _session(ort, self.file, decode_so, providers)
         self.task = "embed" if info.get("kind") == "embed" else "lm"  # an encoder: embed_batch, no logits
         if self.task == "embed":
             self.context_length = int(info["context_length"])
@@ -133,7 +156,9 @@ class OnnxRuntime:
         prefill = info.get("prefill") or {}
         self.prefill = _session(ort, folder / prefill["file"], so, providers) if prefill else None
         self.prefill_tokens = int(prefill.get("tokens", 0))
-        self.steps = StepGraphs(ort, folder, info, so, providers, self.session) if info.get("steps") else None
+        self.steps = (
+            StepGraphs(ort, folder, info, (so, decode_so), providers, self.session) if steps_kind else None
+        )
         if self.steps is not None:
             self.prefill_tokens = self.steps.max_tokens
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -239,8 +264,9 @@ class OnnxRuntime:
         """A fixed-size state has no length limit; whole memory chunks go through the prefill graph when the
         position is chunk-aligned, every other token through the decode graph."""
         C = self.prefill_tokens if self.prefill is not None or self.steps is not None else 1
+        sizes = self.steps.sizes if self.steps is not None else ()
         out = []
-        for chunk in plan_chunks(ids, self._n, C, exact=True):
+        for chunk in plan_chunks(ids, self._n, C, exact=True, sizes=sizes):
             if self.steps is not None:
                 logits = self.steps.run(chunk, self._n, self.device, self._logits)
                 self._n += len(chunk)
@@ -297,6 +323,38 @@ class OnnxRuntime:
         outs = self.session.run(["logits", *(s.output for s in self.states)], {**feed, **past})
         return outs[0], {s.input: o for s, o in zip(self.states, outs[1:])}
 
+    # -- sessions (kititans/runtimes/session.py): a recurrent export's state by its torch names
+
+    def session_identity(self) -> dict[str, Any]:
+        if not getattr(self, "recurrent", False) or self.steps is None:
+            raise KititansError(
+                f"{self.file}: this export keeps a KV cache that grows with the text: sessions save the "
+                "fixed-size state of a Titans export"
+            )
+        source = self.manifest.get("source", {})
+        return {
+            "family": source.get("family"),
+            "weights_sha256": source.get("weights_sha256"),
+            "runtime": self.name,
+            "quant": self.manifest.get("quant"),
+            "layout": {"pos": [1], **{s.input.removeprefix("past_"): list(s.shape) for s in self.states}},
+        }
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The state by name, "pos" included (arrays may share the runtime's memory: valid until its next
+        call)."""
+        if not self.steps.state:
+            self.reset()
+        out = {"pos": np.array([self._n], np.int64)}
+        for s in self.states:
+            out[s.input.removeprefix("past_")] = self.steps.state[s.input].numpy()
+        return out
+
+    def set_state(self, tensors: dict[str, np.ndarray]) -> None:
+        start = {s.input: np.asarray(tensors[s.input.removeprefix("past_")], s.dtype) for s in self.states}
+        self.steps.reset(start, self.device)
+        self._n = int(np.asarray(tensors["pos"]).reshape(-1)[0])
+
 
 class StepGraphs:
     """Several step graphs over one state (manifest "steps"; Titans): each entry names its file, the tokens a
@@ -306,17 +364,24 @@ class StepGraphs:
     A state tensor a graph does not write keeps its value; only the logits come back to the host."""
 
     def __init__(
-        self, ort: Any, folder: Path, info: dict[str, Any], so: Any, providers: list[str], first: Any
+        self, ort: Any, folder: Path, info: dict[str, Any], so: tuple, providers: list[str], first: Any
     ):
+        """so: the session options of (prefill graphs, single-token graphs)."""
         self.table = list(info["steps"])
-        session = lambda f: first if f == MODEL_FILE else _session(ort, folder / f, so, providers)  # noqa: E731
-        self.sessions = {row["file"]: session(row["file"]) for row in self.table}
+
+        def session(row: dict[str, Any]) -> Any:
+            if row["file"] == MODEL_FILE:
+                return first
+            return _session(ort, folder / row["file"], so[1] if int(row["tokens"]) == 1 else so[0], providers)
+
+        self.sessions = {row["file"]: session(row) for row in self.table}
         self.bindings = {f: s.io_binding() for f, s in self.sessions.items()}
         self.past = {s["output"]: s["input"] for s in info["states"]}
         self.types = {
             i.name: _NP_TYPES.get(i.type, np.float32) for s in self.sessions.values() for i in s.get_inputs()
         }
-        self.max_tokens = max(int(row["tokens"]) for row in self.table)
+        self.sizes = sorted({int(row["tokens"]) for row in self.table}, reverse=True)
+        self.max_tokens = self.sizes[0]
         self._ids = np.zeros((1, self.max_tokens), np.int64)
         self._position = np.zeros(1, np.int64)
         self.state: dict[str, Any] = {}

@@ -12,6 +12,7 @@ import torch
 
 from kititans.checkpoint import load_checkpoint
 from kititans.device import DTYPES, resolve_device
+from kititans.errors import KititansError
 
 log = logging.getLogger("kititans")
 
@@ -51,6 +52,7 @@ class TorchRuntime:
         self.dtype = dtype
         self.task = self.ckpt.spec.task  # "lm": forward() gives logits; "embed": embed_batch() gives vectors
         self.state: Any = None
+        self._weights_sha256: str | None = None
 
     @property
     def n_past(self) -> int:
@@ -78,3 +80,46 @@ class TorchRuntime:
             ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
             mask[i, : len(r)] = 1
         return self.model(ids.to(self.device), mask.to(self.device)).float().cpu().numpy()
+
+    # -- sessions (kititans/runtimes/session.py): a recurrent state in the layout of model.state_spec
+
+    def session_identity(self) -> dict[str, Any]:
+        if not hasattr(self.model, "state_to_tensors"):
+            raise KititansError(
+                f"a {self.ckpt.spec.name} model keeps a KV cache that grows with the text: sessions save the "
+                "fixed-size state of a Titans run"
+            )
+        if self._weights_sha256 is None:  # the exports record the same hash as source.weights_sha256
+            from kititans.files import sha256_file
+
+            self._weights_sha256 = sha256_file(Path(self.ckpt.path) / "model.safetensors")
+        return {
+            "family": self.ckpt.spec.name,
+            "weights_sha256": self._weights_sha256,
+            "runtime": self.name,
+            "quant": self.dtype,
+            "layout": {n: list(s) for n, s, _ in self.model.state_spec(1)},
+        }
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The state by name, "pos" included (bf16 as fp32; arrays may share the runtime's memory: valid until
+        its next call)."""
+        state = self.state if self.state is not None else self.model.new_state(batch_size=1)
+        names = [n for n, _, _ in self.model.state_spec(1)]
+        out = {}
+        for name, t in zip(names, self.model.state_to_tensors(state), strict=True):
+            t = t.detach().cpu()
+            out[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+        return out
+
+    def set_state(self, tensors: dict[str, np.ndarray]) -> None:
+        spec = self.model.state_spec(1)
+        self.state = self.model.state_from_tensors(
+            [_tensor(tensors[n]).to(self.device, dtype) for n, _, dtype in spec]
+        )
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A torch tensor over `a` (its own copy when `a` is read-only: the state is written in place)."""
+    a = np.asarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())

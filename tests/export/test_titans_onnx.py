@@ -51,9 +51,16 @@ def test_one_graph_per_kind_of_call_each_with_its_own_state(exports, ckpt):
     folder, C = exports["fp32"], ckpt.config.mem_chunk
     info = manifest(folder)
     steps = {s["name"]: s for s in info["steps"]}
-    assert info["kind"] == "recurrent" and list(steps) == ["decode", "decode_close", "prefill"]
+    L = C * (ckpt.config.window // C)  # the long prefill: the whole chunks of a window
+    assert info["kind"] == "recurrent" and list(steps) == [
+        "decode",
+        "decode_close",
+        "prefill",
+        "prefill_long",
+    ]
     assert [(s["file"], s["tokens"], s["every"]) for s in steps.values()] == [
         ("model.onnx", 1, 1), ("decode_close.onnx", 1, C), ("prefill.onnx", C, C),
+        ("prefill_long.onnx", L, L),
     ]  # fmt: skip
     names = [n for n, _, _ in ckpt.model.state_spec(1)[1:]]  # the position is an input, not state
     assert [s["input"] for s in info["states"]] == [f"past_{n}" for n in names]
@@ -93,20 +100,21 @@ def test_one_graph_per_kind_of_call_each_with_its_own_state(exports, ckpt):
 
 
 def test_fp32_logits_equal_pytorch_over_chunks_and_past_the_window(exports, ckpt):
-    """A prompt through the prefill graph (chunks of 8) plus a remainder through the decode graphs, then
-    token-by-token decode to 3x the window (96 positions, 12 memory chunks), against the parallel forward."""
+    """A prompt through the long prefill graph (32 tokens), the chunk prefill graph (8) and the decode graphs
+    (the remainder), then token-by-token decode to 3x the window (96 positions, 12 memory chunks), against the
+    parallel forward."""
     rt = load_runtime(exports["fp32"])
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(0, ckpt.config.vocab_size, (100,), generator=g).tolist()
-    got = [rt.forward(seq[:21], all_logits=True)]  # 2 prefill chunks + 5 decode steps
-    got += [rt.forward([t], all_logits=True) for t in seq[21:]]
+    got = [rt.forward(seq[:45], all_logits=True)]  # a long prefill, a prefill chunk, 5 decode steps
+    got += [rt.forward([t], all_logits=True) for t in seq[45:]]
     assert rt.n_past == 100
     with torch.no_grad():
         ref = ckpt.model(torch.tensor([seq]))[0].numpy()
     assert np.abs(np.concatenate(got) - ref).max() < 1e-4
     rt.reset()  # in-place ring writes did not touch the initial state: the same logits again
-    again = np.concatenate([rt.forward(seq[:21], all_logits=True), rt.forward(seq[21:40], all_logits=True)])
-    assert np.abs(again - ref[:40]).max() < 1e-4
+    again = np.concatenate([rt.forward(seq[:21], all_logits=True), rt.forward(seq[21:70], all_logits=True)])
+    assert np.abs(again - ref[:70]).max() < 1e-4
 
 
 def test_a_graph_called_at_the_wrong_position_returns_nan(exports, ckpt):
@@ -118,8 +126,10 @@ def test_a_graph_called_at_the_wrong_position_returns_nan(exports, ckpt):
     folder, C = exports["fp32"], ckpt.config.mem_chunk
     info = manifest(folder)
     state = load_file(str(folder / info["initial_state"]))
+    L = C * (ckpt.config.window // C)
     cases = {
         "prefill.onnx": [(0, True), (C, True), (3, False)],
+        "prefill_long.onnx": [(0, True), (L, True), (C, False)],
         "decode_close.onnx": [(C - 1, True), (C, False)],
     }
     cases["model.onnx"] = [(0, True), (C + 2, True)]
@@ -203,13 +213,15 @@ def test_every_block_exports_and_matches(block, titans_run, tmp_path):
     assert result.manifest["onnx"]["opset"] == opset
     assert ("Attention" in result.manifest["onnx"]["ops"]) == (opset == 23)
     names = [s["name"] for s in result.manifest["onnx"]["steps"]]
-    extra = ["decode_segment", "prefill_segment"] if block == "mac" else []
+    extra = (
+        ["decode_segment", "prefill_segment", "prefill_long_segment"] if block == "mac" else ["prefill_long"]
+    )
     assert sorted(names) == sorted(["decode", "decode_close", "prefill", *extra])
     assert result.manifest["check"]["max_abs_logit_diff"] < 1e-4
     rt = load_runtime(result.path)
-    seq = torch.randint(0, 512, (90,), generator=torch.Generator().manual_seed(3)).tolist()  # ~3 segments
+    seq = torch.randint(0, 512, (110,), generator=torch.Generator().manual_seed(3)).tolist()  # ~3.5 segments
     got = [rt.forward(seq[:19], all_logits=True)] + [rt.forward([t], all_logits=True) for t in seq[19:50]]
-    got.append(rt.forward(seq[50:], all_logits=True))  # aligned at 56: chunks again
+    got.append(rt.forward(seq[50:], all_logits=True))  # aligned at 56: chunks again, at 64 a long prefill
     with torch.no_grad():
         ref = model(torch.tensor([seq]))[0].numpy()
     assert np.abs(np.concatenate(got) - ref).max() < 1e-4

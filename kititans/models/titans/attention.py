@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kititans.models.titans.state import StateIO, StepCtx, attend
+from kititans.models.titans.state import StateIO, StepCtx
+from kititans.models.titans.windowed import local_attention, segment_h_attention
 
 
 class TitansAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_persistent: int, window: int, segment: bool):
         super().__init__()
         self.n_heads, self.hd, self.window, self.segment = n_heads, dim // n_heads, window, segment
+        self.kind = "segment" if segment else "sliding"  # windowed.KINDS: what a whole sequence attends
         self.n_persistent = n_persistent
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
@@ -58,16 +60,9 @@ class TitansAttention(nn.Module):
         if ctx.stateful and T == 1:
             return self.o_proj(self.step_one(u, ctx, io))
         q, k, v = self.project(u, ctx)
-        if not ctx.stateful:  # the whole sequence
+        if not ctx.stateful:  # the whole sequence: no (T, T) mask (windowed.py)
             pk, pv = self.persistent(B, k.dtype)
-            i = torch.arange(T, device=u.device)
-            rel = i[:, None] - i[None, :]
-            if self.segment:
-                allowed = (rel >= 0) & (i[:, None] // self.window == i[None, :] // self.window)
-            else:
-                allowed = (rel >= 0) & (rel < self.window)
-            ones = torch.ones(T, self.n_persistent, dtype=torch.bool, device=u.device)
-            y = ctx.attend(q, torch.cat([pk, k], 1), torch.cat([pv, v], 1), torch.cat([ones, allowed], -1))
+            y = local_attention(q, k, v, pk, pv, self.n_heads, self.window, self.kind)
         elif self.segment:
             y = self.segment_step(q, k, v, ctx, io)
         else:  # a chunk: read the ring as it was (its oldest rows are still in the first tokens' windows)
@@ -119,9 +114,5 @@ class TitansAttention(nn.Module):
     ) -> Tensor:
         """MAC training: one segment's queries over [persistent ; its h rows ; its tokens], causal over both
         (B,L,D) each -> (B,L,D) before o_proj."""
-        B, L, _ = q.shape
-        pk, pv = self.persistent(B, k.dtype)
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        ones = torch.ones(L, self.n_persistent, dtype=torch.bool, device=q.device)
-        mask = torch.cat([ones, causal, causal], dim=-1)
-        return attend(q, torch.cat([pk, hk, k], 1), torch.cat([pv, hv, v], 1), mask, self.n_heads)
+        pk, pv = self.persistent(q.shape[0], k.dtype)
+        return segment_h_attention(q, k, v, hk, hv, pk, pv, self.n_heads)

@@ -154,7 +154,8 @@ class TitansCoreMLStep(nn.Module):
         """input_ids (1, T) int32 (T = 1 or mem_chunk), position (1,) int32 -> logits (1, T, V)."""
         m = self.model
         pos, T = position.to(torch.int64), input_ids.shape[1]
-        kind = self.call_kind or pick_kind(m.kinds(), int(pos[0]), T)  # eager: from the position's value
+        kinds = m.kinds(long=False)  # no long prefill: prompts go in memory chunks
+        kind = self.call_kind or pick_kind(kinds, int(pos[0]), T)  # eager: from the position's value
         ring_dtype = m.embed.weight.dtype
         ios = [CoreMLIO(self, i, pos, ring_dtype) for i in range(len(m.layers))]
         ctx = m.ctx(pos, T, kind)
@@ -173,7 +174,7 @@ class TitansCoreMLStep(nn.Module):
     def functions(self) -> dict[str, tuple[tuple[Tensor, Tensor], None]]:
         """Function name -> (example inputs, dynamic shapes): all fixed."""
         out = {}
-        for k in self.model.kinds():
+        for k in self.model.kinds(long=False):
             ids = torch.zeros(1, k.tokens, dtype=torch.int32)
             out[k.name] = ((ids, torch.tensor([k.every - k.tokens], dtype=torch.int32)), None)
         return out
@@ -182,12 +183,14 @@ class TitansCoreMLStep(nn.Module):
         """The module to convert for function `name`: this wrapper (same model, same buffers) fixed to that
         kind of call."""
         step = copy.copy(self)  # shares parameters and buffers
-        step.call_kind = next(k for k in self.model.kinds() if k.name == name)
+        step.call_kind = next(k for k in self.model.kinds(long=False) if k.name == name)
         return step
 
     def step_table(self) -> list[dict[str, Any]]:
         """Which function serves which call (manifest `steps`)."""
-        return [{"function": k.name, "tokens": k.tokens, "every": k.every} for k in self.model.kinds()]
+        return [
+            {"function": k.name, "tokens": k.tokens, "every": k.every} for k in self.model.kinds(long=False)
+        ]
 
     def feeds(self, ids: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """forward's inputs for tokens `ids` (1, T) at positions start..start+T-1."""
@@ -218,6 +221,31 @@ class TitansCoreMLStep(nn.Module):
             if written > max(1, rows * last) and written * 2 > size:
                 problems.append(f"decode rewrites {written} of the {size} values of state {name} per token")
         return problems
+
+    def session_layout(self) -> dict[str, Any]:
+        """How a session file (kititans/runtimes/session.py, the torch state layout) maps onto the package's
+        states, for the manifest: canonical name -> state name and shape, which states hold their change from
+        W_0 (`relative`, rebuilt with memory_base()), and the chunk and segment sizes the keep factors use."""
+        spec = self.model.state_spec(1)
+        states = {n: n.replace(".", "_") for n, _, _ in spec[1:]}
+        relative = [n for n in states if n.rsplit(".", 1)[1].removeprefix("seg_") in MEMORY_WEIGHTS]
+        return {
+            "layout": {n: list(shape) for n, shape, _ in spec},
+            "states": states,
+            "relative": relative,
+            "chunk": self.chunk,
+            "segment": self.window,
+        }
+
+    def memory_base(self) -> dict[str, Tensor]:
+        """W_0 (fp32, batch 1) of every state the package stores as its change from W_0, by canonical name."""
+        out = {}
+        for name in self.session_layout()["relative"]:
+            i, key = name.split(".")[1], name.rsplit(".", 1)[1].removeprefix("seg_")
+            memory = self.model.layers[int(i)].memory
+            w0 = dict(zip(memory.weight_names(), memory.initial_weights()))[key]
+            out[name] = w0.detach().float().unsqueeze(0).clone()  # seg_* and the weights: one W_0, two copies
+        return out
 
     def fp16_state_copy(self) -> nn.Module:
         """This wrapper with the package's fp16 state storage (fp32 compute): what fp16 states alone cost."""

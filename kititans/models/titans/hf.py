@@ -6,7 +6,7 @@ names it (`auto_map`), so
     model = transformers.AutoModelForCausalLM.from_pretrained(run, trust_remote_code=True)
 
 loads the run with no kititans installed: the file imports torch and transformers only. It is generated from
-this package's own model code (layers.py, memory.py, state.py, attention.py,
+this package's own model code (layers.py, memory.py, state.py, windowed.py, attention.py,
 blocks.py, config.py, model.py, with their kititans imports taken out) plus the transformers
 classes of hf_model.py, so it computes exactly what `kititans` computes: the same logits, the same
 greedy text. transformers' generate() recomputes the whole sequence per token (the file brings no HF cache
@@ -28,6 +28,7 @@ SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kititans.models.titans.memory_math", ()),
     ("kititans.models.titans.memory", ()),
     ("kititans.models.titans.state", ()),
+    ("kititans.models.titans.windowed", ()),
     ("kititans.models.titans.attention", ()),
     ("kititans.models.titans.blocks", ()),
     ("kititans.models.titans.config", ("_TRAIN_DEBUG", "PRESETS")),

@@ -32,6 +32,7 @@ and gate rows of the projection are read once per chunk, not once per token.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +55,16 @@ from kititans.models.titans.memory_math import (
 )
 
 # ----------------------------------------------------------------------------- the module
+
+
+def _chunk_columns(n: int) -> Callable[[Tensor], Sequence[Tensor]]:
+    """The scan's per-chunk views of a (B, H, n, ...) tensor. Training: one unbind, whose backward stacks the n
+    chunks' gradients once (a select per chunk would make n full-size zero tensors in the backward, O(n^2)
+    at long sequences: 128 chunks per memory layer at T 2048). Without autograd (decode, exports) the plain
+    selects, so exported graphs are unchanged."""
+    if torch.is_grad_enabled():
+        return lambda t: t.unbind(2)
+    return lambda t: [t[:, :, j] for j in range(n)]
 
 
 class NeuralMemory(nn.Module):
@@ -341,14 +352,17 @@ class NeuralMemory(nn.Module):
             tc = theta[:, :, : n * C].reshape(B, H, n, C)
             eta = torch.sigmoid(le[:, :, : n * C].reshape(B, H, n, C).mean(-1))  # (B,H,n)
             alpha = torch.sigmoid(la[:, :, : n * C].reshape(B, H, n, C).mean(-1))
+            cols = _chunk_columns(n)
             if self.grad_base == "init":  # all chunks' gradients at W_0 in one batch
                 g_all, _ = mlp_grad(kc, vc, tc, self._base(w, 3), self.act)
+                g_cols = [cols(t) for t in g_all]
+            kcs, vcs, tcs, etas, alphas = cols(kc), cols(vc), cols(tc), cols(eta), cols(alpha)
             for j in range(n):
                 if self.grad_base == "init":
-                    g = tuple(t[:, :, j] for t in g_all)
+                    g = tuple(c[j] for c in g_cols)
                 else:
-                    g, _ = mlp_grad(kc[:, :, j], vc[:, :, j], tc[:, :, j], w, self.act)
-                w, s = apply_update(w, s, soft_clamp(g, self.max_grad_norm), eta[:, :, j], alpha[:, :, j])
+                    g, _ = mlp_grad(kcs[j], vcs[j], tcs[j], w, self.act)
+                w, s = apply_update(w, s, soft_clamp(g, self.max_grad_norm), etas[j], alphas[j])
                 ws.append(w)
         w_all = tuple(torch.stack([wj[i] for wj in ws], dim=2) for i in range(len(w)))
         return w_all, w, s
@@ -429,10 +443,9 @@ class NeuralMemory(nn.Module):
         if state is not None:
             io.put("conv", state[..., : 2 * Hd])
             io.put("conv_q", state[..., 2 * Hd :])
-        k, v, q, theta, le, la, gate = self.split(z)
-        w_new, s_new = self.close_chunk(w, self._momentum(io), k, v, theta, le, la)
+        k, v, q, theta, le, la, gate = self.split(z)  # whole chunks: one update each, in order
+        w_all, w_new, s_new = self.scan(k, v, theta, le, la, w, self._momentum(io))
         self._put_weights(io, w_new, s_new)
-        w_all = tuple(torch.stack([a, b], dim=2) for a, b in zip(w, w_new))
         return self.combine(self.retrieve(q, w_all), gate)
 
     def _momentum(self, io: Any) -> Weights:

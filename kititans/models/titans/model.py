@@ -48,7 +48,16 @@ from kititans.models.titans.coreml_step import TitansCoreMLStep
 from kititans.models.titans.flops import titans_flops_per_token
 from kititans.models.titans.hf import hf_config, run_files
 from kititans.models.titans.onnx_step import TitansOnnxStep
-from kititans.models.titans.state import StateIO, StepCtx, StepKind, pick_kind, rope_rows, step_kinds
+from kititans.models.titans.state import (
+    StateIO,
+    StepCtx,
+    StepKind,
+    long_prefill,
+    pick_kind,
+    plan,
+    rope_rows,
+    step_kinds,
+)
 
 
 @dataclass
@@ -57,17 +66,6 @@ class TitansState:
 
     layers: list[dict[str, Tensor]]
     pos: int = 0
-
-
-def plan(n: int, pos: int, chunk: int) -> list[tuple[int, int]]:
-    """(offset, length) calls for n tokens after `pos`: whole chunks at multiples of `chunk`, else single
-    tokens (the rule of runtimes.base.plan_chunks, which the exported runtimes follow)."""
-    out, at = [], 0
-    while at < n:
-        take = chunk if chunk > 1 and (pos + at) % chunk == 0 and n - at >= chunk else 1
-        out.append((at, take))
-        at += take
-    return out
 
 
 class TitansModel(nn.Module):
@@ -146,10 +144,12 @@ class TitansModel(nn.Module):
 
     # -- state
 
-    def kinds(self) -> list[StepKind]:
-        """The shapes of stateful call this model needs (state.step_kinds)."""
+    def kinds(self, long: bool = True) -> list[StepKind]:
+        """The shapes of stateful call this model needs (state.step_kinds); long: with the long prefill."""
         cfg = self.cfg
-        return step_kinds(cfg.mem_chunk, cfg.window if cfg.block == "mac" else None)
+        mac = cfg.block == "mac"
+        size = long_prefill(cfg.mem_chunk, cfg.window, mac) if long else None
+        return step_kinds(cfg.mem_chunk, cfg.window if mac else None, size)
 
     def state_spec(self, batch_size: int = 1) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """Names, shapes and dtypes of the functional state tensors, in `step` order."""
@@ -230,7 +230,7 @@ class TitansModel(nn.Module):
         if state is None:
             return self._run(input_ids, self.ctx(0, T), None)
         kinds, parts = self.kinds(), []
-        for at, n in plan(T, state.pos, self.cfg.mem_chunk):
+        for at, n in plan(T, state.pos, [k.tokens for k in kinds]):
             kind, ids = pick_kind(kinds, state.pos, n), input_ids[:, at : at + n]
             if n == 1 and self._compiled is not None:
                 parts.append(self._compiled_step(kind)(ids, torch.tensor([state.pos]), state.layers))

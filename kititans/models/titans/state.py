@@ -249,9 +249,19 @@ class StepKind:
     closes_segment: bool
 
 
-def step_kinds(chunk: int, segment: int | None) -> list[StepKind]:
+def long_prefill(chunk: int, window: int, segment: bool) -> int:
+    """Tokens of the long prefill call: MAC a whole segment (`window` tokens), else the whole chunks that fit
+    in the window, at most 512 (the exported graph unrolls one memory update per chunk)."""
+    if segment:
+        return window
+    return chunk * max(1, min(window, 512) // chunk)
+
+
+def step_kinds(chunk: int, segment: int | None, long: int | None = None) -> list[StepKind]:
     """The calls a model needs: a token inside a chunk, a token closing a chunk, a chunk prefill at a chunk
-    boundary; for MAC (`segment` tokens per segment) also the calls that close a segment."""
+    boundary; for MAC (`segment` tokens per segment) also the calls that close a segment. With `long` (a
+    multiple of the chunk that divides the segment, if any): a prefill of `long` tokens at a multiple of it
+    (prompts in fewer, larger calls)."""
     kinds = []
     closes = lambda every: segment is not None and every % segment == 0  # noqa: E731
     if chunk > 1:
@@ -265,7 +275,25 @@ def step_kinds(chunk: int, segment: int | None) -> list[StepKind]:
             kinds.append(StepKind("prefill", chunk, chunk, True, closes(chunk)))
         if segment is not None:
             kinds.append(StepKind("prefill_segment", chunk, segment, True, True))
+    if long is not None and long > chunk and long % chunk == 0 and (segment is None or segment % long == 0):
+        if segment is None or segment != long:
+            kinds.append(StepKind("prefill_long", long, long, True, closes(long)))
+        if segment is not None:
+            kinds.append(StepKind("prefill_long_segment", long, segment, True, True))
     return kinds
+
+
+def plan(n: int, pos: int, sizes: list[int] | int) -> list[tuple[int, int]]:
+    """(offset, length) calls for n tokens after `pos`: the largest call size (`sizes`: the kinds' token
+    counts) that starts at a multiple of itself and fits, else single tokens (the rule of
+    runtimes.base.plan_chunks, which the exported runtimes follow)."""
+    sizes = sorted({sizes} if isinstance(sizes, int) else set(sizes), reverse=True)
+    out, at = [], 0
+    while at < n:
+        take = next((c for c in sizes if c > 1 and (pos + at) % c == 0 and n - at >= c), 1)
+        out.append((at, take))
+        at += take
+    return out
 
 
 def pick_kind(kinds: list[StepKind], pos: int, tokens: int) -> StepKind:
@@ -274,9 +302,10 @@ def pick_kind(kinds: list[StepKind], pos: int, tokens: int) -> StepKind:
     if tokens > 1 and pos % tokens:
         fits = []
     if not fits:
-        sizes = sorted({k.tokens for k in kinds})
-        raise ValueError(
-            f"no step takes {tokens} tokens at position {pos}: calls are 1 token, or {sizes[-1]} tokens "
-            f"(a memory chunk) at a multiple of {sizes[-1]}"
+        sizes = sorted({k.tokens for k in kinds} - {1})
+        calls = "1 token" + "".join(
+            f", or {n} tokens{' (a memory chunk)' if i == 0 else ''}" for i, n in enumerate(sizes)
         )
+        where = " at a multiple of their size" if sizes else ""
+        raise ValueError(f"no step takes {tokens} tokens at position {pos}: calls are {calls}{where}")
     return max(fits, key=lambda k: k.every)
