@@ -31,6 +31,7 @@ from kititans.runtimes.llamacpp import (
     chat_completion,
     chat_prompt_ids,
     open_llama,
+    repack_setting,
 )
 
 
@@ -162,7 +163,7 @@ def test_cache_protocol(ggufs):
     for name, opts in (("f32", {"kv_type": "f32", "flash_attn": False}), ("q4_k_m", {})):
         # q4_k_m: multi-token decode of a quantized model (the path that crashes with AMX repacking)
         rt = LlamaCppRuntime(ggufs[name], **opts)
-        assert rt.settings["use_extra_bufts"] is False and rt.context_length == 256
+        assert rt.settings["use_extra_bufts"] is repack_setting(None)[0] and rt.context_length == 256
         ids = rt.codec.encode_special("<s><|user|>What does a cow say?<|end|>\n<|assistant|>")
         whole = rt.forward(ids, all_logits=True)
         rt.reset()
@@ -210,7 +211,7 @@ def test_quantized_quality(chat_run, torch_rt, ggufs):
 
 def test_chat_completion_stops_at_end(chat_run, torch_rt, ggufs):
     llm = open_llama(ggufs["q8_0"])
-    assert llm.model_params.use_extra_bufts is False
+    assert llm.model_params.use_extra_bufts is repack_setting(None)[0]  # on unless the CPU has AMX
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "What sound does a cow make?"},
