@@ -139,28 +139,31 @@ def thermal_state() -> dict[str, Any]:
     return state
 
 
-def llama_system_info() -> str | None:
-    """llama.cpp's system_info when llama-cpp-python is installed (its SIMD, REPACK, OpenMP, GPU backends)."""
-    import importlib.util
+RUNTIME_PROBE = """
+import importlib.util, json
+out = {"llama_system_info": None, "onnx_providers": None}
+if importlib.util.find_spec("llama_cpp"):
+    import llama_cpp
+    llama_cpp.llama_backend_init()
+    out["llama_system_info"] = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+if importlib.util.find_spec("onnxruntime"):
+    import onnxruntime
+    out["onnx_providers"] = list(onnxruntime.get_available_providers())
+print(json.dumps(out))
+"""
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
+
+def runtime_info() -> dict[str, Any]:
+    """llama.cpp's system_info (its SIMD, REPACK, OpenMP and GPU backends) and onnxruntime's providers, where
+    installed. Read in a child process: a runtime build that crashes on this CPU cannot take the bench down,
+    and the runner's own memory stays free of their libraries."""
+    import json
+
     try:
-        from kititans.runtimes.llamacpp import system_info
-
-        return system_info()
-    except Exception as e:  # a broken install: say so in the record instead of failing the bench
-        return f"unavailable ({type(e).__name__}: {e})"
-
-
-def onnx_providers() -> list[str] | None:
-    import importlib.util
-
-    if importlib.util.find_spec("onnxruntime") is None:
-        return None
-    try:
-        import onnxruntime
-
-        return list(onnxruntime.get_available_providers())
-    except Exception as e:
-        return [f"unavailable ({type(e).__name__}: {e})"]
+        r = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"llama_system_info": f"unavailable ({e})", "onnx_providers": None}
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        return {"llama_system_info": f"unavailable ({tail[:200]})", "onnx_providers": None}
+    return json.loads(r.stdout.strip().splitlines()[-1])

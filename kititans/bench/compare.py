@@ -91,7 +91,7 @@ def from_llama_bench(records: list[dict[str, Any]], path: Path) -> dict[str, Any
                 "status": "ok",
                 "size_bytes": t.get("model_size"),
                 "speed": {"prefill": {}},
-                "placement": f"{t.get('backends') or 'CPU'}, ngl {t.get('n_gpu_layers')}",
+                "placement": _lb_placement(t),
                 "settings": {k: t.get(k) for k in ("n_threads", "n_gpu_layers", "repack", "flash_attn")},
             },
         )
@@ -106,6 +106,14 @@ def from_llama_bench(records: list[dict[str, Any]], path: Path) -> dict[str, Any
     label = " / ".join(str(first[k]) for k in ("cpu_info", "gpu_info") if first.get(k)) or "llama-bench"
     device = {"cpu": first.get("cpu_info"), "build": first.get("build_commit")}
     return _imported("llama-bench", path, label, list(groups.values()), device)
+
+
+def _lb_placement(t: dict[str, Any]) -> str:
+    """Where a llama-bench test ran: cpu, or its GPU backend with the layers offloaded."""
+    backends = str(t.get("backends") or "CPU")
+    if backends.upper() == "CPU" or not t.get("n_gpu_layers"):
+        return "cpu"
+    return f"{backends} (ngl {t['n_gpu_layers']})"
 
 
 def from_executorch(records: list[dict[str, Any]], path: Path) -> dict[str, Any]:

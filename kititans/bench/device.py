@@ -127,7 +127,7 @@ def device_record(threads: int, label: str | None = None) -> dict[str, Any]:
     """Everything about this machine that a reader needs to compare reports: CPU, core types, board/SoC,
     governor, memory, caches, OS, package versions, GPUs, llama.cpp's build features, onnxruntime's
     providers."""
-    from kititans.bench.board import board, governors, llama_system_info, onnx_providers
+    from kititans.bench.board import board, governors, runtime_info
 
     cores = core_types()
     rec: dict[str, Any] = {
@@ -146,8 +146,7 @@ def device_record(threads: int, label: str | None = None) -> dict[str, Any]:
         "gpus": gpus(),
         "governors": governors(),
         "soc": board(),
-        "llama_system_info": llama_system_info(),
-        "onnx_providers": onnx_providers(),
+        **runtime_info(),
     }
     if sys.platform == "darwin":
         rec["apple_chip"] = _run(["sysctl", "-n", "machdep.cpu.brand_string"])

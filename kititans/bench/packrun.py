@@ -241,6 +241,38 @@ def summary(r: dict[str, Any]) -> str:
     return f"  ok      {name:<24} " + "  ".join(parts) + f"  [{r['placement']}]"
 
 
+def new_report(pack: Path, m: dict[str, Any], args: argparse.Namespace, opts: RowOptions) -> dict[str, Any]:
+    """The report's header: the run and eval from the manifest, this device, its bandwidth, the settings."""
+    return {
+        "schema_version": REPORT_SCHEMA,
+        "kititans_version": kititans.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run": m["run"],
+        "pack": {k: m.get(k) for k in ("created", "kititans_version", "pack_version")} | {"path": str(pack)},
+        "device": device_record(args.threads, args.label),
+        "bandwidth": bandwidth(args.bandwidth),
+        "settings": {
+            "prompt_tokens": list(args.prompt_tokens),
+            "gen_tokens": args.gen_tokens,
+            "trials": args.trials,
+            "warmup": args.warmup,
+            "seed": m["speed"]["seed"],
+            "threads": args.threads,
+            "device": args.device,
+            "timeout_s": args.timeout,
+            "omp_wait_policy": worker_env(args.omp_wait_policy).get("OMP_WAIT_POLICY", "unset"),
+            "delay_s": args.delay,
+            "repack": opts.repack,
+            "n_gpu_layers": opts.n_gpu_layers,
+            "coreml_units": list(opts.coreml_units),
+            "prompt_ids": "stored in the pack",
+        },
+        "units": UNITS,
+        "eval": m["eval"] if args.quality else None,
+        "task": "lm",
+    }
+
+
 def run(args: argparse.Namespace, pack: Path) -> int:
     t_start = time.perf_counter()
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
@@ -272,34 +304,8 @@ def run(args: argparse.Namespace, pack: Path) -> int:
     for p in plan:
         if p["skip"]:
             say(f"  skip    {p['row'].key:<24} {p['skip']}")
-    report: dict[str, Any] = {
-        "schema_version": REPORT_SCHEMA,
-        "kititans_version": kititans.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "run": run_info,
-        "pack": {k: m.get(k) for k in ("created", "kititans_version", "pack_version")} | {"path": str(pack)},
-        "device": device_record(args.threads, args.label),
-        "bandwidth": bandwidth(args.bandwidth),
-        "settings": {
-            "prompt_tokens": list(args.prompt_tokens),
-            "gen_tokens": args.gen_tokens,
-            "trials": args.trials,
-            "warmup": args.warmup,
-            "seed": m["speed"]["seed"],
-            "threads": args.threads,
-            "device": args.device,
-            "timeout_s": args.timeout,
-            "omp_wait_policy": worker_env(args.omp_wait_policy).get("OMP_WAIT_POLICY", "unset"),
-            "delay_s": args.delay,
-            "repack": opts.repack,
-            "n_gpu_layers": opts.n_gpu_layers,
-            "coreml_units": list(opts.coreml_units),
-        },
-        "units": UNITS,
-        "eval": m["eval"] if args.quality else None,
-        "task": "lm",
-        "runner": {"verified": verified, "startup_peak_rss_bytes": startup_peak},
-    }
+    report = new_report(pack, m, args, opts)
+    report["runner"] = {"verified": verified, "startup_peak_rss_bytes": startup_peak}
     report["runner"]["startup_s"] = time.perf_counter() - t_start  # until the first row starts
     say(
         f"device: {report['device']['label']}; {args.threads} threads; {sum(not p['skip'] for p in plan)} rows"

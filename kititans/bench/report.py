@@ -198,10 +198,13 @@ def notes(report: dict[str, Any]) -> list[str]:
     if report.get("task") == "embed":
         return embed_bench.notes(report)
     s, ev = report["settings"], report.get("eval")
+    ids = "the pack's stored" if s.get("prompt_ids") else "random"
     out = [
-        f"Speeds are medians of {s['trials']} trials after {s['warmup']} warm-up, random prompt tokens "
-        f"(BOS first), EOS never stops decoding; decode shows (min–max). {s['threads']} threads, "
-        f"device {s['device']}.",
+        f"Speeds are medians of {s.get('trials')} trials after {s.get('warmup')} warm-up, {ids} prompt tokens "
+        f"(BOS first), EOS never stops decoding; decode shows (min–max). {s.get('threads')} threads, "
+        f"device {s.get('device')}, OpenMP wait policy {s.get('omp_wait_policy', '?')}"
+        + (f", {s['delay_s']:g} s rest before each trial" if s.get("delay_s") else "")
+        + ".",
         "peak RSS: the worker process's high-water mark while loading and timing; model MiB: peak minus the "
         "process's size before loading (Python and the runtime's libraries).",
     ]

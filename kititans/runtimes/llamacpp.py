@@ -110,6 +110,17 @@ def repack_setting(repack: bool | None) -> tuple[bool, str]:
     return repack_default(system_info())
 
 
+def model_params(lib: Any, repack: bool | None, n_gpu_layers: int) -> tuple[Any, bool, str]:
+    """llama_model_params with our settings; (params, repack used, why)."""
+    repack, why = repack_setting(repack)
+    mp = lib.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    if not any(f[0] == "use_extra_bufts" for f in type(mp)._fields_):
+        repack, why = False, "unsupported by this llama-cpp-python (no use_extra_bufts)"
+    mp.use_extra_bufts = repack
+    return mp, repack, why
+
+
 def placement(lib: Any, n_gpu_layers: int, n_layer: int) -> str:
     """Where the model runs: cpu, or gpu with the layers offloaded (llama.cpp counts the output as a layer)."""
     if n_gpu_layers == 0:
@@ -143,10 +154,7 @@ class LlamaCppRuntime:
         if not self.path.is_file():
             raise KititansError(f"no such GGUF file: {self.path}")
         set_verbose(verbose)
-        repack, repack_why = repack_setting(repack)
-        mp = lib.llama_model_default_params()
-        mp.n_gpu_layers = n_gpu_layers
-        mp.use_extra_bufts = repack
+        mp, repack, repack_why = model_params(lib, repack, n_gpu_layers)
         with captured_stderr(not verbose) as log:
             model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
         if not model:
