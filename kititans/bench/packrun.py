@@ -316,7 +316,8 @@ def run(args: argparse.Namespace, pack: Path) -> int:
             if i and args.delay and not entry["skip"]:
                 time.sleep(args.delay)
             results.append(measure(pack, m, entry, args, Path(work), report))
-            say(summary(results[-1]))
+            if not entry["skip"]:  # skipped rows were listed before the first row
+                say(summary(results[-1]))
     report["results"] = results
     report["runner"]["peak_rss_bytes"] = peak_rss_bytes()
     report["seconds"] = time.perf_counter() - t_start

@@ -269,3 +269,14 @@ def test_pack_cli_errors_are_one_line(cmd, tmp_path, capsys, debug_run):
         == 2
     )
     assert "exists: pass --force" in capsys.readouterr().err
+
+
+def test_omp_wait_policy_option_reaches_the_worker():
+    from kititans.bench.worker import worker_env
+
+    code = "import os, kititans; print(os.environ.get('OMP_WAIT_POLICY'))"
+    for policy, seen in (("passive", "PASSIVE"), ("active", "ACTIVE"), ("unset", "None")):
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(policy)
+        )
+        assert r.stdout.strip() == seen, policy  # `unset`: kititans does not default it to PASSIVE
