@@ -117,19 +117,27 @@ def main() -> None:
                 "tg_all": [round(x["tg"], 1) for x in xs],
             }
         )
-    by = {r["row"]: r for r in rows}
+
+    def paired(a: str, b: str, k: str) -> float:
+        """The median over rounds of a/b measured in the same round (a noisy neighbour slows both alike)."""
+        return statistics.median(x[k] / y[k] for x, y in zip(samples[a], samples[b]))
+
     ratios = []
     for g in args.gguf:
         for rp in ("on", "off"):
-            a, b = by[f"{g.name} repack={rp} ours"], by[f"{g.name} repack={rp} llama-bench"]
-            ratios.append({"gguf": g.name, "repack": rp, "ours/llama-bench tg": a["tg"] / b["tg"],
-                           "ours/llama-bench pp": a["pp"] / b["pp"]})  # fmt: skip
+            a, b = f"{g.name} repack={rp} ours", f"{g.name} repack={rp} llama-bench"
+            ratios.append({"gguf": g.name, "repack": rp, "ours/llama-bench tg": paired(a, b, "tg"),
+                           "ours/llama-bench pp": paired(a, b, "pp")})  # fmt: skip
         for who in ("ours", "llama-bench"):
-            on, off = by[f"{g.name} repack=on {who}"], by[f"{g.name} repack=off {who}"]
-            ratios.append({"gguf": g.name, "who": who, "repack on/off tg": on["tg"] / off["tg"],
-                           "repack on/off pp": on["pp"] / off["pp"]})  # fmt: skip
+            on, off = f"{g.name} repack=on {who}", f"{g.name} repack=off {who}"
+            ratios.append({"gguf": g.name, "who": who, "repack on/off tg": paired(on, off, "tg"),
+                           "repack on/off pp": paired(on, off, "pp")})  # fmt: skip
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "repack_default": why, "rows": rows,
            "ratios": ratios, "load_avg": load}  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['row']:<44} pp{args.prompt} {r['pp']:8.0f} t/s  tg{args.gen} {r['tg']:7.1f} t/s  (medians)"
+        )
     print(json.dumps(ratios, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")

@@ -148,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
     from kititans.bench.pairs import parse_list
     from kititans.bench.report import write_reports
 
+    if (Path(args.targets[0]) / "run.py").is_file() and (Path(args.targets[0]) / "kititans.pyz").is_file():
+        raise KititansError(f"{args.targets[0]} is a bench pack: run it with python {args.targets[0]}/run.py")
+
     cfg = BenchConfig(
         run=Path(args.targets[0]),
         runtimes=parse_list(args.runtimes),

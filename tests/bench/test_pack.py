@@ -224,6 +224,11 @@ def test_a_missing_runtime_skips_its_rows_or_is_an_error_when_named(packed, tmp_
     _one_line_error(run_pack(py, pack, "--rows", "gguf:q9", "--out", str(out)), "this pack has no such row")
 
 
+def test_kititans_bench_points_a_pack_to_its_runner(packed, capsys):
+    assert main(["bench", str(packed[2])]) == 2
+    assert "is a bench pack: run it with python" in capsys.readouterr().err
+
+
 def test_coreml_rows_off_macos():
     from kititans.bench.packrun import plan_rows
     from kititans.bench.rows import RowOptions
