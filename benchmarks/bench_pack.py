@@ -7,7 +7,8 @@ usage: python benchmarks/bench_pack.py RUN --work DIR --phase pack   [--artifact
 
 The pack phase copies RUN (without export/, checkpoints/, bench/) into DIR/run, packs it twice (cold: the
 exports are made; warm: they are reused) and prints sizes and times. The speed phase makes DIR/venv (a fresh
-virtualenv whose site-packages links only numpy, onnxruntime and llama-cpp-python with their dependencies),
+virtualenv: `pip install numpy onnxruntime llama-cpp-python` from the --wheels folder, or without --wheels one
+whose site-packages links only those packages and their dependencies from this environment),
 times `run.py --help` and alternates `kititans bench` and `run.py` over the same rows.
 """
 
@@ -75,7 +76,16 @@ def phase_pack(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def make_venv(path: Path) -> Path:
+def make_venv(path: Path, wheels: Path | None) -> Path:
+    """A fresh virtualenv: with --wheels, `pip install numpy onnxruntime llama-cpp-python` from that folder
+    (no index: what a device gets from pip, offline); else one whose site-packages links only DEVICE_PACKAGES
+    from this environment."""
+    if wheels and not (path / "bin" / "python").exists():
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(path)], check=True, env=device_env())
+        pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--no-index", "--find-links"]
+        pkgs = ["numpy", "onnxruntime", "llama-cpp-python"]
+        subprocess.run([*pip, str(wheels), *pkgs], check=True, env=device_env())
     if not (path / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
         py = path / "bin" / "python"
@@ -105,8 +115,12 @@ def max_quality_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 def phase_speed(args: argparse.Namespace) -> dict[str, Any]:
     pack, run = args.work / "warm.benchpack", args.work / "run"
-    py = make_venv(args.work / "venv")
-    assert subprocess.run([py, "-c", "import torch"], capture_output=True, env=device_env()).returncode != 0
+    py = make_venv(args.work / "venv", args.wheels)
+    for mod in ("torch", "kititans"):
+        r = subprocess.run([py, "-c", f"import {mod}"], capture_output=True, env=device_env(), cwd=args.work)
+        assert r.returncode != 0, f"{mod} imports in the device virtualenv"
+    code = "import importlib.metadata as m; print(sorted(d.metadata['Name'] for d in m.distributions()))"
+    venv_packages = subprocess.run([py, "-c", code], capture_output=True, text=True, env=device_env()).stdout
     helps = [sh([str(py), str(pack / "run.py"), "--help"], env=device_env())[0] for _ in range(5)]
     pairs = ",".join(
         f"{FORMAT_RUNTIMES[a.split(':')[0]]}:{a.split(':')[1]}" for a in args.artifacts.split(",")
@@ -152,6 +166,7 @@ def phase_speed(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     return {
+        "venv": {"wheels": str(args.wheels) if args.wheels else None, "packages": venv_packages.strip()},
         "help_s": helps,
         "runner": [r["runner"] for r in rounds],
         "table": table,
@@ -170,6 +185,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--wheels", type=Path, help="pip-install the device packages from this wheel folder")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     result = phase_pack(args) if args.phase == "pack" else phase_speed(args)

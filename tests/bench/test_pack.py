@@ -125,6 +125,12 @@ def test_the_device_venv_has_no_torch_and_no_kititans(packed):
 
 def test_pack_rows_equal_the_desktop_bench(packed):
     _, desk, _, dev, _, _ = packed
+    assert_same_rows(desk, dev, "venv")
+    assert dev["runner"]["startup_s"] > 0 and dev["runner"]["verified"]["files"] > 5
+
+
+def assert_same_rows(desk: dict, dev: dict, label: str) -> None:
+    """The pack's rows are the desktop's rows: identical quality, the same artifact facts, speed present."""
     d = {r["key"]: r for r in desk["results"]}
     p = {r["key"]: r for r in dev["results"]}
     assert set(p) == {"llamacpp:q4_0@repack", "llamacpp:q4_0@no-repack", "onnx:int8"} <= set(d)
@@ -142,10 +148,54 @@ def test_pack_rows_equal_the_desktop_bench(packed):
     assert all(s["threads"] == 1 and s["placement"] == "cpu" for s in ll.values())
     assert dev["run"]["weights_sha256"] == desk["run"]["weights_sha256"]
     assert dev["eval"]["tokens_sha256"] == desk["eval"]["tokens_sha256"]
-    assert dev["device"]["label"] == "venv" and "REPACK" in dev["device"]["llama_system_info"]
+    assert dev["device"]["label"] == label and "REPACK" in dev["device"]["llama_system_info"]
     assert "CPUExecutionProvider" in dev["device"]["onnx_providers"]
     assert "torch" not in dev["device"]["versions"] and "kititans" not in dev["device"]["versions"]
-    assert dev["runner"]["startup_s"] > 0 and dev["runner"]["verified"]["files"] > 5
+
+
+def test_bench_compare_accepts_the_device_report(packed, tmp_path):
+    run = packed[0]
+    desk_json, dev_json = run.parent / "desk" / "bench.json", run.parent / "pi.json"
+    assert main(["bench", "compare", str(desk_json), str(dev_json), "--out", str(tmp_path / "c")]) == 0
+    cmp = json.loads((tmp_path / "c" / "compare.json").read_text())
+    rows = [r for r in cmp["rows"] if r["device"] == "venv"]
+    assert len(rows) == 3 and all(r["check"] == "ok" and r["decode_tps"] > 0 for r in rows)
+    ran_on = {r["quant"]: r["ran_on"] for r in rows}
+    assert ran_on == {"q4_0 @repack": "cpu", "q4_0 @no-repack": "cpu", "int8": "CPUExecutionProvider"}
+    assert "venv" in (tmp_path / "c" / "compare.md").read_text()
+
+
+@pytest.mark.slow
+def test_pack_in_a_pip_installed_venv(packed, tmp_path):
+    """A device's own install: `python -m venv`, then `pip install numpy onnxruntime llama-cpp-python` (from
+    the wheels in $KITITANS_DEVICE_WHEELS: tests never download), then the pack measures the same rows as the
+    desktop and `bench compare` takes its report. About 60 s beyond the fixture."""
+    wheels = os.environ.get("KITITANS_DEVICE_WHEELS", "")
+    if not wheels or not Path(wheels).is_dir():
+        pytest.skip(
+            "set KITITANS_DEVICE_WHEELS to a folder with wheels of numpy, onnxruntime, llama-cpp-python and "
+            "their dependencies (pip download -d DIR ...) to run the pack in a pip-installed virtualenv"
+        )
+    run, desk, pack = packed[:3]
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base_python, "-m", "venv", str(tmp_path / "venv")], check=True, env=device_env())
+    py = tmp_path / "venv" / "bin" / "python"
+    pip = [str(py), "-m", "pip", "install", "-q", "--no-index", "--find-links", wheels]
+    r = subprocess.run([*pip, "numpy", "onnxruntime", "llama-cpp-python"], capture_output=True, text=True,
+                       env=device_env())  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for mod in ("torch", "kititans"):
+        r = subprocess.run(
+            [str(py), "-c", f"import {mod}"], capture_output=True, env=device_env(), cwd=tmp_path
+        )
+        assert r.returncode != 0, mod
+    out = tmp_path / "pip.json"
+    args = ("--label", "pip-venv", "--trials", "1", "--threads", "1", "--repack", "both", "--out", str(out))
+    res = run_pack(py, pack, *args)
+    assert res.returncode == 0, res.stderr
+    assert_same_rows(desk, json.loads(out.read_text()), "pip-venv")
+    desk_json = run.parent / "desk" / "bench.json"
+    assert main(["bench", "compare", str(desk_json), str(out), "--out", str(tmp_path / "c")]) == 0
 
 
 def test_manifest_hashes_and_reference_map(packed):
