@@ -3,6 +3,9 @@ its memory bandwidth (a short copy test), and a process's resident memory.
 
 Peak memory: on Linux, VmHWM from /proc/self/status is the high-water mark of this process's own address
 space; `getrusage().ru_maxrss` is not used there because exec() carries the parent's peak over into it.
+
+Torch-free, and psutil is optional (a device running a bench pack may have neither): /proc, sysctl and
+os.sysconf stand in for it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kititans.runtimes.host import core_types, performance_threads, sysctl
 
 PACKAGES = (
     "kititans",
@@ -104,29 +109,51 @@ def versions() -> dict[str, str]:
     return found
 
 
-def device_record(threads: int, label: str | None = None) -> dict[str, Any]:
-    """Everything about this machine that a reader needs to compare reports."""
-    import psutil
+def ram_bytes() -> int:
+    """Physical memory (unified memory on Apple silicon)."""
+    m = re.search(r"^MemTotal:\s*(\d+)\s*kB", _read("/proc/meminfo"), re.M)
+    if m:
+        return int(m.group(1)) * 1024
+    mem = sysctl("hw.memsize")
+    if mem.isdigit():
+        return int(mem)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
+
+def device_record(threads: int, label: str | None = None) -> dict[str, Any]:
+    """Everything about this machine that a reader needs to compare reports: CPU, core types, board/SoC,
+    governor, memory, caches, OS, package versions, GPUs, llama.cpp's build features, onnxruntime's
+    providers."""
+    from kititans.bench.board import board, governors, runtime_info
+
+    cores = core_types()
     rec: dict[str, Any] = {
         "cpu": cpu_model(),
         "arch": platform.machine(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "logical_cores": psutil.cpu_count(logical=True),
+        "physical_cores": cores["physical_cores"],
+        "logical_cores": os.cpu_count(),
+        "performance_cores": cores["performance_cores"],
+        "core_types": cores,
         "threads_used": threads,
-        "ram_bytes": int(psutil.virtual_memory().total),
+        "ram_bytes": ram_bytes(),
         "cache_bytes": caches(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": versions(),
         "gpus": gpus(),
+        "governors": governors(),
+        "soc": board(),
+        **runtime_info(),
     }
     if sys.platform == "darwin":
         rec["apple_chip"] = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
         rec["mac_model"] = _run(["sysctl", "-n", "hw.model"])
-    board = _read("/proc/device-tree/model")
-    if board:
-        rec["board"] = board
+    model = rec["soc"].get("model") or rec["soc"].get("android", {}).get("model")
+    if model:
+        rec["board"] = model
     rec["label"] = label or default_label(rec)
     return rec
 
@@ -142,13 +169,9 @@ def default_label(rec: dict[str, Any]) -> str:
 
 
 def default_threads() -> int:
-    """Physical cores (llama-bench's default); the process's CPU affinity caps it."""
-    import psutil
-
-    n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        n = min(n, len(os.sched_getaffinity(0)))
-    return max(1, n)
+    """The performance cores this process may run on (physical cores; the LITTLE cores of a big.LITTLE CPU
+    and the E-cores of a hybrid one left out; runtimes/host.py)."""
+    return performance_threads()
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 5) -> dict[str, Any]:
@@ -191,8 +214,14 @@ def cuda_copy_bandwidth(mib: int = 1024, repeats: int = 10) -> dict[str, Any] | 
 
 
 def rss_bytes() -> int:
-    import psutil
-
+    """This process's resident memory now (/proc/self/statm on Linux, psutil elsewhere)."""
+    statm = _read("/proc/self/statm").split()
+    if len(statm) > 1 and statm[1].isdigit():
+        return int(statm[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import psutil
+    except ImportError:
+        return peak_rss_bytes()  # the best figure left without psutil
     return int(psutil.Process().memory_info().rss)
 
 
@@ -202,11 +231,14 @@ def peak_rss_bytes() -> int:
     m = re.search(r"^VmHWM:\s*(\d+)\s*kB", status, re.M)
     if m:
         return int(m.group(1)) * 1024
-    import psutil
+    try:
+        import psutil
 
-    info = psutil.Process().memory_info()
-    if hasattr(info, "peak_wset"):  # Windows
-        return int(info.peak_wset)
+        info = psutil.Process().memory_info()
+        if hasattr(info, "peak_wset"):  # Windows
+            return int(info.peak_wset)
+    except ImportError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -9,16 +9,11 @@ result with status "failed" and a one-line reason; the others go on.
 
 from __future__ import annotations
 
-import json
-import os
+import hashlib
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +22,14 @@ import numpy as np
 import kititans
 from kititans.bench import artifact as art
 from kititans.bench import embed as embed_bench
+from kititans.bench.board import thermal_state
 from kititans.bench.device import copy_bandwidth, cuda_copy_bandwidth, default_threads, device_record
 from kititans.bench.evaldata import eval_chunks
-from kititans.bench.pairs import FORMATS, REFERENCE, Pair, artifact_path, select_pairs, unavailable
+from kititans.bench.exports import manifest_of, manifest_summary, plan_artifacts, run_exports
+from kititans.bench.pairs import REFERENCE, Pair, artifact_path, select_pairs, unavailable
 from kititans.bench.report import SCHEMA_VERSION, get
+from kititans.bench.rows import UNITS, Row, RowOptions, check_options, placement, rows_for
+from kititans.bench.rows import roofline as row_roofline
 from kititans.bench.withruns import (
     WithRun,
     export_task,
@@ -40,10 +39,10 @@ from kititans.bench.withruns import (
     side_by_side,
     with_runs,
 )
-from kititans.bench.worker import EVENT_PREFIX
+from kititans.bench.worker import run_job, worker_env
 from kititans.checkpoint import read_meta
 from kititans.errors import KititansError
-from kititans.files import sha256_file, write_json
+from kititans.files import sha256_file
 from kititans.models.spec import get_family
 
 Event = Callable[[dict[str, Any]], None]
@@ -59,8 +58,11 @@ class BenchConfig:
     trials: int = 5
     warmup: int = 1
     seed: int = 0
-    threads: int = 0  # 0 = physical cores
+    threads: int = 0  # 0 = performance cores (physical; big.LITTLE's LITTLE cores left out)
     device: str = "cpu"
+    rows: RowOptions = field(default_factory=RowOptions)  # llama.cpp repack / GPU layers, CoreML units
+    delay_s: float = 0.0  # pause before each timed trial and between rows (cooling)
+    omp_wait_policy: str | None = None  # passive | active | unset; None = OMP_WAIT_POLICY or passive
     quality: bool = True
     eval_text: Path | None = None
     ppl_ctx: int = 0  # 0 = min(512, the model's context)
@@ -79,135 +81,24 @@ class BenchConfig:
 # ------------------------------------------------------------------------------------------ workers
 
 
-def _crash_reason(rc: int, log: Path, timed_out: float | None) -> str:
-    lines = (
-        [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        if log.exists()
-        else []
-    )
-    tail = f" ({lines[-1][:200]})" if lines else ""
-    if timed_out:
-        return f"timed out after {timed_out:.0f} s"
-    if rc < 0:
-        try:
-            name = signal.Signals(-rc).name
-        except ValueError:
-            name = str(-rc)
-        return f"worker died with {name}{tail}"
-    return f"worker exited with status {rc}{tail}"
-
-
-def run_worker(job: dict[str, Any], work: Path, name: str, timeout: float, on_event: Event) -> dict[str, Any]:
-    """Run one job in `python -m kititans.bench.worker`, forwarding its progress lines; its result dict."""
-    job_path, res_path, log_path = (work / f"{name}.{ext}" for ext in ("job.json", "result.json", "log"))
-    res_path.unlink(missing_ok=True)
-    write_json(job_path, job)
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    cmd = [sys.executable, "-m", "kititans.bench.worker", str(job_path), str(res_path)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        expired = threading.Event()
-
-        def kill() -> None:
-            expired.set()
-            proc.kill()
-
-        timer = threading.Timer(timeout, kill)
-        timer.start()
-        try:
-            for line in proc.stdout or []:
-                if line.startswith(EVENT_PREFIX):
-                    on_event({"kind": "stage", "job": name, **json.loads(line[len(EVENT_PREFIX) :])})
-            rc = proc.wait()
-        finally:
-            timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    timed_out = timeout if expired.is_set() else None
-    if res_path.is_file() and not timed_out:
-        return json.loads(res_path.read_text())
-    return {"status": "failed", "reason": _crash_reason(rc, log_path, timed_out)}
-
-
-# ------------------------------------------------------------------------------------------ exports
-
-
-def _manifest(path: Path) -> dict[str, Any] | None:
-    from kititans.export import manifest_path
-
-    m = manifest_path(path)
-    return json.loads(m.read_text()) if m.is_file() else None
-
-
-def plan_artifacts(cfg: BenchConfig, pairs: list[Pair], failed: dict[str, str]) -> tuple[dict, list]:
-    """Per pair: its artifact and whether it is reused; export tasks for the missing or stale ones."""
-    from kititans.errors import UnsupportedExport
-    from kititans.models.spec import get_family
-
-    spec = get_family(read_meta(cfg.run)["family"])
-    weights_sha = sha256_file(cfg.run / "model.safetensors")
-    info: dict[str, dict[str, Any]] = {}
-    tasks = []
-    for p in pairs:
-        why = unavailable(p.runtime)
-        fmt = FORMATS[p.runtime]
-        if why is None and fmt in ("gguf", "onnx", "coreml"):
-            try:
-                spec.support(fmt)
-            except UnsupportedExport as e:
-                why = str(e)
-        if why:
-            failed[p.key] = why
-            continue
-        path = artifact_path(cfg.run, p)
-        info[p.key] = {"path": str(path)}
-        if fmt is None:
-            continue
-        m = _manifest(path) if path.exists() else None
-        fresh = m is not None and m.get("source", {}).get("weights_sha256") == weights_sha
-        if fresh and not cfg.reexport:
-            info[p.key].update(reused=True, manifest=_manifest_summary(m))
-        else:
-            info[p.key]["reused"] = False
-            tasks.append(
-                {"key": p.key, "runtime": p.runtime, "quant": p.quant, "format": fmt, "out": str(path)}
-            )
-    return info, tasks
-
-
-def _manifest_summary(m: dict[str, Any] | None) -> dict[str, Any]:
-    """The manifest fields that change what a quant level means (quantizer, imatrix, method)."""
-    if not m:
-        return {}
-    keys = ("created", "quantizer", "imatrix", "quantization", "genai")
-    return {k: m[k] for k in keys if m.get(k) is not None}
-
-
-def run_exports(cfg: BenchConfig, tasks: list, info: dict, failed: dict, work: Path, on_event: Event) -> None:
-    if not tasks:
-        return
-    on_event({"kind": "exports", "tasks": [t["key"] for t in tasks]})
-    job = {"mode": "export", "run": str(cfg.run), "tasks": tasks}
-    result = run_worker(job, work, "export", cfg.timeout_s * max(1, len(tasks)), on_event)
-    done = {t["key"]: t for t in result.get("tasks", [])}
-    weights_sha = sha256_file(cfg.run / "model.safetensors")
-    for t in tasks:
-        m = _manifest(Path(t["out"])) if Path(t["out"]).exists() else None
-        written = m is not None and m.get("source", {}).get("weights_sha256") == weights_sha
-        stopped = {"status": "ok", "seconds": None} if written else {"status": "failed"}
-        r = done.get(t["key"], {**stopped, "reason": result.get("reason", "the export worker stopped")})
-        if r["status"] != "ok":
-            failed[t["key"]] = f"export failed: {r['reason']}"
-            info.pop(t["key"], None)
-            continue
-        info[t["key"]].update(seconds=r["seconds"], manifest=_manifest_summary(_manifest(Path(t["out"]))))
+def run_worker(
+    job: dict[str, Any], work: Path, name: str, timeout: float, on_event: Event, policy: str | None = None
+) -> dict[str, Any]:
+    """Run one job in `python -m kititans.bench.worker` (worker.run_job) with the bench's OpenMP policy."""
+    return run_job(job, work, name, timeout, on_event, env=worker_env(policy))
 
 
 # ------------------------------------------------------------------------------------------ the bench
 
 
-def measure_job(cfg: BenchConfig, pair: Pair, path: str, quality: dict | None, speed: bool) -> dict[str, Any]:
+def measure_job(
+    cfg: BenchConfig,
+    pair: Pair,
+    path: str,
+    quality: dict | None,
+    speed: bool,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "mode": "measure",
         "runtime": pair.runtime,
@@ -215,12 +106,14 @@ def measure_job(cfg: BenchConfig, pair: Pair, path: str, quality: dict | None, s
         "artifact": path,
         "threads": cfg.threads,
         "device": cfg.device,
+        "settings": settings or {},
         "speed": {
             "prompt_tokens": list(cfg.prompt_tokens),
             "gen_tokens": cfg.gen_tokens,
             "trials": cfg.trials,
             "warmup": cfg.warmup,
             "seed": cfg.seed,
+            "delay_s": cfg.delay_s,
         }
         if speed
         else None,
@@ -230,25 +123,8 @@ def measure_job(cfg: BenchConfig, pair: Pair, path: str, quality: dict | None, s
 
 
 def roofline(cfg: BenchConfig, row: dict[str, Any], dims: dict[str, int], bw: dict[str, Any]) -> dict | None:
-    """Decode tokens/s against the bandwidth bound BW / (weight bytes + KV bytes read per token)."""
-    decode = row.get("speed", {}).get("decode")
-    if not decode or not row.get("weight_bytes_per_token"):
-        return None
-    on_gpu = cfg.device.startswith("cuda") and row["runtime"] in ("torch", "onnx", "genai")
-    gbs = bw.get("given_gbs") or (bw.get("gpu_gbs") if on_gpu else bw.get("cpu_gbs"))
-    if not gbs:
-        return None
-    n_past = 1 + row["speed"].get("gen_tokens", cfg.gen_tokens) / 2  # the mean depth of the decode test
-    kv = art.kv_bytes_per_token(dims, n_past, art.kv_element_bytes(row["runtime"], row["quant"]))
-    per_token = row["weight_bytes_per_token"] + kv
-    bound = gbs * 1e9 / per_token
-    return {
-        "bandwidth_gbs": gbs,
-        "bytes_per_token": per_token,
-        "kv_bytes_per_token": kv,
-        "bound_tps": bound,
-        "fraction": decode["median"] / bound,
-    }
+    """Decode tokens/s against the bandwidth bound (rows.roofline)."""
+    return row_roofline(row, dims, bw, cfg.device, cfg.gen_tokens)
 
 
 def measure_bandwidth(cfg: BenchConfig) -> dict[str, Any]:
@@ -300,7 +176,7 @@ def run_bench(cfg: BenchConfig, on_event: Event | None = None) -> dict[str, Any]
         chunks = None
     else:
         evald, chunks = _eval_setup(cfg) if cfg.quality else (None, None)  # errors come before any work
-    emit({"kind": "plan", "pairs": [p.key for p in pairs] + [row_key(w) for w in withs]})
+    check_options(cfg.rows)
     emit({"kind": "stage", "job": "setup", "stage": "device record and bandwidth"})
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -318,7 +194,11 @@ def run_bench(cfg: BenchConfig, on_event: Event | None = None) -> dict[str, Any]
             "threads": cfg.threads,
             "device": cfg.device,
             "timeout_s": cfg.timeout_s,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            "omp_wait_policy": worker_env(cfg.omp_wait_policy).get("OMP_WAIT_POLICY", "unset"),
+            "delay_s": cfg.delay_s,
+            "repack": cfg.rows.repack,
+            "n_gpu_layers": cfg.rows.n_gpu_layers,
+            "coreml_units": list(cfg.rows.coreml_units),
         },
         "units": UNITS,
         "eval": evald if cfg.quality else None,
@@ -338,6 +218,8 @@ def run_bench(cfg: BenchConfig, on_event: Event | None = None) -> dict[str, Any]
     try:
         failed: dict[str, str] = {}
         info, tasks = plan_artifacts(cfg, pairs, failed)
+        keys = [r.key for p in pairs for r in ([p] if p.key in failed else rows_for(*astuple(p), cfg.rows))]
+        emit({"kind": "plan", "pairs": keys + [row_key(w) for w in withs]})
         run_exports(cfg, tasks, info, failed, work, emit)
         report["results"] = _measure_all(cfg, pairs, info, failed, quality, report, work, emit)
         if withs:
@@ -363,51 +245,72 @@ def _eval_setup(cfg: BenchConfig) -> tuple[dict[str, Any], list[list[int]]]:
         "scored_tokens": len(chunks) * (n_ctx - 1 - n_ctx // 2),
         "reference": {"runtime": REFERENCE[0], "quant": REFERENCE[1]},
         "definitions": "llama-perplexity: BOS-led chunks, second half scored, KL(reference || pair)",
+        "tokens_sha256": tokens_sha256(chunks),
     }
     return evald, chunks
+
+
+def tokens_sha256(chunks: list[list[int]]) -> str:
+    """The identity of the scored text: sha256 of the chunks as little-endian int64 (what `bench compare`
+    checks, whatever file or split they came from)."""
+    return hashlib.sha256(np.asarray(chunks, dtype="<i8").tobytes()).hexdigest()
 
 
 def _measure_all(cfg, pairs, info, failed, quality, report, work, emit) -> list[dict[str, Any]]:
     ref_pair = Pair(*REFERENCE)
     order = sorted(pairs, key=lambda p: p != ref_pair)  # the reference job first
-    rows: dict[str, dict[str, Any]] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
     ref_ok = True
     if quality and ref_pair not in pairs:  # quality needs the reference even when torch fp32 is not listed
         q = {"reference": quality["reference"], "make_reference": quality["chunks"]}
         job = measure_job(cfg, ref_pair, str(cfg.run), q, speed=False)
-        res = run_worker(job, work, "reference", cfg.timeout_s, emit)
+        res = run_worker(job, work, "reference", cfg.timeout_s, emit, cfg.omp_wait_policy)
         ref_ok = res.get("status") == "ok" and "quality" in res
         report["eval"]["reference"].update(status="ok" if ref_ok else "failed", reason=_reason(res))
-    for i, p in enumerate(order):
-        emit({"kind": "start", "pair": p.key, "index": i, "total": len(order)})
-        row: dict[str, Any] = {"runtime": p.runtime, "quant": p.quant, "key": p.key}
+    for p in order:
         if p.key in failed:
-            rows[p.key] = {**row, "status": "failed", "reason": failed[p.key]}
-            emit({"kind": "pair", "result": rows[p.key]})
+            out[p.key] = [{"runtime": p.runtime, "quant": p.quant, "key": p.key, "status": "failed"}]
+            out[p.key][0]["reason"] = failed[p.key]
+            emit({"kind": "pair", "result": out[p.key][0]})
             continue
         q = None
         if quality and (ref_ok or p == ref_pair):
             q = {"reference": quality["reference"]}
             if p == ref_pair:
                 q["make_reference"] = quality["chunks"]
-        t0 = time.perf_counter()
-        res = run_worker(measure_job(cfg, p, info[p.key]["path"], q, True), work, p.slug, cfg.timeout_s, emit)
-        row.update(res, seconds=time.perf_counter() - t0, artifact=info[p.key]["path"])
-        row["export"] = {k: v for k, v in info[p.key].items() if k != "path"}
-        if quality and not ref_ok and p != ref_pair:
-            row["quality_error"] = f"no reference log-probs: {report['eval']['reference'].get('reason')}"
-        if p == ref_pair and quality:
-            ref_ok = "quality" in res
-            report["eval"]["reference"].update(status="ok" if ref_ok else "failed", reason=_reason(res))
-        try:
-            row.update(art.describe(cfg.run, p.runtime, p.quant, Path(info[p.key]["path"])))
-        except Exception as e:
-            row["describe_error"] = f"{type(e).__name__}: {e}"
-        if row.get("status") == "ok":
-            row["roofline"] = roofline(cfg, row, art.model_dims(cfg.run), report["bandwidth"])
-        rows[p.key] = row
-        emit({"kind": "pair", "result": row})
-    return [rows[p.key] for p in pairs]
+        out[p.key] = []
+        for r in rows_for(p.runtime, p.quant, cfg.rows):
+            row = measure_row(cfg, cfg.run, p, r, info[p.key]["path"], q, work, emit, report["bandwidth"])
+            row["export"] = {k: v for k, v in info[p.key].items() if k != "path"}
+            if quality and not ref_ok and p != ref_pair:
+                row["quality_error"] = f"no reference log-probs: {report['eval']['reference'].get('reason')}"
+            if p == ref_pair and quality:
+                ref_ok = "quality" in row
+                report["eval"]["reference"].update(status="ok" if ref_ok else "failed", reason=_reason(row))
+            out[p.key].append(row)
+            emit({"kind": "pair", "result": row})
+    return [row for p in pairs for row in out[p.key]]
+
+
+def measure_row(cfg, run: Path, p: Pair, r: Row, path: str, q, work: Path, emit: Event, bw) -> dict[str, Any]:
+    """One row in its own worker: its settings, thermal state before and after, size and roofline."""
+    emit({"kind": "start", "pair": r.key})
+    row: dict[str, Any] = {"runtime": p.runtime, "quant": p.quant, "key": r.key, "settings": r.settings}
+    if cfg.delay_s:
+        time.sleep(cfg.delay_s)  # let the device cool between rows too
+    before, t0 = thermal_state(), time.perf_counter()
+    job = measure_job(cfg, p, path, q, True, r.settings)
+    res = run_worker(job, work, r.slug, cfg.timeout_s, emit, cfg.omp_wait_policy)
+    row.update(res, seconds=time.perf_counter() - t0, artifact=path)
+    row["thermal"] = {"before": before, "after": thermal_state()}
+    row["placement"] = placement(row, cfg.device)
+    try:
+        row.update(art.describe(run, p.runtime, p.quant, Path(path)))
+    except Exception as e:
+        row["describe_error"] = f"{type(e).__name__}: {e}"
+    if row.get("status") == "ok":
+        row["roofline"] = roofline(cfg, row, art.model_dims(run), bw)
+    return row
 
 
 def _measure_with(
@@ -425,18 +328,13 @@ def _measure_with(
     emit({"kind": "start", "pair": key})
     why = unavailable(w.pair.runtime)
     path = artifact_path(w.run, w.pair)
-    m = _manifest(path) if path.exists() else None
+    m = manifest_of(path) if path.exists() else None
     fresh = m is not None and m.get("source", {}).get("weights_sha256") == sha256_file(
         w.run / "model.safetensors"
     )
     if why is None and (not fresh or cfg.reexport):
-        res = run_worker(
-            {"mode": "export", "run": str(w.run), "tasks": [export_task(w)]},
-            work,
-            f"export-{w.name}",
-            cfg.timeout_s,
-            emit,
-        )
+        job = {"mode": "export", "run": str(w.run), "tasks": [export_task(w)]}
+        res = run_worker(job, work, f"export-{w.name}", cfg.timeout_s, emit, cfg.omp_wait_policy)
         done = (res.get("tasks") or [{}])[0]
         if done.get("status") != "ok":
             why = f"export failed: {done.get('reason') or res.get('reason')}"
@@ -446,42 +344,19 @@ def _measure_with(
         return row
     ref_ok = get(report, "eval", "reference", "status") == "ok"
     q = {"reference": quality["reference"]} if quality and ref_ok else None
-    t0 = time.perf_counter()
-    res = run_worker(
-        measure_job(cfg, w.pair, str(path), q, True), work, f"{w.pair.slug}-{w.name}", cfg.timeout_s, emit
-    )
-    row.update(res, seconds=time.perf_counter() - t0, artifact=str(path))
-    row["export"] = {"reused": fresh and not cfg.reexport, "manifest": _manifest_summary(_manifest(path))}
+    r = rows_for(w.pair.runtime, w.pair.quant, cfg.rows)[0]
+    r = Row(r.runtime, r.quant, w.name, r.settings)  # its own worker files
+    measured = measure_row(cfg, w.run, w.pair, r, str(path), q, work, emit, report["bandwidth"])
+    row.update({k: v for k, v in measured.items() if k != "key"})
+    row["export"] = {"reused": fresh and not cfg.reexport, "manifest": manifest_summary(manifest_of(path))}
     if quality and not ref_ok:
         row["quality_error"] = f"no reference log-probs: {get(report, 'eval', 'reference', 'reason')}"
-    try:
-        row.update(art.describe(w.run, w.pair.runtime, w.pair.quant, path))
-    except Exception as e:
-        row["describe_error"] = f"{type(e).__name__}: {e}"
-    if row.get("status") == "ok":
-        row["roofline"] = roofline(cfg, row, art.model_dims(w.run), report["bandwidth"])
     emit({"kind": "pair", "result": row})
     return row
 
 
 def _reason(res: dict[str, Any]) -> str | None:
     return res.get("reason") or res.get("quality_error")
-
-
-UNITS = {
-    "speed.prefill": "tokens/s per prompt length (median, min, max, q1, q3, mean, stdev over trials)",
-    "speed.decode": "tokens/s",
-    "speed.ttft_ms": "milliseconds from the prompt to the first chosen token, per prompt length",
-    "*_bytes": "bytes",
-    "*_s": "seconds",
-    "bandwidth.*_gbs": "GB/s (1e9 bytes/s)",
-    "bits_per_weight": "8 x weight bytes read per token / parameters read per token",
-    "quality.ppl_drift_pct": "percent, 100 x (PPL / PPL(reference) - 1)",
-    "quality.kld_*": "nats, KL(reference || pair) per token",
-    "quality.same_top": "fraction of tokens whose most likely next token equals the reference's",
-    "quality.delta_p_*": "probability of the true next token, pair minus reference",
-    "roofline.fraction": "decode tokens/s / (bandwidth / bytes per token)",
-}
 
 
 def config_dict(cfg: BenchConfig) -> dict[str, Any]:

@@ -6,16 +6,16 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from kititans.bench.compare import compare_cells, compare_headers, report_lines
 from kititans.bench.report import (
     MiB,
-    compare_cells,
-    compare_headers,
     device_lines,
     get,
     headers,
     notes,
     quant_label,
     result_cells,
+    text_columns,
 )
 from kititans.htmlpage import esc, page, svg
 from kititans.htmlpage import pyplot as _plt
@@ -254,7 +254,7 @@ def render_html(report: dict[str, Any]) -> str:
         f"<div class='sub'>Run <code>{esc(run['path'])}</code> · {esc(run['family'])} · "
         f"{run['params'] / 1e6:.2f} M parameters · step {esc(run.get('step'))} · {esc(report['created'])} · "
         f"kititans {esc(report['kititans_version'])} · {report['seconds']:.0f} s</div>",
-        table(headers(report), [result_cells(report, r) for r in ok]),
+        table(headers(report), [result_cells(report, r) for r in ok], numeric_from=text_columns(report)),
         "<ul class='notes'>" + "".join(f"<li>{esc(n)}</li>" for n in notes(report)) + "</ul>",
         _plots_or_note(lambda: figures(report)),
     ]
@@ -309,15 +309,13 @@ def render_compare_html(cmp: dict[str, Any]) -> str:
     parts = [
         f"<h1>{esc(title)}</h1>",
         f"<div class='sub'>{len(cmp['reports'])} reports</div>",
-        table(compare_headers(cmp), [compare_cells(r) for r in cmp["rows"]], numeric_from=4, color_col=2),
+        table(compare_headers(cmp), [compare_cells(r) for r in cmp["rows"]], numeric_from=5, color_col=2),
         _plots_or_note(figs),
         "<h2>Devices</h2>",
     ]
     for rep in cmp["reports"]:
         parts.append(f"<h3>{esc(rep['name'])}</h3><div class='sub'>{esc(rep['source'])}</div>")
         parts.append(
-            "<ul class='notes'>"
-            + "".join(f"<li>{esc(x)}</li>" for x in device_lines(rep["device"]))
-            + "</ul>"
+            "<ul class='notes'>" + "".join(f"<li>{esc(x)}</li>" for x in report_lines(rep)) + "</ul>"
         )
     return page(title, "\n".join(parts))

@@ -6,7 +6,9 @@ second half of each chunk is scored, and per scored token t with next token y:
     dp_t    = p_q(y) - p_base(y)
     same_top = argmax p_base == argmax p_q
 Means are reported with their standard error sqrt(var / (n - 1)); percentiles interpolate linearly.
-The reference log-probs can be stored (float16) so each runtime is measured in its own process.
+The reference log-probs can be stored (float16) so each runtime is measured in its own process: as one .npz
+file, or as a folder of .npy files (tokens, logprobs, target_logprobs) that is written row by row and read
+memory-mapped, so a device running a bench pack never holds the whole reference in memory.
 """
 
 from __future__ import annotations
@@ -68,20 +70,36 @@ def save_reference(path: str | Path, chunks: list[list[int]], logprobs: Iterable
     reference's own quality against what was stored (the float16 rounding only)."""
     y_all = targets(chunks)
     per = len(y_all) // len(chunks)
-    store: np.ndarray | None = None
-    exact = np.empty(len(y_all), dtype=np.float32)
-    parts = []
-    for i, lp in enumerate(logprobs):
-        if store is None:
-            store = np.empty((len(y_all), lp.shape[1]), dtype=np.float16)
-        rows, y = slice(i * per, (i + 1) * per), y_all[i * per : (i + 1) * per]
-        stored = np.maximum(lp, LOGP_FLOOR).astype(np.float16)
-        store[rows] = stored
-        exact[rows] = lp[np.arange(len(y)), y]
-        parts.append(token_stats(stored, lp, y))
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, tokens=np.asarray(chunks, dtype=np.int64), logprobs=store, target_logprobs=exact)
+    folder = path.suffix != ".npz"
+    with atomic_path(path) as tmp:
+        if folder:
+            tmp.mkdir()
+        store: np.ndarray | None = None
+        exact = np.empty(len(y_all), dtype=np.float32)
+        parts = []
+        for i, lp in enumerate(logprobs):
+            if store is None:
+                shape = (len(y_all), lp.shape[1])
+                store = (
+                    np.lib.format.open_memmap(tmp / "logprobs.npy", "w+", np.float16, shape)
+                    if folder
+                    else np.empty(shape, dtype=np.float16)
+                )
+            rows, y = slice(i * per, (i + 1) * per), y_all[i * per : (i + 1) * per]
+            stored = np.maximum(lp, LOGP_FLOOR).astype(np.float16)
+            store[rows] = stored
+            exact[rows] = lp[np.arange(len(y)), y]
+            parts.append(token_stats(stored, lp, y))
+        tokens = np.asarray(chunks, dtype=np.int64)
+        if folder and store is not None:
+            store.flush()
+            del store
+            np.save(tmp / "tokens.npy", tokens)
+            np.save(tmp / "target_logprobs.npy", exact)
+        else:
+            with open(tmp, "wb") as f:
+                np.savez(f, tokens=tokens, logprobs=store, target_logprobs=exact)
     return with_exact_base(summarize(concat(parts)), path)
 
 
@@ -91,9 +109,26 @@ def write_reference(path: str | Path, chunks: list[list[int]], rt: Any) -> Quali
 
 
 def load_reference(path: str | Path) -> tuple[list[list[int]], np.ndarray]:
-    """Chunks and reference log-probs (kept float16: a 32k vocabulary costs 64 KB per scored token)."""
+    """Chunks and reference log-probs (kept float16: a 32k vocabulary costs 64 KB per scored token; from a
+    folder they stay memory-mapped)."""
+    path = Path(path)
+    if path.is_dir():
+        tokens = np.load(path / "tokens.npy").tolist()
+        return tokens, np.load(path / "logprobs.npy", mmap_mode="r")
     with np.load(path) as z:
         return z["tokens"].tolist(), z["logprobs"]
+
+
+def reference_info(path: str | Path) -> dict[str, Any]:
+    """Shape and bytes of a stored reference (what a device maps), without reading the rows."""
+    path = Path(path)
+    if path.is_dir():
+        rows = np.load(path / "logprobs.npy", mmap_mode="r")
+        shape, nbytes = rows.shape, int((path / "logprobs.npy").stat().st_size)
+    else:
+        with np.load(path) as z:
+            shape, nbytes = z["logprobs"].shape, int(path.stat().st_size)
+    return {"scored_tokens": int(shape[0]), "vocab": int(shape[1]), "bytes": nbytes}
 
 
 @dataclass
@@ -175,14 +210,14 @@ def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def measure(rt: Any, reference: str | Path, progress: bool = False, desc: str = "quality") -> Quality:
     """Run `rt` on the reference's chunks and compare with the stored reference, one chunk at a time
     (memory stays at one chunk of float64 log-probs, whatever the vocabulary)."""
-    from tqdm import tqdm
-
     chunks, base = load_reference(reference)
+    rows: Iterable[np.ndarray] = chunk_logprobs(rt, chunks)
+    if progress:  # tqdm only when asked: a device running a bench pack may not have it
+        from tqdm import tqdm
+
+        rows = tqdm(rows, total=len(chunks), desc=desc, leave=False)
     parts, offset = [], 0
-    for chunk, lp in zip(
-        chunks,
-        tqdm(chunk_logprobs(rt, chunks), total=len(chunks), desc=desc, disable=not progress, leave=False),
-    ):
+    for chunk, lp in zip(chunks, rows):
         parts.append(token_stats(base[offset : offset + len(lp)], lp, targets([chunk])))
         offset += len(lp)
     return with_exact_base(summarize(concat(parts)), reference)
@@ -192,9 +227,12 @@ def with_exact_base(q: Quality, reference: str | Path) -> Quality:
     """`q` with the reference perplexity from the exact next-token log-probs, when the reference file has
     them. The stored rows are clipped at ln p = -16 (llama-perplexity's floor), which on out-of-domain text
     understates the reference's perplexity and so overstates every pair's drift."""
-    with np.load(reference) as z:
-        if "target_logprobs" not in z.files:
-            return q
-        exact = z["target_logprobs"].astype(np.float64)
+    if Path(reference).is_dir():
+        exact = np.load(Path(reference) / "target_logprobs.npy").astype(np.float64)
+    else:
+        with np.load(reference) as z:
+            if "target_logprobs" not in z.files:
+                return q
+            exact = z["target_logprobs"].astype(np.float64)
     ppl_b = float(np.exp(-exact.mean()))
     return replace(q, ppl_base=ppl_b, ppl_ratio=q.ppl / ppl_b, ppl_drift_pct=100.0 * (q.ppl / ppl_b - 1.0))

@@ -1,15 +1,14 @@
-"""Bench reports: bench.json (every number, `schema_version`), bench.md (tables) and bench.html (plots), and
-the comparison of reports from several devices (`kititans bench --compare A.json B.json`)."""
+"""Bench reports: bench.json (every number, `schema_version`), bench.md (tables) and bench.html (plots). The
+comparison of reports from several devices is bench/compare.py. Every reader here tolerates reports from older
+versions and other machines: a missing field shows as '–', never as a KeyError."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from kititans.bench import embed as embed_bench
-from kititans.errors import KititansError
 from kititans.files import write_json, write_text
 
 SCHEMA_VERSION = 1
@@ -67,8 +66,12 @@ def speed_columns(report: dict[str, Any]) -> list[tuple[str, tuple]]:
 
 
 def quant_label(r: dict[str, Any]) -> str:
-    """The level, marked for a row of a --with QAT run (`q4_0 QAT`)."""
-    return f"{r['quant']} QAT" if r.get("qat") else r["quant"]
+    """The level, marked for a row of a --with QAT run (`q4_0 QAT`) or with the row's variant
+    (`int4 @cpu+ane`, `q4_0 @no-repack`)."""
+    if r.get("qat"):
+        return f"{r.get('quant', '?')} QAT"
+    variant = str(r.get("key") or "").partition("@")[2]
+    return f"{r.get('quant', '?')} @{variant}" if variant else str(r.get("quant", "?"))
 
 
 def result_cells(report: dict[str, Any], r: dict[str, Any]) -> list[str]:
@@ -79,7 +82,11 @@ def result_cells(report: dict[str, Any], r: dict[str, Any]) -> list[str]:
     q = r.get("quality") or {}
     roof = r.get("roofline") or {}
     decode = get(r, "speed", "decode")
-    cells = [r["runtime"], quant_label(r)]
+    cells = [
+        r["runtime"],
+        quant_label(r),
+        str(r.get("placement") or get(report, "settings", "device") or "–"),
+    ]
     cells.append(fmt(r["size_bytes"] / MiB) if r.get("size_bytes") else "–")
     cells.append(fmt(r.get("bits_per_weight")))
     for _, path in speed_columns(report):
@@ -98,12 +105,18 @@ def result_cells(report: dict[str, Any], r: dict[str, Any]) -> list[str]:
     return cells
 
 
+def text_columns(report: dict[str, Any]) -> int:
+    """How many leading columns of the main table are text (runtime, quant, ran on)."""
+    return 2 if report.get("task") == "embed" else 3
+
+
 def headers(report: dict[str, Any]) -> list[str]:
     if report.get("task") == "embed":
         return embed_bench.headers(report)
     return [
         "runtime",
         "quant",
+        "ran on",
         "size MiB",
         "bits/w",
         *(h for h, _ in speed_columns(report)),
@@ -124,12 +137,26 @@ def md_table(head: list[str], rows: list[list[str]], numeric_from: int = 2) -> l
     return lines
 
 
+def _clusters(dev: dict[str, Any]) -> str:
+    """'4x Cortex-A76 + 4x Cortex-A55' from the core types, '' when there is one unnamed type."""
+    parts = []
+    for c in get(dev, "core_types", "clusters") or []:
+        if c.get("type") or c.get("max_mhz"):
+            mhz = f" {c['max_mhz']} MHz" if c.get("max_mhz") else ""
+            parts.append(f"{c.get('cores', '?')}x {c.get('type') or 'core'}{mhz}")
+    return " + ".join(parts) if len(parts) > 1 or any("x " in p for p in parts[:1]) else ""
+
+
 def device_lines(dev: dict[str, Any]) -> list[str]:
+    ram = dev.get("ram_bytes")
     lines = [
-        f"CPU: {dev['cpu']} ({dev['arch']}), {dev['physical_cores']} cores / {dev['logical_cores']} threads, "
-        f"{dev['threads_used']} threads used",
-        f"RAM: {dev['ram_bytes'] / 2**30:.1f} GiB; OS: {dev['os']}; Python {dev['python']}",
+        f"CPU: {dev.get('cpu', '?')} ({dev.get('arch', '?')}), {dev.get('physical_cores', '?')} cores / "
+        f"{dev.get('logical_cores', '?')} threads, {dev.get('threads_used', '?')} threads used",
+        f"RAM: {ram / 2**30:.1f} GiB" if ram else "RAM: –",
     ]
+    lines[1] += f"; OS: {dev.get('os', '?')}; Python {dev.get('python', '?')}"
+    if _clusters(dev):
+        lines.append(f"Core types: {_clusters(dev)} ({dev.get('performance_cores')} performance cores)")
     if dev.get("cache_bytes"):
         sizes = ", ".join(
             f"{k} {v / 2**20:g} MiB" if v >= 2**20 else f"{k} {v // 2**10} KiB"
@@ -141,9 +168,19 @@ def device_lines(dev: dict[str, Any]) -> list[str]:
         lines.append(f"GPU: {g['name']} (driver {g['driver']}{mem})")
     if dev.get("apple_chip"):
         lines.append(f"Apple chip: {dev['apple_chip']} ({dev.get('mac_model', '')})")
+    soc = dev.get("soc") or {}
     if dev.get("board"):
-        lines.append(f"Board: {dev['board']}")
-    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in dev.get("versions", {}).items()))
+        extra = f", L4T {soc['jetson_l4t']}" if soc.get("jetson_l4t") else ""
+        lines.append(f"Board: {dev['board']}{extra}")
+    if soc.get("android"):
+        lines.append("Android: " + ", ".join(f"{k} {v}" for k, v in soc["android"].items()))
+    if dev.get("governors"):
+        lines.append("Governor: " + ", ".join(f"{g} ({len(c)} CPUs)" for g, c in dev["governors"].items()))
+    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in (dev.get("versions") or {}).items()))
+    if dev.get("llama_system_info"):
+        lines.append(f"llama.cpp: {dev['llama_system_info']}")
+    if dev.get("onnx_providers"):
+        lines.append("onnxruntime providers: " + ", ".join(dev["onnx_providers"]))
     return lines
 
 
@@ -161,10 +198,13 @@ def notes(report: dict[str, Any]) -> list[str]:
     if report.get("task") == "embed":
         return embed_bench.notes(report)
     s, ev = report["settings"], report.get("eval")
+    ids = "the pack's stored" if s.get("prompt_ids") else "random"
     out = [
-        f"Speeds are medians of {s['trials']} trials after {s['warmup']} warm-up, random prompt tokens "
-        f"(BOS first), EOS never stops decoding; decode shows (min–max). {s['threads']} threads, "
-        f"device {s['device']}.",
+        f"Speeds are medians of {s.get('trials')} trials after {s.get('warmup')} warm-up, {ids} prompt tokens "
+        f"(BOS first), EOS never stops decoding; decode shows (min–max). {s.get('threads')} threads, "
+        f"device {s.get('device')}, OpenMP wait policy {s.get('omp_wait_policy', '?')}"
+        + (f", {s['delay_s']:g} s rest before each trial" if s.get("delay_s") else "")
+        + ".",
         "peak RSS: the worker process's high-water mark while loading and timing; model MiB: peak minus the "
         "process's size before loading (Python and the runtime's libraries).",
     ]
@@ -206,7 +246,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['created']}, kititans {report['kititans_version']}, {report['seconds']:.0f} s.",
         "",
     ]
-    lines += md_table(headers(report), [result_cells(report, r) for r in ok])
+    lines += md_table(
+        headers(report), [result_cells(report, r) for r in ok], numeric_from=text_columns(report)
+    )
     lines.append("")
     lines += [f"- {n}" for n in notes(report)]
     partial = [r for r in ok if r.get("quality_error")]
@@ -228,136 +270,4 @@ def write_reports(report: dict[str, Any], out: Path) -> dict[str, Path]:
     write_json(paths["json"], report)
     write_text(paths["md"], render_markdown(report))
     write_text(paths["html"], render_html(report))
-    return paths
-
-
-# ------------------------------------------------------------------------------------------ compare
-
-
-def load_report(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KititansError(f"{path}: not a readable bench report ({e})") from None
-    if not isinstance(data, dict) or "schema_version" not in data or "results" not in data:
-        raise KititansError(f"{path}: not a kititans bench.json (no schema_version/results)")
-    if data["schema_version"] > SCHEMA_VERSION:
-        raise KititansError(f"{path}: written by a newer kititans (schema {data['schema_version']}); upgrade")
-    data["_source"] = str(path)
-    return data
-
-
-def compare_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One table of every successful pair of every report, keyed by device label and run."""
-    prompts = [set(r["settings"]["prompt_tokens"]) for r in reports]
-    common = sorted(set.intersection(*prompts)) if prompts else []
-    pp = common[0] if common else None
-    names = report_names(reports)
-    rows = []
-    for rep, name in zip(reports, names):
-        for r in rep["results"]:
-            if r["status"] != "ok":
-                continue
-            rows.append(
-                {
-                    "device": name,
-                    "run": rep["run"]["name"],
-                    "runtime": r["runtime"],
-                    "quant": quant_label(r),
-                    "size_bytes": r.get("size_bytes"),
-                    "bits_per_weight": r.get("bits_per_weight"),
-                    "prefill_tps": get(r, "speed", "prefill", str(pp), "median") if pp else None,
-                    "decode_tps": get(r, "speed", "decode", "median"),
-                    "peak_rss_bytes": get(r, "memory", "peak_rss_bytes"),
-                    "ppl_drift_pct": get(r, "quality", "ppl_drift_pct"),
-                    "kld_mean": get(r, "quality", "kld_mean"),
-                    "roofline_fraction": get(r, "roofline", "fraction"),
-                }
-            )
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "compare",
-        "prompt_tokens": pp,
-        "reports": [
-            {
-                "name": name,
-                "source": r["_source"],
-                "device": r["device"],
-                "run": r["run"],
-                "settings": r["settings"],
-                "bandwidth": r["bandwidth"],
-                "created": r["created"],
-            }
-            for r, name in zip(reports, names)
-        ],
-        "rows": rows,
-    }
-
-
-def report_names(reports: list[dict[str, Any]]) -> list[str]:
-    """Each report's device label; labels shared by several reports get the run name, then a number."""
-    names = [r["device"]["label"] for r in reports]
-    names = [f"{n} [{r['run']['name']}]" if names.count(n) > 1 else n for n, r in zip(names, reports)]
-    return [f"{n} #{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
-def compare_cells(row: dict[str, Any]) -> list[str]:
-    return [
-        row["device"],
-        row["run"],
-        row["runtime"],
-        row["quant"],
-        fmt(row["size_bytes"] / MiB) if row.get("size_bytes") else "–",
-        fmt(row.get("prefill_tps")),
-        fmt(row.get("decode_tps")),
-        fmt(row["peak_rss_bytes"] / MiB) if row.get("peak_rss_bytes") else "–",
-        drift(row.get("ppl_drift_pct")),
-        kld(row.get("kld_mean")),
-        f"{100 * row['roofline_fraction']:.1f}" if row.get("roofline_fraction") is not None else "–",
-    ]
-
-
-def compare_headers(cmp: dict[str, Any]) -> list[str]:
-    pp = cmp.get("prompt_tokens")
-    return [
-        "device",
-        "run",
-        "runtime",
-        "quant",
-        "size MiB",
-        f"pp{pp} t/s" if pp else "pp t/s",
-        "tg t/s",
-        "peak RSS MiB",
-        "drift %",
-        "KLD",
-        "roofline %",
-    ]
-
-
-def render_compare_markdown(cmp: dict[str, Any]) -> str:
-    lines = ["# kititans bench: comparison", ""]
-    lines += md_table(compare_headers(cmp), [compare_cells(r) for r in cmp["rows"]], numeric_from=4)
-    lines += ["", "## Devices", ""]
-    for rep in cmp["reports"]:
-        s = rep["settings"]
-        lines.append(f"### {rep['name']} ({rep['source']})")
-        lines.append("")
-        lines += [f"- {x}" for x in device_lines(rep["device"])]
-        lines.append(f"- {bandwidth_line(rep['bandwidth'])}")
-        lines.append(
-            f"- {s['trials']} trials, {s['threads']} threads, device {s['device']}, {rep['created']}"
-        )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_compare(cmp: dict[str, Any], out: Path) -> dict[str, Path]:
-    from kititans.bench.html import render_compare_html
-
-    out = Path(out)
-    paths = {"json": out / "compare.json", "md": out / "compare.md", "html": out / "compare.html"}
-    write_json(paths["json"], cmp)
-    write_text(paths["md"], render_compare_markdown(cmp))
-    write_text(paths["html"], render_compare_html(cmp))
     return paths

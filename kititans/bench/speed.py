@@ -4,7 +4,10 @@
 - time to first token at each prompt length: that forward plus picking the next token (argmax);
 - decode (tgN): BOS, then N single-token forward calls, each on a random id: end-of-sequence can never stop
   it and sampling is not timed; tokens/s = N / seconds;
-- one untimed warm-up of each test, then `trials` timed repetitions, each from an empty cache.
+- one untimed warm-up of each test, then `trials` timed repetitions, each from an empty cache, with an
+  optional pause (`delay_s`, llama-bench's --delay) before each timed one so a passively cooled board can cool;
+- `prompts` (a bench pack's stored ids: {"prefill": {"N": ids}, "decode": ids}) replaces the random ids, so
+  every device times the same tokens.
 Reported: median (the headline), min, max, quartiles, mean and standard deviation over the trials.
 """
 
@@ -26,6 +29,8 @@ class SpeedConfig:
     trials: int = 5
     warmup: int = 1
     seed: int = 0
+    delay_s: float = 0.0
+    prompts: dict[str, Any] | None = None
 
 
 def summarize(samples: list[float]) -> dict[str, Any]:
@@ -63,11 +68,14 @@ def time_prefill(rt: Any, ids: list[int]) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t0
 
 
-def time_decode(rt: Any, n: int, rng: np.random.Generator, vocab: int, bos: int | None) -> float:
-    """Seconds for n single-token steps after BOS, each fed a random id (EOS cannot end it)."""
+def time_decode(
+    rt: Any, n: int, rng: np.random.Generator, vocab: int, bos: int | None, ids: list[int] | None = None
+) -> float:
+    """Seconds for n single-token steps after BOS, each fed a random id or the next of `ids` (EOS cannot end
+    it)."""
     rt.reset()
     rt.forward([bos if bos is not None and bos >= 0 else 0])
-    ids = rng.integers(0, vocab, size=n).tolist()
+    ids = ids[:n] if ids else rng.integers(0, vocab, size=n).tolist()
     t0 = time.perf_counter()
     for tok in ids:
         rt.forward([tok])
@@ -81,17 +89,25 @@ def measure_speed(rt: Any, cfg: SpeedConfig, on_stage: Callable[[str], None] | N
     bos = getattr(rt.codec, "bos_id", None)
     ctx = int(rt.context_length)
     rng = np.random.default_rng(cfg.seed)
+    fixed = cfg.prompts or {}
     result: dict[str, Any] = {"prefill": {}, "ttft_ms": {}, "skipped": {}}
+    result["prompt_ids"] = "stored" if fixed else f"random, seed {cfg.seed}"
+
+    def prompt(n: int) -> list[int]:
+        ids = (fixed.get("prefill") or {}).get(str(n))
+        return list(ids) if ids and len(ids) == n else random_ids(rng, n, vocab, bos)
+
     for n in cfg.prompt_tokens:
         if n > ctx:
             result["skipped"][f"pp{n}"] = f"{n} tokens exceed the context of {ctx}"
             continue
         stage(f"prefill {n}")
         for _ in range(cfg.warmup):
-            time_prefill(rt, random_ids(rng, n, vocab, bos))
+            time_prefill(rt, prompt(n))
         fwd, first = [], []
         for _ in range(cfg.trials):
-            a, b = time_prefill(rt, random_ids(rng, n, vocab, bos))
+            pause(cfg.delay_s)
+            a, b = time_prefill(rt, prompt(n))
             fwd.append(n / a)
             first.append(1000.0 * b)
         result["prefill"][str(n)] = summarize(fwd)
@@ -101,8 +117,30 @@ def measure_speed(rt: Any, cfg: SpeedConfig, on_stage: Callable[[str], None] | N
         result["skipped"][f"tg{cfg.gen_tokens}"] = f"decode shortened to {gen} tokens by the context of {ctx}"
     if gen > 0:
         stage(f"decode {gen}")
+        ids = fixed.get("decode")
+        ids = list(ids[:gen]) if ids and len(ids) >= gen else None
         for _ in range(cfg.warmup):
-            time_decode(rt, min(gen, 16), rng, vocab, bos)
-        result["decode"] = summarize([gen / time_decode(rt, gen, rng, vocab, bos) for _ in range(cfg.trials)])
+            time_decode(rt, min(gen, 16), rng, vocab, bos, ids)
+        rates = []
+        for _ in range(cfg.trials):
+            pause(cfg.delay_s)
+            rates.append(gen / time_decode(rt, gen, rng, vocab, bos, ids))
+        result["decode"] = summarize(rates)
         result["gen_tokens"] = gen
     return result
+
+
+def pause(seconds: float) -> None:
+    """An untimed pause before a trial (--delay), so a throttling device starts each one cooler."""
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def make_prompts(
+    prompt_tokens: tuple[int, ...], gen_tokens: int, vocab: int, bos: int | None, seed: int = 0
+) -> dict[str, Any]:
+    """The ids a bench pack stores so every device times the same tokens: one prompt per length (BOS first)
+    and the decode ids, drawn as measure_speed draws them."""
+    rng = np.random.default_rng(seed)
+    prefill = {str(n): random_ids(rng, n, vocab, bos) for n in prompt_tokens}
+    return {"seed": seed, "prefill": prefill, "decode": rng.integers(0, vocab, size=gen_tokens).tolist()}

@@ -8,13 +8,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kititans.bench.rows import RowOptions, add_row_options
+
 HELP = "measure speed, memory and quality of every runtime and quantization level of a run"
 EXAMPLES = """  kititans bench runs/tiny                           # every installed runtime at its main levels
   kititans bench runs/tiny --runtimes llamacpp --quants f16,q8_0,q4_k_m,q4_0
   kititans bench runs/tiny --runtimes torch:fp32,llamacpp:q4_0,onnx:int4 --trials 3
   kititans bench runs/tiny --prompt-tokens 128,512 --gen-tokens 128 --eval-text held_out.txt
   kititans bench runs/tiny --with runs/tiny-qat-q4_0 runs/tiny-qat-onnx-int4   # QAT rows beside PTQ rows
-  kititans bench compare pc/bench.json mac/bench.json pi/bench.json --out cmp/   # one table across devices
+  kititans bench runs/tiny --runtimes llamacpp:q4_0 --repack both --delay 2   # repack on vs off, cooled
+  kititans bench pack runs/tiny --artifacts gguf:q4_k_m,gguf:q4_0,onnx:int4,coreml:int4 --out tiny.benchpack
+      # then on the device: python tiny.benchpack/run.py --label pi5 --trials 5 --out pi5.json
+  kititans bench compare pc/bench.json pi5.json mac.json --out cmp/   # one checked table across devices
+  kititans bench compare pc/bench.json llama-bench.json et.json       # + llama-bench / ExecuTorch JSON (speed)
   kititans bench --compare a.json b.json              # the same (use this if a run is named `compare`)
 
 quantization names per runtime (`--quants` applies each to the runtimes that have it):
@@ -66,7 +72,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--trials", type=_positive, default=5, help="timed repetitions per test (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each test (default 1)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: the performance cores)")
     p.add_argument("--device", default="cpu", help="torch/onnx device: cpu or cuda (default cpu)")
     q = p.add_argument_group("quality")
     q.add_argument(
@@ -99,7 +105,18 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="QAT runs of RUN (kititans qat): each measured at its target level against RUN's fp32 reference",
     )
     p.add_argument("--compare", action="store_true", help="the targets are bench.json files to compare")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="compare: keep rows of other weights/eval text (marked); pack: replace an existing --out",
+    )
+    p.add_argument(
+        "--artifacts",
+        metavar="FMT:Q,...",
+        help="pack: the artifacts to ship, e.g. gguf:q4_k_m,gguf:q4_0,onnx:int4,coreml:int4",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_row_options(p)
 
 
 def compare_targets(args: argparse.Namespace) -> list[str] | None:
@@ -121,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     files = compare_targets(args)
     if files is not None:
         return run_compare(files, args)
+    if len(args.targets) > 1 and args.targets[0] == "pack":
+        return run_pack(args)
     if len(args.targets) > 1:
         raise KititansError(
             "bench measures one run at a time (to compare reports: kititans bench compare A.json B.json)"
@@ -128,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     from kititans.bench.harness import BenchConfig, run_bench
     from kititans.bench.pairs import parse_list
     from kititans.bench.report import write_reports
+
+    if (Path(args.targets[0]) / "run.py").is_file() and (Path(args.targets[0]) / "kititans.pyz").is_file():
+        raise KititansError(f"{args.targets[0]} is a bench pack: run it with python {args.targets[0]}/run.py")
 
     cfg = BenchConfig(
         run=Path(args.targets[0]),
@@ -151,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
         label=args.label,
         keep_reference=args.keep_reference,
         with_runs=list(args.with_runs),
+        rows=RowOptions(args.repack, args.n_gpu_layers, tuple(args.coreml_units)),
+        delay_s=args.delay,
+        omp_wait_policy=args.omp_wait_policy,
     )
     progress = Progress(args.quiet)
     try:
@@ -159,26 +184,70 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     paths = write_reports(report, Path(args.out) if args.out else Path(args.targets[0]) / "bench")
     ok = sum(r["status"] == "ok" for r in report["results"])
-    print(f"{ok}/{len(report['results'])} pairs measured in {report['seconds']:.0f} s")
+    print(f"{ok}/{len(report['results'])} rows measured in {report['seconds']:.0f} s")
     for kind, path in paths.items():
         print(f"  {kind:<5} {path}")
     if ok == 0:
-        print("error: no pair could be measured (reasons in the report)")
+        print("error: no row could be measured (reasons in the report)")
         return 1
     return 0
 
 
 def run_compare(files: list[str], args: argparse.Namespace) -> int:
-    from kititans.bench.report import compare_reports, load_report, write_compare
+    from kititans.bench.compare import compare_reports, load_any, write_compare
     from kititans.errors import KititansError
 
     if len(files) < 1:
-        raise KititansError("compare needs at least one bench.json file")
-    cmp = compare_reports([load_report(f) for f in files])
+        raise KititansError("compare needs at least one report file")
+    cmp = compare_reports([load_any(f) for f in files], force=args.force)
     paths = write_compare(cmp, args.out or Path("bench-compare"))
-    print(f"compared {len(files)} reports, {len(cmp['rows'])} rows")
+    marked = sum(r["check"].startswith("DIFFERS") for r in cmp["rows"])
+    print(
+        f"compared {len(files)} reports, {len(cmp['rows'])} rows"
+        + (f" ({marked} marked DIFFERS)" if marked else "")
+    )
     for kind, path in paths.items():
         print(f"  {kind:<5} {path}")
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from kititans.bench.pack import PackConfig, build_pack, pack_summary_lines
+    from kititans.bench.pairs import parse_list
+    from kititans.errors import KititansError
+
+    if len(args.targets) != 2:
+        raise KititansError(
+            "bench pack takes one run: kititans bench pack RUN --artifacts gguf:q4_0 --out X.benchpack"
+        )
+    run_dir = Path(args.targets[1])
+    if not args.artifacts:
+        raise KititansError("bench pack needs --artifacts, e.g. --artifacts gguf:q4_k_m,gguf:q4_0,onnx:int4")
+    cfg = PackConfig(
+        run=run_dir,
+        artifacts=parse_list(args.artifacts) or [],
+        out=args.out or Path(f"{run_dir.resolve().name}.benchpack"),
+        eval_text=args.eval_text,
+        ppl_ctx=args.ppl_ctx,
+        ppl_chunks=args.ppl_chunks,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        seed=args.seed,
+        threads=args.threads,
+        reexport=args.reexport,
+        timeout_s=args.timeout,
+        force=args.force,
+        omp_wait_policy=args.omp_wait_policy,
+    )
+
+    def show(e: dict[str, Any]) -> None:
+        if not args.quiet and e.get("kind") in ("exports",):
+            print(f"exporting {', '.join(e['tasks'])}", file=sys.stderr)
+        elif not args.quiet and e.get("job") == "pack":
+            print(e["stage"], file=sys.stderr)
+
+    for line in pack_summary_lines(build_pack(cfg, show)):
+        print(line)
     return 0
 
 
@@ -204,7 +273,7 @@ class Progress:
                 dynamic_ncols=True,
                 disable=not sys.stderr.isatty(),
             )
-            self.bar.write(f"measuring {len(e['pairs'])} pairs: {', '.join(e['pairs'])}")
+            self.bar.write(f"measuring {len(e['pairs'])} rows: {', '.join(e['pairs'])}")
         elif self.bar is None:
             return
         elif kind == "exports":
@@ -224,11 +293,11 @@ class Progress:
 
 def summary(r: dict[str, Any]) -> str:
     """One line per pair for the terminal."""
-    from kititans.bench.report import drift, fmt, get, kld
+    from kititans.bench.report import drift, fmt, get, kld, quant_label
 
-    name = f"{r['runtime']} {r['quant']}"
+    name = f"{r['runtime']} {quant_label(r)}"
     if r["status"] != "ok":
-        return f"  FAIL {name:<18} {r.get('reason', '')}"
+        return f"  FAIL {name:<24} {r.get('reason', '')}"
     parts = []
     for n, s in (get(r, "speed", "prefill") or {}).items():
         parts.append(f"pp{n} {fmt(s['median'])} t/s")
@@ -247,4 +316,4 @@ def summary(r: dict[str, Any]) -> str:
         parts.append(f"PPL {fmt(q['ppl'])} (drift {drift(q['ppl_drift_pct'])}%) KLD {kld(q['kld_mean'])}")
     elif r.get("quality_error"):
         parts.append(f"quality: {r['quality_error']}")
-    return f"  ok   {name:<18} " + "  ".join(parts)
+    return f"  ok   {name:<24} " + "  ".join(parts)

@@ -35,18 +35,23 @@ def causal_mask(seq: int, end: int) -> np.ndarray:
     return np.where(allowed, 0.0, MASK_FILL).astype(np.float16)[None, None]
 
 
+# compute units by the names a bench row uses (cpu, cpu+gpu, cpu+ane, all) and their short aliases
+UNITS = {
+    "cpu": "CPU_ONLY",
+    "cpu+gpu": "CPU_AND_GPU",
+    "cpu+ane": "CPU_AND_NE",
+    "all": "ALL",
+    "gpu": "CPU_AND_GPU",
+    "mps": "CPU_AND_GPU",
+    "ane": "CPU_AND_NE",
+    "auto": "ALL",
+}
+
+
 def compute_units(ct: Any, device: str) -> Any:
-    units = {
-        "cpu": ct.ComputeUnit.CPU_ONLY,
-        "gpu": ct.ComputeUnit.CPU_AND_GPU,
-        "mps": ct.ComputeUnit.CPU_AND_GPU,
-        "ane": ct.ComputeUnit.CPU_AND_NE,
-        "auto": ct.ComputeUnit.ALL,
-        "all": ct.ComputeUnit.ALL,
-    }
-    if device not in units:
-        raise KititansError(f"the coreml runtime runs on {', '.join(units)}, not {device!r}")
-    return units[device]
+    if device not in UNITS:
+        raise KititansError(f"the coreml runtime runs on {', '.join(UNITS)}, not {device!r}")
+    return getattr(ct.ComputeUnit, UNITS[device])
 
 
 class CoreMLRuntime:
@@ -63,7 +68,8 @@ class CoreMLRuntime:
             out.append(np.asarray(self.model.predict(feeds)["embedding"], dtype=np.float32).reshape(-1))
         return np.stack(out)
 
-    def __init__(self, path: Path, device: str = "auto", **_: Any):
+    def __init__(self, path: Path, device: str = "auto", codec: Any = None, **_: Any):
+        """`device`: the compute units (UNITS); `codec` replaces the tokenizer lookup."""
         if platform.system() != "Darwin":
             raise KititansError(
                 f"CoreML models run only on macOS 15 / iOS 18 or newer, not on {platform.system()}; "
@@ -77,11 +83,12 @@ class CoreMLRuntime:
         self.session_info = info.get("session")
         self._memory_base: dict[str, np.ndarray] | None = None
         units = compute_units(ct, device)
+        self.settings = {"compute_units": UNITS[device], "placement": f"coreml {device}"}
         self.task = "embed" if info.get("kind") == "embed" else "lm"
         if self.task == "embed":  # an encoder package: one stateless function (export/coreml_embed.py)
             self.model = ct.models.MLModel(str(self.path), compute_units=units)
             self.context_length = int(info.get("max_len") or 0)
-            self.codec = find_codec(self.path)
+            self.codec = codec or find_codec(self.path)
             return
         # several functions over one state (manifest "steps"): tokens, every; else decode + prefill
         self.steps = list(info.get("steps") or [])
@@ -109,7 +116,7 @@ class CoreMLRuntime:
             self.context_length = int(
                 info.get("max_len") or inputs["causal_mask"].shapeRange.sizeRanges[3].upperBound
             )
-        self.codec = find_codec(self.path)
+        self.codec = codec or find_codec(self.path)
         self.vocab_size = self.codec.vocab_size
         self.state: Any = None
         self._n = 0

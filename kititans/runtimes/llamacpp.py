@@ -1,8 +1,11 @@
 """The llama.cpp runtime: a GGUF file through llama-cpp-python's C API (token ids in, logits out).
 
-Safe defaults for this kind of host: weight repacking into extra buffer types (`use_extra_bufts`, the AMX
-path that segfaults on multi-token decode of quantized models, research §5.5) is off unless `repack=True`.
-Logits are computed for the last position only, unless `forward(..., all_logits=True)` asks for all.
+Settings (recorded in `settings`): weight repacking into extra buffer types (`use_extra_bufts`: the fast Q4_0/Q4_K
+paths with AVX2, NEON dotprod/i8mm) is on by default unless the CPU or the build has AMX, whose repack path
+segfaults on multi-token decode of quantized models (research §5.5; `repack=True/False` decides); layers
+offloaded to a GPU backend (`n_gpu_layers`, 0 = CPU only, -1 = all; `placement` says where the model ran);
+threads default to the performance cores (runtimes/host.py). Logits are computed for the last position only,
+unless `forward(..., all_logits=True)` asks for all.
 
 The codec is the run's own Tokenizer when the GGUF sits in RUN/export/ or next to a tokenizer.model with the
 same vocabulary; otherwise an adapter over llama.cpp's tokenize/detokenize, so a bare .gguf file works.
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from kititans.errors import KititansError, require
+from kititans.runtimes.host import performance_threads, repack_default
 
 _BACKEND = threading.Lock()
 _backend_ready = False
@@ -94,6 +98,39 @@ def _meta(lib: Any, model: Any, key: str) -> str | None:
     return buf.value.decode("utf-8") if n >= 0 else None
 
 
+def system_info() -> str:
+    """llama.cpp's build features (`llama_print_system_info`: SIMD, REPACK, OpenMP, GPU backends)."""
+    return _lib().llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def repack_setting(repack: bool | None) -> tuple[bool, str]:
+    """(use_extra_bufts, why): as asked, or on where it is safe (runtimes/host.py repack_default)."""
+    if repack is not None:
+        return bool(repack), f"{'on' if repack else 'off'}: as asked"
+    return repack_default(system_info())
+
+
+def model_params(lib: Any, repack: bool | None, n_gpu_layers: int) -> tuple[Any, bool, str]:
+    """llama_model_params with our settings; (params, repack used, why)."""
+    repack, why = repack_setting(repack)
+    mp = lib.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    if not any(f[0] == "use_extra_bufts" for f in type(mp)._fields_):
+        repack, why = False, "unsupported by this llama-cpp-python (no use_extra_bufts)"
+    mp.use_extra_bufts = repack
+    return mp, repack, why
+
+
+def placement(lib: Any, n_gpu_layers: int, n_layer: int) -> str:
+    """Where the model runs: cpu, or gpu with the layers offloaded (llama.cpp counts the output as a layer)."""
+    if n_gpu_layers == 0:
+        return "cpu"
+    if not lib.llama_supports_gpu_offload():
+        return "cpu (this llama.cpp has no GPU backend)"
+    k = n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
+    return f"gpu ({k}/{n_layer + 1} layers)"
+
+
 class LlamaCppRuntime:
     name = "llamacpp"
 
@@ -103,20 +140,21 @@ class LlamaCppRuntime:
         threads: int = 0,
         n_ctx: int = 0,
         n_batch: int = 512,
-        repack: bool = False,
+        repack: bool | None = None,
         flash_attn: bool | None = None,
         kv_type: str = "f16",
         verbose: bool = False,
+        n_gpu_layers: int = 0,
+        codec: Any = None,
         **_: Any,
     ):
+        """`repack` None = on where safe (see repack_setting); `codec` replaces the tokenizer lookup."""
         lib = _lib()
         self.path = Path(path)
         if not self.path.is_file():
             raise KititansError(f"no such GGUF file: {self.path}")
         set_verbose(verbose)
-        mp = lib.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        mp.use_extra_bufts = repack
+        mp, repack, repack_why = model_params(lib, repack, n_gpu_layers)
         with captured_stderr(not verbose) as log:
             model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
         if not model:
@@ -135,7 +173,7 @@ class LlamaCppRuntime:
             cp.kv_unified = True  # one cache for all sequences (split per sequence, the pooling is wrong)
             cp.n_ctx = cp.n_ctx * EMBED_SEQS
             cp.n_batch = cp.n_ubatch = max(cp.n_batch, min(cp.n_ctx, EMBED_TOKENS))
-        cp.n_threads = cp.n_threads_batch = threads or os.cpu_count() or 1
+        cp.n_threads = cp.n_threads_batch = threads or performance_threads()
         cp.no_perf = True
         kv_types = {"f16": lib.GGML_TYPE_F16, "f32": lib.GGML_TYPE_F32, "q8_0": lib.GGML_TYPE_Q8_0}
         if kv_type not in kv_types:
@@ -162,6 +200,9 @@ class LlamaCppRuntime:
         self.settings = {
             "threads": int(cp.n_threads),
             "use_extra_bufts": repack,
+            "repack": repack_why,
+            "n_gpu_layers": n_gpu_layers,
+            "placement": placement(lib, n_gpu_layers, int(lib.llama_model_n_layer(model))),
             "type_k": kv_type,
             "flash_attn": flash_attn,
             "n_batch": self.n_batch,
@@ -170,7 +211,7 @@ class LlamaCppRuntime:
         self.n_embd = int(lib.llama_model_n_embd(model))
         if self.task == "embed":
             self.context_length = self.n_ctx_train
-        self.codec = run_tokenizer(self.path, self) or GGUFCodec(self)
+        self.codec = codec or run_tokenizer(self.path, self) or GGUFCodec(self)
 
     def close(self) -> None:
         self._finalizer()
@@ -319,8 +360,11 @@ class GGUFCodec:
 
 def run_tokenizer(path: Path, rt: LlamaCppRuntime) -> Any:
     """The run's Tokenizer for RUN/export/x.gguf (or a tokenizer.model beside the file), if its pieces are
-    exactly the GGUF's; None otherwise."""
-    from kititans.data.tokenizer import Tokenizer
+    exactly the GGUF's; None otherwise (also without sentencepiece, as on a device running a bench pack)."""
+    try:
+        from kititans.data.tokenizer import Tokenizer
+    except ImportError:
+        return None
 
     path = Path(path).resolve()
     dirs = [path.parent] + ([path.parent.parent] if path.parent.name == "export" else [])
@@ -364,9 +408,11 @@ def _model_defaults(repack: bool) -> Iterator[None]:
             lib.llama_model_default_params = original
 
 
-def open_llama(path: str | Path, repack: bool = False, verbose: bool = False, **kwargs: Any) -> Any:
-    """A llama_cpp.Llama for `path` with the runtime's safe defaults (n_ctx = the model's context)."""
+def open_llama(path: str | Path, repack: bool | None = None, verbose: bool = False, **kwargs: Any) -> Any:
+    """A llama_cpp.Llama for `path` with the runtime's defaults (n_ctx = the model's context, repacking on
+    where it is safe)."""
     llama_cpp = _lib()
+    repack = repack_setting(repack)[0]
     kwargs.setdefault("n_ctx", 0)
     with _model_defaults(repack):
         llm = llama_cpp.Llama(model_path=str(path), verbose=verbose, **kwargs)

@@ -119,12 +119,13 @@ class OnnxRuntime:
         spin: bool = True,
         info: dict[str, Any] | None = None,
         decode_threads: int | None = None,
+        codec: Any = None,
         **_: Any,
     ):
         """`info` is the manifest's "onnx" section (read from manifest.json next to the graph when None).
         `decode_threads`: intra-op threads of a recurrent (Titans) export's single-token graphs; None: 1 (their
         many small ops lose more to thread hand-offs than a second thread gains), while its prefill graphs
-        use `threads`."""
+        use `threads`. `codec` replaces the tokenizer lookup (a bench pack's runner has ids only)."""
         ort = require("onnxruntime", "onnx", "the ONNX runtime")
         self.path = Path(path)
         self.file = model_file(self.path)
@@ -145,10 +146,16 @@ class OnnxRuntime:
             else so
         )
         self.session = _session(ort, self.file, decode_so, providers)
+        self.settings = {
+            "threads": threads or None,
+            "intra_op_spinning": spin,
+            "providers": self.session.get_providers(),
+            "placement": self.session.get_providers()[0],
+        }
         self.task = "embed" if info.get("kind") == "embed" else "lm"  # an encoder: embed_batch, no logits
         if self.task == "embed":
             self.context_length = int(info["context_length"])
-            self.codec = find_codec(self.path)
+            self.codec = codec or find_codec(self.path)
             return
         # a recurrent graph (Titans) carries a fixed-size state and may come with a chunk-prefill graph, or
         # with several step graphs (manifest "steps"), each reading and writing part of the state
@@ -167,7 +174,7 @@ class OnnxRuntime:
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self.vocab_size = int(logits.shape[-1]) if isinstance(logits.shape[-1], int) else 0
         self.context_length = int(info.get("context_length") or self._genai_context())
-        self.codec = find_codec(self.path)
+        self.codec = codec or find_codec(self.path)
         self.vocab_size = self.vocab_size or self.codec.vocab_size
         # host buffers the inputs are bound from by pointer, so a step allocates and copies nothing
         self._ids = np.zeros((1, max(self.context_length, self.prefill_tokens)), np.int64)
@@ -431,7 +438,15 @@ class GenaiRuntime:
 
     name = "genai"
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int = 0, spin: bool = True, **_: Any):
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        threads: int = 0,
+        spin: bool = True,
+        codec: Any = None,
+        **_: Any,
+    ):
         og = require("onnxruntime_genai", "genai", "the onnxruntime-genai runtime")
         self.path = Path(path)
         if not (self.path / "genai_config.json").is_file():
@@ -452,7 +467,8 @@ class GenaiRuntime:
         info = json.loads((self.path / "genai_config.json").read_text())["model"]
         self.vocab_size = int(info["vocab_size"])
         self.context_length = int(info["context_length"])
-        self.codec = find_codec(self.path)
+        self.codec = codec or find_codec(self.path)
+        self.settings = {"threads": threads or None, "intra_op_spinning": spin, "placement": device}
         self.gen: Any = None
 
     @property

@@ -84,7 +84,11 @@ def test_speed_and_memory_fields(bench):
             sp["decode"]["median"] / roof["bound_tps"]
         )
     ll = rows(report)["llamacpp:q4_0"]["runtime_settings"]
-    assert ll["use_extra_bufts"] is False and ll["threads"] == report["settings"]["threads"]
+    from kititans.runtimes.llamacpp import repack_setting
+
+    # repacking is on by default unless the CPU has AMX; the row says which and why
+    assert ll["use_extra_bufts"] is repack_setting(None)[0] and ll["repack"] == repack_setting(None)[1]
+    assert ll["threads"] == report["settings"]["threads"] and ll["placement"] == "cpu"
 
 
 def test_sizes_and_bits_per_weight(bench):
@@ -141,8 +145,8 @@ def test_device_record_and_units(bench):
 def test_markdown_and_html_reports(bench):
     out = bench[2]
     md = (out / "bench.md").read_text()
-    assert "| runtime | quant | size MiB | bits/w | pp16 t/s | pp32 t/s | tg8 t/s |" in md
-    assert "| llamacpp | q4_0 |" in md and "| torch | bf16 |" in md
+    assert "| runtime | quant | ran on | size MiB | bits/w | pp16 t/s | pp32 t/s | tg8 t/s |" in md
+    assert "| llamacpp | q4_0 | cpu |" in md and "| torch | bf16 | cpu |" in md
     page = (out / "bench.html").read_text()
     assert page.startswith("<!doctype html>") and page.count("<svg") >= 4
     assert "src=" not in page and "<link" not in page  # self-contained: nothing to fetch

@@ -31,6 +31,7 @@ from kititans.runtimes.llamacpp import (
     chat_completion,
     chat_prompt_ids,
     open_llama,
+    repack_setting,
 )
 
 
@@ -162,7 +163,7 @@ def test_cache_protocol(ggufs):
     for name, opts in (("f32", {"kv_type": "f32", "flash_attn": False}), ("q4_k_m", {})):
         # q4_k_m: multi-token decode of a quantized model (the path that crashes with AMX repacking)
         rt = LlamaCppRuntime(ggufs[name], **opts)
-        assert rt.settings["use_extra_bufts"] is False and rt.context_length == 256
+        assert rt.settings["use_extra_bufts"] is repack_setting(None)[0] and rt.context_length == 256
         ids = rt.codec.encode_special("<s><|user|>What does a cow say?<|end|>\n<|assistant|>")
         whole = rt.forward(ids, all_logits=True)
         rt.reset()
@@ -210,7 +211,7 @@ def test_quantized_quality(chat_run, torch_rt, ggufs):
 
 def test_chat_completion_stops_at_end(chat_run, torch_rt, ggufs):
     llm = open_llama(ggufs["q8_0"])
-    assert llm.model_params.use_extra_bufts is False
+    assert llm.model_params.use_extra_bufts is repack_setting(None)[0]  # on unless the CPU has AMX
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "What sound does a cow make?"},
@@ -259,3 +260,22 @@ def test_bare_gguf_chat_and_generate(ggufs, tmp_path, capsys, monkeypatch):
     assert main(["chat", str(bare), "--temperature", "0", "--max-tokens", "40"]) == 0
     out = capsys.readouterr().out
     assert out.count("> ") == 2 and len(out) > 20
+
+
+def test_gpu_offload_option_says_where_the_model_ran(ggufs):
+    """--n-gpu-layers reaches llama.cpp, and `placement` (the bench's "ran on" column) tells the truth: on a
+    build without a GPU backend (this machine's) the model ran on the CPU, and the row says why."""
+    import llama_cpp
+
+    cpu = LlamaCppRuntime(ggufs["q4_0"], threads=1, n_gpu_layers=0)
+    assert cpu.settings["placement"] == "cpu" and cpu.settings["n_gpu_layers"] == 0
+    rt = LlamaCppRuntime(ggufs["q4_0"], threads=1, n_gpu_layers=-1)
+    n = int(rt._lib.llama_model_n_layer(rt._model)) + 1
+    want = (
+        f"gpu ({n}/{n} layers)"
+        if llama_cpp.llama_supports_gpu_offload()
+        else "cpu (this llama.cpp has no GPU backend)"
+    )
+    assert rt.settings["placement"] == want and rt.settings["n_gpu_layers"] == -1
+    ids = [1, 5, 9, 12]
+    np.testing.assert_allclose(rt.forward(ids), cpu.forward(ids), atol=1e-4)
