@@ -24,6 +24,7 @@ COMMANDS = {
     "search": "kititans.commands.search",
     "export": "kititans.commands.export",
     "bench": "kititans.commands.bench",
+    "eval": "kititans.commands.eval",
     "serve": "kititans.commands.serve",
 }
 
