@@ -10,6 +10,7 @@ from typing import Any
 
 from kititans.bench import embed as embed_bench
 from kititans.errors import KititansError
+from kititans.eval import bench as eval_columns  # accuracy columns of `bench --tasks` (no lm_eval import)
 from kititans.files import write_json, write_text
 
 SCHEMA_VERSION = 1
@@ -95,7 +96,7 @@ def result_cells(report: dict[str, Any], r: dict[str, Any]) -> list[str]:
     cells.append(kld(q.get("kld_mean")))
     cells.append(f"{100 * q['same_top']:.2f}" if q.get("same_top") is not None else "–")
     cells.append(f"{100 * roof['fraction']:.1f}" if roof.get("fraction") is not None else "–")
-    return cells
+    return cells + eval_columns.cells(report, r)
 
 
 def headers(report: dict[str, Any]) -> list[str]:
@@ -114,6 +115,7 @@ def headers(report: dict[str, Any]) -> list[str]:
         "KLD",
         "same top %",
         "roofline %",
+        *eval_columns.headers(report),
     ]
 
 
