@@ -149,7 +149,10 @@ def select(target: Path, spec: list[str] | None) -> tuple[list[Artifact], list[s
         from kititans.runtimes import detect_runtime
 
         runtime = detect_runtime(target)
-        return [Artifact(runtime, target.name, target)], []
+        why = cannot_run(runtime)
+        if why:
+            raise KititansError(f"{target} cannot run here: {why}")
+        return [Artifact(runtime, level_of(target), target)], []
     reference = Artifact("torch", "fp32", target)
     if not spec:
         return [reference], []
