@@ -28,7 +28,7 @@ import kititans
 from kititans.errors import KititansError
 from kititans.eval.artifacts import Artifact, is_run_dir, select
 from kititans.eval.kld import KldMeter, ReferenceRows
-from kititans.eval.tasks import require_lm_eval, resolve_tasks, task_manager
+from kititans.eval.tasks import check_tasks_build, require_lm_eval, resolve_tasks, task_manager
 from kititans.files import atomic_path, write_text
 
 SCHEMA_VERSION = 1
@@ -96,6 +96,7 @@ def run_eval(
     check_language_model(target)
     tm = task_manager(cfg.include_path, cfg.builtin_tasks)
     tasks = resolve_tasks(tm, cfg.tasks)
+    check_tasks_build(tm, tasks, cfg.builtin_tasks)
     out = Path(cfg.out) if cfg.out else default_out(target)
     if cfg.write:
         check_out(out)

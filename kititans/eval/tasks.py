@@ -80,6 +80,20 @@ def resolve_tasks(tm: Any, names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def check_tasks_build(tm: Any, names: Sequence[str], builtin: bool = True) -> None:
+    """Build the tasks once (their YAML, prompts and data) before any model is loaded, so a task lm-eval cannot
+    build fails in one line instead of with a traceback after the reference was scored."""
+    try:
+        tm.load(list(names))
+    except KititansError:
+        raise
+    except Exception as e:  # lm-eval and datasets raise ValueError, KeyError, FileNotFoundError, ...
+        text = str(e).strip()
+        why = text.splitlines()[0] if text else type(e).__name__
+        hint = "" if builtin else " (--no-builtin-tasks: lm-eval's own task YAMLs are not indexed)"
+        raise KititansError(f"lm-eval could not build {', '.join(names)}: {why}{hint}") from None
+
+
 def check_task_packages(names: Sequence[str]) -> None:
     for name in names:
         for prefix, (modules, pip_names) in TASK_PACKAGES.items():

@@ -89,6 +89,35 @@ def test_bad_input_is_one_line_and_writes_nothing(lite, capsys, args, message):
     assert snapshot(lite) == before
 
 
+BROKEN = """task: kt_broken
+dataset_path: json
+dataset_kwargs:
+  data_files: {data}
+test_split: train
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: choices
+doc_to_target: label
+"""
+
+
+def test_a_task_lm_eval_cannot_build_is_one_line_before_any_model(tmp_path, capsys):
+    """Its data file is missing: lm-eval's error in one line, before any model is loaded (the run's weights
+    here are an empty file, which loading would reject) and with nothing written."""
+    run, tasks = tmp_path / "run", tmp_path / "tasks"
+    run.mkdir()
+    tasks.mkdir()
+    (run / "config.json").write_text(json.dumps({"kititans": {"family": "lite"}}))
+    (run / "model.safetensors").write_bytes(b"")
+    (tasks / "kt_broken.yaml").write_text(BROKEN.format(data=tasks / "missing.jsonl"))
+    args = ["eval", str(run), "--tasks", "kt_broken", "--include-path", str(tasks), "--no-builtin-tasks"]
+    assert kititans(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: lm-eval could not build kt_broken: ") and "\n" not in err
+    assert "missing.jsonl" in err and "(--no-builtin-tasks: lm-eval's own task YAMLs are not indexed)" in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_an_encoder_run_is_refused(tmp_path, capsys):
     run = tmp_path / "enc"
     run.mkdir()
