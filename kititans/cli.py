@@ -28,6 +28,7 @@ COMMANDS = {
     "train-retriever": "kititans.commands.train_retriever",
     "export": "kititans.commands.export",
     "bench": "kititans.commands.bench",
+    "eval": "kititans.commands.eval",
     "serve": "kititans.commands.serve",
 }
 

@@ -102,7 +102,17 @@ def result_cells(report: dict[str, Any], r: dict[str, Any]) -> list[str]:
     cells.append(kld(q.get("kld_mean")))
     cells.append(f"{100 * q['same_top']:.2f}" if q.get("same_top") is not None else "–")
     cells.append(f"{100 * roof['fraction']:.1f}" if roof.get("fraction") is not None else "–")
-    return cells
+    return cells + _accuracy(report, "cells", r)
+
+
+def _accuracy(report: dict[str, Any], what: str, *row: dict[str, Any]) -> list[str]:
+    """`bench --tasks` accuracy columns (kititans.eval.bench), imported only for a report that has them: a
+    bench pack's torch-free runner ships this module without the eval package."""
+    if not report.get("accuracy"):
+        return []
+    from kititans.eval import bench as eval_columns
+
+    return getattr(eval_columns, what)(report, *row)
 
 
 def text_columns(report: dict[str, Any]) -> int:
@@ -127,6 +137,7 @@ def headers(report: dict[str, Any]) -> list[str]:
         "KLD",
         "same top %",
         "roofline %",
+        *_accuracy(report, "headers"),
     ]
 
 

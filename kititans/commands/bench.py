@@ -21,6 +21,7 @@ EXAMPLES = """  kititans bench runs/tiny                           # every insta
       # then on the device: python tiny.benchpack/run.py --label pi5 --trials 5 --out pi5.json
   kititans bench compare pc/bench.json pi5.json mac.json --out cmp/   # one checked table across devices
   kititans bench compare pc/bench.json llama-bench.json et.json       # + llama-bench / ExecuTorch JSON (speed)
+  kititans bench runs/tiny --tasks arc_easy,ja_leaderboard_jcommonsenseqa --limit 200   # + accuracy, flips
   kititans bench --compare a.json b.json              # the same (use this if a run is named `compare`)
 
 quantization names per runtime (`--quants` applies each to the runtimes that have it):
@@ -84,6 +85,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     q.add_argument("--ppl-chunks", type=_positive, default=16, metavar="N", help="chunks scored (default 16)")
     q.add_argument("--no-quality", dest="quality", action="store_false", help="speed and memory only")
     q.add_argument("--keep-reference", action="store_true", help="keep OUT/reference.npz (float16 log-probs)")
+    a = p.add_argument_group("accuracy (lm-eval tasks, pip install 'kititans[eval]'; see kititans eval)")
+    a.add_argument("--tasks", help="lm-eval tasks scored on every pair: accuracy and flips against fp32")
+    a.add_argument("--limit", type=float, metavar="N", help="items per task (default: all)")
+    a.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples (default: the task's)")
+    a.add_argument(
+        "--include-path", action="append", type=Path, default=[], metavar="DIR", help="folder of task YAMLs"
+    )
     p.add_argument(
         "--bandwidth",
         type=float,
@@ -150,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
 
     if (Path(args.targets[0]) / "run.py").is_file() and (Path(args.targets[0]) / "kititans.pyz").is_file():
         raise KititansError(f"{args.targets[0]} is a bench pack: run it with python {args.targets[0]}/run.py")
+    tasks = parse_list(args.tasks)
+    if tasks:  # task names and the eval extra are checked before an hour of benchmarking
+        from kititans.eval.tasks import require_lm_eval, resolve_tasks, task_manager
+
+        require_lm_eval()
+        resolve_tasks(task_manager(args.include_path), tasks)
 
     cfg = BenchConfig(
         run=Path(args.targets[0]),
@@ -182,7 +196,23 @@ def run(args: argparse.Namespace) -> int:
         report = run_bench(cfg, progress)
     finally:
         progress.close()
-    paths = write_reports(report, Path(args.out) if args.out else Path(args.targets[0]) / "bench")
+    out = Path(args.out) if args.out else Path(args.targets[0]) / "bench"
+    if tasks:
+        from kititans.commands.eval import progress as eval_progress
+        from kititans.eval.bench import add_accuracy
+
+        limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+        add_accuracy(
+            report,
+            cfg.run,
+            tasks,
+            limit,
+            args.num_fewshot,
+            args.include_path,
+            out / "eval",
+            None if args.quiet else eval_progress,
+        )
+    paths = write_reports(report, out)
     ok = sum(r["status"] == "ok" for r in report["results"])
     print(f"{ok}/{len(report['results'])} rows measured in {report['seconds']:.0f} s")
     for kind, path in paths.items():
