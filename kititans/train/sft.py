@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from kititans.checkpoint import load_checkpoint, read_meta
@@ -35,9 +34,11 @@ from kititans.train.loop import (
     TrainResult,
     TrainSetup,
     batch_generator,
+    evaluate,
     initial_val_loss,
     run_training,
 )
+from kititans.train.loss import IGNORE
 
 log = logging.getLogger("kititans")
 
@@ -126,11 +127,12 @@ def encode_conversations(
 
 
 def collate(examples: list[Example], pad_id: int, limit: int, multiple: int = 8) -> Batch:
-    """Right-padded (x, y, loss_mask), each (B, T): T = the longest example, rounded up to `multiple`."""
+    """Right-padded (x, y, loss_mask), each (B, T): T = the longest example, rounded up to `multiple`; padding
+    inputs are pad_id, padding targets IGNORE (so the non-padding tokens are counted, train/loss.py)."""
     longest = max(len(ids) for ids, _ in examples) - 1
     t = min(-(-longest // multiple) * multiple, limit)
     x = torch.full((len(examples), t), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), t), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), t), IGNORE, dtype=torch.long)
     m = torch.zeros((len(examples), t), dtype=torch.bool)
     for i, (ids, mask) in enumerate(examples):
         n = len(ids) - 1
@@ -234,21 +236,9 @@ def prepare_sft_data(cfg: RunConfig, tok: Tokenizer, progress: bool = False) -> 
     return SftData(train, val, batches, describe)
 
 
-@torch.no_grad()
 def evaluate_assistant(model: torch.nn.Module, batches: list[Batch], device: torch.device, ctx: Any) -> float:
-    """Mean cross entropy over the assistant tokens of all batches (token-weighted, not batch-weighted)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y, m in batches:
-        with ctx:
-            logits = model(x.to(device))  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="none")
-        keep = m.to(device).flatten()
-        total += float(loss[keep].double().sum())
-        count += int(keep.sum())
-    model.train(was_training)
-    return total / max(count, 1)
+    """Mean cross entropy over the assistant tokens of all batches (token-weighted, as training is)."""
+    return evaluate(model, batches, device, ctx)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -305,7 +295,6 @@ def sft(
             },
             "sft_data": data.describe,
         },
-        eval_fn=evaluate_assistant,
         eval_at_start=True,
     )
     torch.manual_seed(t.seed)

@@ -5,6 +5,7 @@ import torch
 
 from kititans.config import OptimConfig
 from kititans.models.lite import SPEC, LiteModel
+from kititans.train.muon import Muon
 from kititans.train.optim import build_optimizer
 from kititans.train.schedule import lr_multiplier
 
@@ -22,7 +23,7 @@ def test_muon_takes_block_matrices_adamw_the_rest():
     assert kinds[id(names["model.embed_tokens.weight"])] == "adamw"  # tied with the head
     assert kinds[id(names["model.norm.weight"])] == "adamw"
     assert len(kinds) == len(names)
-    assert isinstance(opt.optimizers[1], torch.optim.Muon)
+    assert isinstance(opt.optimizers[1], Muon)
 
 
 def test_adamw_half_matches_torch_adamw():
