@@ -121,7 +121,7 @@ class TrainConfig:
     # the LM loss (train/loss.py): head + loss chunk by chunk, never full fp32 logits; auto = Liger's fused
     # kernel on CUDA when liger-kernel is installed, else chunked
     loss_impl: str = "auto"  # auto | chunked | liger
-    loss_chunk: int = 0  # rows (tokens) per loss chunk; 0 = about 32M logits per chunk
+    loss_chunk: int = 0  # rows (tokens) per loss chunk; 0 = about 8M logits (32 MB fp32) per chunk
     # a resume with other --steps keeps the schedule the run started with; this asks for a new one (it is
     # a launch option: checkpoints record it as false)
     reset_schedule: bool = False

@@ -283,7 +283,11 @@ def train_encoder(
         init_weights, dims, tok_path = _init_from(cfg, cfg.tokenizer.path)
         overrides = {**dims, **cfg.model}
         cfg.tokenizer.path = tok_path
-    tok = _tokenizer(cfg, run_dir, tok_path, preset, progress)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # rank 0 trains the tokenizer and builds the pairs; the others read them
+        _wait_for([run_dir / "pairs" / "pairs.json"] + ([] if tok_path else [run_dir / "tokenizer" / "tokenizer.model"]),
+                  cfg.train.dist_timeout)  # fmt: skip
+    tok = _tokenizer(cfg, run_dir, tok_path, preset, progress and rank == 0)
     mcfg = spec.make_config(preset.name, {**overrides, "vocab_size": tok.vocab_size})
     t = cfg.train
     if t.seq_len > mcfg.context_length:
@@ -315,6 +319,19 @@ def train_encoder(
         write_json(run_dir / REPORT, report)
     result.extra["eval_report"] = report
     return result
+
+
+def _wait_for(paths: list[Path], timeout_s: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not all(p.is_file() for p in paths):
+        if time.monotonic() > deadline:
+            missing = next(p for p in paths if not p.is_file())
+            raise KititansError(
+                f"rank {os.environ.get('RANK')}: {missing} did not appear within {timeout_s:.0f} s"
+            )
+        time.sleep(0.5)
 
 
 def _tokenizer(cfg: RunConfig, run_dir: Path, tok_path: str | None, preset: Any, progress: bool) -> Tokenizer:

@@ -209,8 +209,13 @@ def wrap(model: nn.Module, parallel: str, d: Dist, device: torch.device, dtype: 
         )
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype)
         units = []
-        for module in fp32_modules(model, spec) if low else []:
+        parents = {id(c): m for m in model.modules() for c in m.children()}
+        for module in fp32_modules(model, spec):
             units.append(fully_shard(module, mp_policy=fp32, reshard_after_forward=False))
+            # gathered once when its block starts, kept until the step's gradients are reduced: a block may
+            # call the memory's methods besides forward, a number of times that differs between ranks (Titans'
+            # MAC: one per segment of each rank's own sequence length), so per-call hooks would not pair up
+            parents[id(module)].register_forward_pre_hook(lambda *_, unit=module: unit.unshard())
         for block in blocks(model):
             units.append(fully_shard(block, mp_policy=mp))
         units.append(fully_shard(model, mp_policy=mp))

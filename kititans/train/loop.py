@@ -28,12 +28,12 @@ from kititans.config import RunConfig
 from kititans.data.tokenizer import Tokenizer
 from kititans.device import resolve_compile, resolve_device, resolve_dtype, set_threads
 from kititans.errors import KititansError
-from kititans.files import write_text
 from kititans.models.spec import FamilySpec, autocast_dtype, count_params, find_preset
 from kititans.train import checkpoints as ckpts
 from kititans.train import distributed as D
 from kititans.train.loss import LMLoss, LossFn, StepEnv, TokenObjective, resolve_impl
 from kititans.train.memory import PeakMemory
+from kititans.train.metrics import Window, open_metrics
 from kititans.train.mfu import flops_per_token, peak_flops
 from kititans.train.optim import build_optimizer
 from kititans.train.schedule import Schedule, make_schedule, resumed_schedule
@@ -110,6 +110,11 @@ def model_for_run(cfg: RunConfig, vocab_size: int) -> tuple[FamilySpec, Any, tor
     return spec, mcfg, spec.build(mcfg)
 
 
+def make_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 training's loss scaler (its state is checkpointed: a resume keeps its scale)."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
 def resolve_accum(t: Any, world: int) -> int:
     """grad_accum for this world size: global_batch / (batch_size x world) when a global batch is fixed."""
     if not t.global_batch:
@@ -164,7 +169,7 @@ class Trainer:
         self.snap = Snapshotter(self.model, self.opt, self.parallel, self.dist)
         self.start = self.step = 0
         self.tokens_seen, self.seconds_before = 0, 0.0
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.scaler = make_scaler(self.dtype, self.device)
         self.schedule = self._schedule(restored)
         if restored is not None:
             self.snap.load_model(restored)
@@ -184,7 +189,7 @@ class Trainer:
         self.val_loss: float | None = None
         self.val_metrics: dict[str, Any] = {}
         self.stop_requested = False
-        self.metrics = _open_metrics(run_dir, self.start) if self.dist.main else None
+        self.metrics = open_metrics(run_dir, self.start) if self.dist.main else None
         self.tracker: Tracker = (
             open_tracker(t.log, run_dir, cfg.to_dict(), resume) if self.dist.main else Tracker()
         )
@@ -337,21 +342,7 @@ def run_training(
         tr.close()
 
 
-class _Window:
-    """tokens/s over the last log interval."""
-
-    def __init__(self) -> None:
-        self.t0 = self.at = time.perf_counter()
-        self.tokens = self.at_tokens = 0
-
-    def rate(self) -> float:
-        now = time.perf_counter()
-        tps = (self.tokens - self.at_tokens) / max(now - self.at, 1e-9)
-        self.at, self.at_tokens = now, self.tokens
-        return tps
-
-
-def _log_row(tr: Trainer, loss: torch.Tensor, supervised: int, grad_norm: Any, w: _Window) -> dict[str, Any]:
+def _log_row(tr: Trainer, loss: torch.Tensor, supervised: int, grad_norm: Any, w: Window) -> dict[str, Any]:
     """The logged row of this step: the token-weighted loss of the step over all ranks, lr, tokens/s and MFU
     counted in non-padding tokens, the peak memory since the last row."""
     loss_val = tr.dist.sum(loss).item() / max(supervised, 1)
@@ -385,7 +376,7 @@ def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainRes
     log.info("%s", tr.describe())
     extra: dict[str, Any] = {}
     loss_val: float | None = None
-    w = _Window()
+    w = Window()
     bar = tqdm(total=t.steps, initial=tr.start, desc="train", unit="step", disable=not tr.progress,
                dynamic_ncols=True)  # fmt: skip
     say = bar.write if tr.progress else (lambda _: None)
@@ -460,35 +451,3 @@ def _catch_stop_signals(tr: Trainer) -> dict[int, Any]:
         with contextlib.suppress(ValueError):  # not the main thread (a test runner thread): leave them alone
             handlers[sig] = signal.signal(sig, stop)
     return handlers
-
-
-def _row_step(line: str) -> float:
-    """A metrics row's step; a line cut short by a crash counts as past any step (it is dropped)."""
-    try:
-        return float(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def _open_metrics(run_dir: Path, start: int) -> Any:
-    """metrics.jsonl, with lines past the resumed step dropped (they belong to the lost part of the run)."""
-    path = run_dir / "metrics.jsonl"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if start and path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if _row_step(ln) <= start]
-        write_text(path, "".join(ln + "\n" for ln in keep))
-    elif path.is_file():
-        path.unlink()
-    return open(path, "a", encoding="utf-8")
-
-
-def initial_val_loss(run_dir: Path) -> float | None:
-    """The step-0 val loss of a run (its starting model on its val split), from metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if row.get("step") == 0 and "val_loss" in row:
-            return float(row["val_loss"])
-    return None

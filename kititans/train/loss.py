@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from kititans.errors import KititansError
 
 IGNORE = -100  # an unsupervised target (padding), as transformers and torch's cross_entropy use it
-CHUNK_ELEMENTS = 1 << 25  # auto chunk: about 32M logits (128 MB in fp32) whatever the vocabulary
+CHUNK_ELEMENTS = 1 << 23  # auto chunk: about 8M logits (32 MB in fp32) whatever the vocabulary
+MIN_ROWS = 64  # ... but never fewer rows than this (a 150k vocabulary: 64 rows, 38 MB)
 LOSS_IMPLS = ("auto", "chunked", "liger")
 
 Batch = tuple[Tensor, ...]
@@ -121,8 +122,8 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def chunk_rows(vocab: int, rows: int = 0) -> int:
-    """Rows per chunk: `rows` if given, else about CHUNK_ELEMENTS logits per chunk."""
-    return rows if rows > 0 else max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    """Rows per chunk: `rows` if given, else about CHUNK_ELEMENTS logits per chunk (at least MIN_ROWS rows)."""
+    return rows if rows > 0 else max(MIN_ROWS, CHUNK_ELEMENTS // max(vocab, 1))
 
 
 class _LinearLoss(torch.autograd.Function):

@@ -26,7 +26,8 @@ from kititans.errors import KititansError
 from kititans.models.spec import autocast_dtype
 from kititans.quantize import qat as Q
 from kititans.train import loss as L
-from kititans.train.loop import TrainResult, TrainSetup, evaluate, initial_val_loss, run_training
+from kititans.train.loop import TrainResult, TrainSetup, evaluate, run_training
+from kititans.train.metrics import initial_val_loss
 from kititans.train.pretrain import StepWindows
 
 log = logging.getLogger("kititans")

@@ -35,10 +35,10 @@ from kititans.train.loop import (
     TrainSetup,
     batch_generator,
     evaluate,
-    initial_val_loss,
     run_training,
 )
 from kititans.train.loss import IGNORE
+from kititans.train.metrics import initial_val_loss
 
 log = logging.getLogger("kititans")
 

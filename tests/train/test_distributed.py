@@ -50,7 +50,7 @@ def train_args(data, out, *extra):
     return [
         "train", "--preset", "debug", "--data", data, "--seq-len", "64", "--batch-size", "4",
         "--set", "train.log_every=1", "--set", "train.eval_every=100", "--set", "train.compile=off",
-        "--set", "train.dtype=fp32", "--set", "optim.warmup_steps=2", "--set", "optim.schedule=constant",
+        "--set", "train.dtype=fp32", "--set", "optim.warmup_steps=1", "--set", "optim.schedule=constant",
         "--set", "train.report=false", "--out", out, "-q", *map(str, extra),
     ]  # fmt: skip
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 LENGTHS = [5, 9, 17, 33, 57, 80, 110, 127]  # tokens per chat: a step's micro-batches differ ~20x in length
+STEPS = 3
 
 
 def uneven_chats(step: int, index: int, count: int) -> tuple[torch.Tensor, ...]:
@@ -34,7 +35,7 @@ def _config(out: Path, batch_size: int, accum: int, steps: int, family: str, pre
     items = {"family": family, "preset": preset, "out": str(out), "train.batch_size": batch_size,
              "train.grad_accum": accum, "train.steps": steps, "train.seq_len": 128, "train.dtype": "fp32",
              "train.compile": "off", "train.report": False, "train.device": "cpu", "optim.warmup_steps": 0,
-             "optim.schedule": "constant", "optim.lr": 1e-3, "optim.grad_clip": 0.0, **over}  # fmt: skip
+             "optim.schedule": "constant", "optim.lr": 1e-5, "optim.grad_clip": 0.0, **over}  # fmt: skip
     return apply_overrides(RunConfig(), list(items.items()))
 
 
@@ -77,7 +78,7 @@ class PairStoreLike:
 
 
 def lm_steps(out: str, batch_size: int, accum: int, steps: int, family: str = "lite", preset: str = "debug",
-             batches: Any = uneven_chats, **over: Any) -> dict[str, Any]:  # fmt: skip
+             batches: Any = uneven_chats, model: dict | None = None, **over: Any) -> dict[str, Any]:  # fmt: skip
     """`steps` optimizer steps of a fresh model on `batches` ("pairs": contrastive on PairStoreLike): per step
     the logged loss, the supervised and non-padding counts, and the gradients."""
     from kititans.models.spec import get_family
@@ -85,7 +86,7 @@ def lm_steps(out: str, batch_size: int, accum: int, steps: int, family: str = "l
 
     cfg = _config(Path(out), batch_size, accum, steps, family, preset, **over)
     spec = get_family(family)
-    mcfg = spec.make_config(preset)
+    mcfg = spec.make_config(preset, model)
     torch.manual_seed(0)
     objective = None
     if batches == "pairs":
@@ -105,7 +106,7 @@ def lm_steps(out: str, batch_size: int, accum: int, steps: int, family: str = "l
     return {"loss": losses, "counts": counts, "grads": grads if tr.dist.main else None}
 
 
-def fsdp_titans_reads(out: str) -> dict[str, Any]:
+def fsdp_titans_reads(out: str, block: str = "mal") -> dict[str, Any]:
     """Titans under FSDP2 in bf16: the dtypes the memory's and the attention's weights have when their
     forward runs, and one training step's loss."""
     from kititans.models.titans.model import SPEC
@@ -113,7 +114,7 @@ def fsdp_titans_reads(out: str) -> dict[str, Any]:
 
     cfg = _config(Path(out), 2, 1, 1, "titans", "titans-debug", **{"train.dtype": "bf16", "train.parallel": "fsdp",
                                                                     "train.seq_len": 32})  # fmt: skip
-    mcfg = SPEC.make_config("titans-debug")
+    mcfg = SPEC.make_config("titans-debug", {"block": block})
     torch.manual_seed(0)
     model = SPEC.build(mcfg)
     gen = torch.Generator().manual_seed(0)
@@ -152,3 +153,13 @@ def fsdp_titans_reads(out: str) -> dict[str, Any]:
     stored = {n: str(p.dtype) for n, p in tr.model.named_parameters() if ".memory." in n}
     tr.close()
     return {"seen": seen, "loss": value, "stored": stored}
+
+
+def on_two_ranks(out: str) -> dict[str, Any]:
+    """Everything the rank tests need from one spawn of 2 gloo ranks (a spawn costs seconds of imports)."""
+    base = Path(out)
+    return {
+        "sft": lm_steps(str(base / "sft"), 2, 2, STEPS),  # 2 ranks x 2 accumulation x 2 (DDP)
+        "pairs": lm_steps(str(base / "pairs"), 2, 2, STEPS, "encoder", "encoder-debug", "pairs"),
+        "fsdp": fsdp_titans_reads(str(base / "fsdp")),
+    }
