@@ -4,8 +4,8 @@
 
 usage: python -m benchmarks.loss_memory [--cases lite-42m:32000,lite-42m:65024,titans-tiny:32000,titans-tiny:65024]
          [--batch 4 --seq 512] [--out bench_out/loss_memory]
-Each (model, vocab, loss) runs in a fresh process: build the model (fp32), draw one batch, then reset the peak
-resident set (/proc/self/clear_refs) and run forward + backward; peak RSS minus the RSS before the step.
+Each (model, vocab, loss) runs in fresh processes (--repeats, median): build the model (fp32), draw one batch,
+reset the peak resident set (/proc/self/clear_refs), run forward + backward; peak RSS minus RSS before the step.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("--cases", default="lite-42m:32000,lite-42m:65024,titans-tiny:32000,titans-tiny:65024")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="fresh processes per measurement (the median is kept)"
+    )
     ap.add_argument("--out", default="bench_out/loss_memory")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # preset:vocab:loss, in a child process
     args = ap.parse_args()
@@ -70,13 +74,16 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         preset, vocab = case.split(":")
-        got = {}
+        got, step = {}, {}
         for loss in LOSSES:
             cmd = [sys.executable, "-m", "benchmarks.loss_memory", "--one", f"{case}:{loss}",
                    "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
-            r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            got[loss] = json.loads(r.stdout.strip().splitlines()[-1])
-        step = {k: (v["peak"] - v["before"]) / 2**20 for k, v in got.items()}
+            runs = []
+            for _ in range(args.repeats):
+                r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            got[loss] = runs[0]
+            step[loss] = statistics.median((v["peak"] - v["before"]) / 2**20 for v in runs)
         extra_old, extra_new = step["old"] - step["floor"], step["new"] - step["floor"]
         rows.append({"model": preset, "vocab": int(vocab), "tokens": args.batch * args.seq,
                      "step MB (no loss)": round(step["floor"]), "step MB old": round(step["old"]),

@@ -55,11 +55,14 @@ class CrossEntropy:
 
     def __call__(self, logits: Tensor, a: int, b: int, grad: bool) -> tuple[Tensor, Tensor | None]:
         y = self.targets[a:b]
-        lse = torch.logsumexp(logits, dim=-1)  # (n,)
-        loss = lse - logits.gather(1, y[:, None])[:, 0]
+        picked = logits.gather(1, y[:, None])[:, 0]  # (n,)
         if not grad:
-            return loss, None
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            return torch.logsumexp(logits, dim=-1) - picked, None
+        top = logits.amax(dim=-1, keepdim=True)
+        g = logits.sub_(top).exp_()  # in place: the chunk's logits are the only (n, V) buffer
+        total = g.sum(dim=-1, keepdim=True)
+        loss = (top + total.log())[:, 0] - picked
+        g.div_(total)  # softmax
         g[torch.arange(len(y), device=g.device), y] -= 1.0
         return loss, g
 
@@ -150,18 +153,25 @@ class _LinearLoss(torch.autograd.Function):
             g = g.to(dt)
             if grad_h is not None:
                 grad_h[a:b] = g @ w
-            if grad_w is not None:
+            if grad_w is not None and dt == grad_w.dtype:
+                grad_w.addmm_(g.T, h)  # accumulated in place: no (V, D) temporary per chunk
+            elif grad_w is not None:
                 grad_w.add_(g.T @ h)
+            del g
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        if getattr(ctx, "done", False):
+            raise RuntimeError("linear_loss: its gradients are scaled in place, so backward runs once")
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        gh = grad_h.mul_(grad_out).to(h_dtype) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out).to(w_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None, None
 
 
