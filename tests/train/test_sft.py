@@ -212,7 +212,19 @@ def test_cli_sft_with_a_data_file_and_errors(base, tmp_path):
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     out = tmp_path / "cli-sft"
     r = kititans(
-        "sft", str(base), "--data", str(data), "--out", str(out), "--steps", "3", "--compile", "off", "-q"
+        "sft",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--compile",
+        "off",
+        "-q",
+        "--set",
+        "optim.warmup_steps=1",
     )
     assert r.returncode == 0, r.stderr
     assert "val loss on assistant tokens:" in r.stdout and "before SFT ->" in r.stdout
