@@ -73,3 +73,15 @@ def test_titans_memory_is_read_in_fp32_under_bf16_fsdp2(ranks):
         assert seen["attn.qkv"] == "torch.bfloat16", seen  # the rest of the block computes in bf16
         assert math.isfinite(r["fsdp"]["loss"]) and r["fsdp"]["loss"] == ranks[0]["fsdp"]["loss"]
         assert set(r["fsdp"]["stored"].values()) == {"torch.float32"}  # the sharded masters stay fp32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", ["mac", "mal"])
+def test_titans_under_fsdp2_with_fp32_memory_units_equals_one_process(block, tmp_path, one_thread):
+    """The memory units are gathered once per block: MAC's per-segment calls (a count that differs between
+    ranks with different sequence lengths) pair up; loss and gradients equal one process (minutes on CPU)."""
+    kw = dict(family="titans", preset="titans-debug", batches=uneven_chats, model={"block": block})
+    one = lm_steps(str(tmp_path / "one"), 4, 2, 1, **kw)
+    two = run_ranks(lm_steps, 2, tmp_path / "two", str(tmp_path / "two"), 4, 1, 1, "titans", "titans-debug",
+                    uneven_chats, {"block": block}, **{"train.parallel": "fsdp"})  # fmt: skip
+    same(two[0], one)
