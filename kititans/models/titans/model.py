@@ -52,6 +52,7 @@ from kititans.models.titans.config import (
     titans_param_splits,
 )
 from kititans.models.titans.coreml_step import TitansCoreMLStep
+from kititans.models.titans.flops import titans_flops_per_token
 from kititans.models.titans.hf import hf_config, run_files
 from kititans.models.titans.onnx_step import TitansOnnxStep
 from kititans.models.titans.state import StateIO, StepCtx, StepKind, pick_kind, rope_rows, step_kinds
@@ -321,5 +322,6 @@ SPEC = register(
         fp32_modules=titans_fp32_modules,
         hf_config=hf_config,
         run_files=run_files,
+        flops_per_token=titans_flops_per_token,
     )
 )
