@@ -149,7 +149,10 @@ class DistillLoss:
                 teacher = self.teacher(x.to(tdev)).to(device)  # (B, T, V) in the teacher's dtype
         with ctx:
             logits = model(x)  # (B, T, V)
-        return kd_loss(logits, y, mask, teacher, self.alpha, self.temperature)
+        # the loop reduces by the step's global token count (train/loss.py): a loss_fn returns the SUM over
+        # its counted positions, so the mean kd_loss returns is scaled back by this batch's count
+        count = mask.sum() if mask is not None else y.numel()
+        return kd_loss(logits, y, mask, teacher, self.alpha, self.temperature) * count
 
 
 # ------------------------------------------------------------------------------------------------ runs
