@@ -63,10 +63,20 @@ def main() -> None:
         default=0.65,
         help="also train Muon with a full schedule of this fraction of the steps (0 = skip)",
     )
+    ap.add_argument(
+        "--muon-scale",
+        default="original",
+        choices=["original", "match_rms_adamw"],
+        help="Muon's update scale (match_rms_adamw: pass AdamW-sized --muon-lrs)",
+    )
+    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--out", default="bench_out/muon")
     args = ap.parse_args()
     from kititans.config import RunConfig, apply_overrides
+    from kititans.models.spec import find_preset
     from kititans.train.pretrain import pretrain
+
+    family = find_preset(args.preset)[0].name
 
     if args.corpus != "builtin" and not Path(CORPORA[args.corpus][0]).is_file():
         raise SystemExit(f"skipped: {CORPORA[args.corpus][0]} is absent")
@@ -78,11 +88,12 @@ def main() -> None:
     runs += [("muon", float(lr), short) for lr in args.muon_lrs.split(",")] if args.short else []
     curves: dict[str, list[tuple[int, float]]] = {}
     for opt, lr, steps in runs:
-        name = f"{opt}-{lr:g}" + (f"-{steps}steps" if steps != args.steps else "")
+        scale = "-rms" if opt == "muon" and args.muon_scale != "original" else ""
+        name = f"{opt}{scale}-{lr:g}" + (f"-{steps}steps" if steps != args.steps else "")
         run_dir = out / name
         if not (run_dir / "config.json").is_file():
             cfg = apply_overrides(
-                RunConfig(preset=args.preset),
+                RunConfig(preset=args.preset, family=family),
                 list(
                     {
                         "data.sources": [str(shards)]
@@ -97,6 +108,9 @@ def main() -> None:
                         "train.seq_len": args.seq_len,
                         "train.eval_every": args.eval_every,
                         "train.save_every": 0,
+                        "train.report": False,
+                        "optim.warmup_steps": args.warmup,
+                        "optim.muon_scale": args.muon_scale,
                         "out": str(run_dir),
                     }.items()
                 ),

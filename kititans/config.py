@@ -75,6 +75,9 @@ class OptimConfig:
     muon_lr: float = 0.05  # torch.optim.Muon with the "original" shape scaling
     muon_weight_decay: float = 0.01
     muon_momentum: float = 0.95
+    # Muon's per-matrix update scale: "original" sqrt(max(1, rows/cols)) (Muon-sized lr, ~0.02-0.05), or
+    # "match_rms_adamw" 0.2 sqrt(max(rows, cols)) (Moonlight: an AdamW-sized lr and weight decay carry over)
+    muon_scale: str = "original"
     grad_clip: float = 1.0
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 50
@@ -84,6 +87,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("adamw", "muon"))
         _choice("optim.schedule", self.schedule, ("cosine", "wsd", "constant"))
+        _choice("optim.muon_scale", self.muon_scale, ("original", "match_rms_adamw"))
         if self.lr <= 0 or self.muon_lr <= 0:
             raise KititansError("optim.lr and optim.muon_lr must be > 0")
 
@@ -114,6 +118,13 @@ class TrainConfig:
     keep_best: bool = False  # also keep the checkpoint with the best val loss
     log: str = "none"  # none | tensorboard | wandb | trackio (same scalars as metrics.jsonl)
     report: bool = True  # write RUN/report/training.{png,html} at the end (needs matplotlib)
+    # the LM loss (train/loss.py): head + loss chunk by chunk, never full fp32 logits; auto = Liger's fused
+    # kernel on CUDA when liger-kernel is installed, else chunked
+    loss_impl: str = "auto"  # auto | chunked | liger
+    loss_chunk: int = 0  # rows (tokens) per loss chunk; 0 = about 8M logits (32 MB fp32) per chunk
+    # a resume with other --steps keeps the schedule the run started with; this asks for a new one (it is
+    # a launch option: checkpoints record it as false)
+    reset_schedule: bool = False
 
     def __post_init__(self) -> None:
         _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
@@ -121,11 +132,14 @@ class TrainConfig:
         _choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))
         _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
         _choice("train.log", self.log, ("none", "tensorboard", "wandb", "trackio"))
+        _choice("train.loss_impl", self.loss_impl, ("auto", "chunked", "liger"))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "keep"):
             if getattr(self, name) < 1:
                 raise KititansError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.global_batch < 0 or self.dist_timeout < 1 or self.threads < 0:
-            raise KititansError("train.global_batch and train.threads must be >= 0, train.dist_timeout >= 1")
+        if self.global_batch < 0 or self.dist_timeout < 1 or self.threads < 0 or self.loss_chunk < 0:
+            raise KititansError(
+                "train.global_batch, train.threads and train.loss_chunk must be >= 0, train.dist_timeout >= 1"
+            )
 
 
 @dataclass

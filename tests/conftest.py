@@ -48,10 +48,11 @@ def make_config(out: Path, **over):
         "train.eval_batches": 8,
         "train.compile": "off",
         "train.dtype": "fp32",
-        "optim.warmup_steps": 20,
         "out": str(out),
         **over,
     }
+    steps = int(items["train.steps"])
+    items.setdefault("optim.warmup_steps", 20 if steps > 20 else steps // 4)  # a warmup shorter than the run
     return apply_overrides(cfg, list(items.items()))
 
 

@@ -23,7 +23,18 @@ TRAINING_FLAG_KEYS = {
     "device": "train.device",
     "dtype": "train.dtype",
     "compile": "train.compile",
+    "reset_schedule": "train.reset_schedule",
 }
+
+
+def add_reset_schedule(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reset-schedule",
+        action="store_true",
+        default=None,
+        help="with --resume and other --steps: a new lr schedule over them (default: the run keeps the one "
+        "it started with; a cosine run refuses other --steps)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kititans.commands.common import TRAINING_FLAG_KEYS
+from kititans.commands.common import TRAINING_FLAG_KEYS, add_reset_schedule
 
 HELP = "chat fine-tuning: teach a pretrained run the chat template (loss on assistant turns only)"
 EXAMPLES = """  kititans sft runs/tiny-base                          # built-in chat examples -> runs/tiny-base-sft
@@ -53,6 +53,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the SFT run (RUN-sft, --out, or RUN itself)"
     )
+    add_reset_schedule(p)
     p.add_argument(
         "--eval-only",
         action="store_true",

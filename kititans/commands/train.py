@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kititans.commands.common import TRAINING_FLAG_KEYS
+from kititans.commands.common import TRAINING_FLAG_KEYS, add_reset_schedule
 
 HELP = "train a model (Lite or Titans) with AdamW or Muon; no flags: built-in corpus, tiny preset"
 EXAMPLES = """  kititans train                                           # built-in corpus, tiny preset, minutes on a CPU
@@ -13,7 +13,8 @@ EXAMPLES = """  kititans train                                           # built
   kititans train --data data/ja data/wiki --weights 0.7,0.3     # a mixture of prepared datasets
   kititans train --data data/prepared --tokenizer data/prepared --steps 5000 --out runs/mine
   kititans train --config configs/tiny-muon.yaml --set optim.muon_lr=0.03 --set train.batch_size=32
-  kititans train --resume runs/mine --steps 8000           # continue (and extend) a run exactly
+  kititans train --resume runs/mine                        # continue a run exactly (any number of devices)
+  kititans train --resume runs/mine --steps 8000 --reset-schedule   # extend it: a new lr schedule
   kititans train --preset titans-500m --dry-run           # print the parameter table only
   kititans train --nproc 2 --data data/ja --preset lite-125m --log tensorboard   # 2 processes (DDP)
   torchrun --nproc-per-node 8 -m kititans train --data data/ja --preset titans-500m --optimizer muon
@@ -91,6 +92,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="RUN",
         help="continue RUN from its newest committed checkpoint (any number of devices)",
     )
+    add_reset_schedule(p)
     g = p.add_argument_group("several devices, checkpoints, tracking")
     g.add_argument(
         "--nproc",

@@ -202,8 +202,10 @@ class LiteModel(nn.Module):
             [make() for _ in range(cfg.n_layers)], [make() for _ in range(cfg.n_layers)], 0, max_len
         )
 
-    def forward(self, input_ids: Tensor, state: KVCache | None = None) -> Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab). With `state`, continues the cached sequence in place."""
+    def forward(self, input_ids: Tensor, state: KVCache | None = None, hidden: bool = False) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab). With `state`, continues the cached sequence in place.
+        hidden: the final normalised hidden states (B, T, dim) instead (the training loss applies the head
+        chunk by chunk, train/loss.py)."""
         T = input_ids.shape[1]
         pos = state.pos if state is not None else 0
         limit = state.max_len if state is not None else self.config.context_length
@@ -219,7 +221,8 @@ class LiteModel(nn.Module):
                 x = layer(x, cos, sin, cache, pos)
         if state is not None:
             state.pos = pos + T
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return x if hidden else self.lm_head(x)
 
     def loss(self, input_ids: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         logits = self(input_ids)
@@ -227,7 +230,9 @@ class LiteModel(nn.Module):
 
 
 def lm_loss(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean next-token cross entropy in fp32; `mask` (B, T) selects the positions that count."""
+    """Mean next-token cross entropy over full fp32 logits; `mask` (B, T) selects the positions that count.
+    A convenience for one batch (benchmarks, `model.loss`): training and evaluation reduce by global token
+    count and never materialise full fp32 logits (kititans/train/loss.py)."""
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     if mask is None:
         return loss.mean()

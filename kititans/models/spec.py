@@ -68,6 +68,12 @@ class FamilySpec:
     formats: Mapping[str, Any] = field(default_factory=dict)
     # model -> {param name: role}; the default works for HF-style names
     param_roles: Callable[[nn.Module], dict[str, str]] | None = None
+    # model -> {param name: row sizes} for matrices that fuse several logical ones along their output rows
+    # (Titans' q|k|v): Muon orthogonalises and scales each block as the separate matrix it stands for
+    param_splits: Callable[[nn.Module], dict[str, tuple[int, ...]]] | None = None
+    # model -> modules whose parameters stay fp32 under mixed precision (Titans' neural memory): under FSDP2
+    # each is its own unit with an fp32 parameter policy
+    fp32_modules: Callable[[nn.Module], list[nn.Module]] | None = None
     # config -> extra config.json keys (Lite writes a valid transformers LlamaConfig)
     hf_config: Callable[[Any], dict[str, Any]] | None = None
     # config -> {file name: text} written into every run directory (Titans: its transformers remote-code file)
@@ -97,6 +103,17 @@ class FamilySpec:
                 f"{self.name}: parameter roles must cover every parameter (missing {missing})"
             )
         return roles
+
+    def splits(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """Row blocks of fused matrices, checked against their shapes."""
+        out = dict(self.param_splits(model)) if self.param_splits else {}
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        for name, rows in out.items():
+            if name not in shapes or len(shapes[name]) != 2 or sum(rows) != shapes[name][0]:
+                raise AssertionError(
+                    f"{self.name}: splits {rows} do not fit {name} {tuple(shapes.get(name, ()))}"
+                )
+        return out
 
     def support(self, fmt: str) -> Any:
         """The family's export object for `fmt`, or UnsupportedExport with the reason and what works."""

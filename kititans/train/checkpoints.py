@@ -28,7 +28,15 @@ import torch
 import kititans
 from kititans.checkpoint import WEIGHTS, read_meta, read_tree, save_checkpoint, write_tree
 from kititans.errors import KititansError
-from kititans.files import read_json, write_json, write_text
+from kititans.files import (
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    read_json,
+    replace_durably,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger("kititans")
 DIRNAME = "checkpoints"
@@ -68,22 +76,6 @@ def find_latest(run_dir: str | Path) -> Path | None:
         )
     found = committed(root)
     return found[-1] if found else None
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(folder: Path) -> None:
@@ -143,11 +135,10 @@ def commit(
             tmp / "state.json",
             {**snap.state, "kititans": kititans.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         )
-        _fsync_tree(tmp)
+        fsync_tree(tmp)  # every file and subfolder on disk before the rename that commits them
         if final.exists():  # the same step saved again (e.g. SIGTERM right after a scheduled save)
             _remove(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        replace_durably(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise KititansError(
@@ -197,10 +188,12 @@ def refresh_top_level(run_dir: Path, folder: Path) -> None:
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
         try:
-            os.link(src, tmp)
+            os.link(src, tmp)  # the committed (already fsynced) file itself
         except OSError:
             shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+            fsync_file(tmp)
+        replace_durably(tmp, dst)
+    fsync_dir(run_dir)
     legacy = run_dir / "train_state"
     if legacy.is_dir():  # the format-1 resume state is superseded by the committed checkpoint
         shutil.rmtree(legacy, ignore_errors=True)
@@ -217,8 +210,9 @@ class Restored:
     rng: dict[str, torch.Tensor] | None = None
 
 
-def load_for_resume(run_dir: str | Path) -> Restored:
-    """The newest committed checkpoint of a run (or a format-1 run's train_state/)."""
+def load_for_resume(run_dir: str | Path, tensors: bool = True) -> Restored:
+    """The newest committed checkpoint of a run (or a format-1 run's train_state/). tensors=False: only its
+    state and RNG (a rank other than 0, which receives weights and optimizer state by broadcast)."""
     from safetensors.torch import load_file
 
     from kititans.checkpoint import load_train_state
@@ -240,8 +234,8 @@ def load_for_resume(run_dir: str | Path) -> Restored:
             f"{run_dir}: no committed checkpoint to resume from (one is written every train.save_every steps)"
         )
     state = read_json(folder / "state.json")
-    weights = load_file(str(folder / WEIGHTS))
-    optim = read_tree(folder, "optimizer")["optimizers"]
+    weights = load_file(str(folder / WEIGHTS)) if tensors else {}
+    optim = read_tree(folder, "optimizer")["optimizers"] if tensors else []
     rng = read_tree(folder, "rng") if (folder / "rng.json").is_file() else None
     return Restored(int(state["step"]), weights, optim, state, rng=rng)
 

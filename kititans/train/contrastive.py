@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -32,6 +33,7 @@ from kititans.errors import KititansError
 from kititans.files import write_json
 from kititans.models.spec import find_preset, get_family
 from kititans.train.loop import Batch, TrainResult, TrainSetup, batch_generator, default_run_dir, run_training
+from kititans.train.loss import StepEnv
 
 log = logging.getLogger("kititans")
 THRESHOLDS = {"retrieval_at1": 0.7, "mrr": 0.5, "mean_margin": 0.05}  # TanAILite's acceptance
@@ -49,50 +51,151 @@ def pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
+def text_hash(ids: np.ndarray) -> int:
+    """A 63-bit content hash of a text's token ids (equal texts, equal hashes)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class PairBatches:
-    """train_batch(step, index, count): the step's count x B pairs, taken from a seeded permutation per epoch
-    (no pair twice in a batch, so in-batch negatives are true negatives), padded per column."""
+    """train_batch(step, index, count): micro-batch `index` of the step's count x B pairs. Epochs are seeded
+    permutations cut into whole steps (the n mod (count x B) pairs left over differ every epoch), so no pair
+    occurs twice in a step's global batch. A batch: per column (query, positive[, negative]) the right-padded
+    ids and attention mask, then the content hash of every text (B, columns) for masking false negatives."""
 
     def __init__(self, store: PairStore, batch_size: int, seed: int, pad_id: int):
         self.store, self.b, self.seed, self.pad_id = store, batch_size, seed, pad_id
         self._perm: tuple[int, list[int]] = (-1, [])
 
-    def _at(self, j: int) -> int:
-        n = len(self.store)
-        epoch = j // n
+    def _perm_of(self, epoch: int) -> list[int]:
         if self._perm[0] != epoch:
             gen = batch_generator(self.seed, epoch, 13)
-            self._perm = (epoch, torch.randperm(n, generator=gen).tolist())
-        return self._perm[1][j % n]
+            self._perm = (epoch, torch.randperm(len(self.store), generator=gen).tolist())
+        return self._perm[1]
 
     def rows(self, idx: list[int]) -> Batch:
         out: list[torch.Tensor] = []
-        for c in self.store.columns:
-            out += pad([self.store.get(c, i) for i in idx], self.pad_id)
-        return tuple(out)
+        texts = [[self.store.get(c, i) for i in idx] for c in self.store.columns]
+        for col in texts:
+            out += pad(col, self.pad_id)
+        hashes = torch.tensor(
+            [[text_hash(col[k]) for col in texts] for k in range(len(idx))], dtype=torch.long
+        )
+        return (*out, hashes)
 
     def __call__(self, step: int, index: int, count: int) -> Batch:
-        first = (step * count + index) * self.b
-        return self.rows([self._at(first + k) for k in range(self.b)])
+        per_step = count * self.b
+        n = len(self.store)
+        if per_step > n:
+            raise KititansError(
+                f"a global batch of {per_step} pairs exceeds the {n} training pairs (a pair would be its own "
+                f"negative): lower --global-batch (or --batch-size) to at most {n}"
+            )
+        steps_per_epoch = n // per_step
+        epoch, at = divmod(step, steps_per_epoch)
+        perm = self._perm_of(epoch)
+        first = at * per_step + index * self.b
+        return self.rows(perm[first : first + self.b])
 
 
 def info_nce(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE over unit vectors q, p (B, D) and optional hard negatives n (B, D)."""
+    """Symmetric InfoNCE (mean over pairs) over unit vectors q, p (B, D) and optional hard negatives n (B, D)."""
+    return info_nce_sum(q, p, n, temperature) / len(q)
+
+
+def info_nce_sum(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    n: torch.Tensor | None,
+    temperature: float,
+    rows: slice | None = None,
+    hashes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The summed symmetric InfoNCE of pairs `rows` (default all) of a batch of unit vectors q, p (N, D) and
+    optional hard negatives n (N, D): (CE(q_i over positives and negatives) + CE(p_i over queries)) / 2 per
+    pair. With `hashes` (N, columns) of the texts, a candidate with the same text as the positive (or a query
+    with the same text as the query) is masked: it is no negative."""
+    rows = rows or slice(0, len(q))
+    idx = torch.arange(len(q), device=q.device)[rows]
     cands = p if n is None else torch.cat([p, n])
-    target = torch.arange(len(q), device=q.device)
-    loss_q = F.cross_entropy(q.float() @ cands.float().T / temperature, target)
-    loss_p = F.cross_entropy(p.float() @ q.float().T / temperature, target)
+    s_q = q[rows].float() @ cands.float().T / temperature  # (b, N[+N])
+    s_p = p[rows].float() @ q.float().T / temperature  # (b, N)
+    if hashes is not None:
+        h = hashes.to(q.device)
+        cand_h = h[:, 1] if n is None else torch.cat([h[:, 1], h[:, 2]])
+        own = torch.zeros_like(s_q, dtype=torch.bool)
+        own[torch.arange(len(idx)), idx] = True
+        s_q = s_q.masked_fill((cand_h[None, :] == h[idx, 1][:, None]) & ~own, float("-inf"))
+        s_p = s_p.masked_fill((h[None, :, 0] == h[idx, 0][:, None]) & ~own[:, : len(q)], float("-inf"))
+    loss_q = F.cross_entropy(s_q, idx, reduction="sum")
+    loss_p = F.cross_entropy(s_p, idx, reduction="sum")
     return (loss_q + loss_p) / 2
 
 
-def make_loss(temperature: float) -> Any:
-    def loss_fn(model: torch.nn.Module, batch: Batch, device: torch.device, ctx: Any) -> torch.Tensor:
-        parts = [t.to(device, non_blocking=True) for t in batch]
-        with ctx:
-            embs = [model(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-        return info_nce(embs[0], embs[1], embs[2] if len(embs) > 2 else None, temperature)
+def _texts(batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, attention mask) per column of a pair batch (the trailing hash tensor left out)."""
+    return [(batch[i], batch[i + 1]) for i in range(0, len(batch) - 1, 2)]
 
-    return loss_fn
+
+def _gather(t: torch.Tensor, dist: Any) -> torch.Tensor:
+    """All ranks' rows, rank by rank; differentiable (its backward sums every rank's gradient)."""
+    if dist is None or not dist.enabled:
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t))
+
+
+def _gather_ids(t: torch.Tensor, dist: Any) -> torch.Tensor:
+    if dist is None or not dist.enabled:
+        return t
+    import torch.distributed as tdist
+
+    out = [torch.zeros_like(t) for _ in range(dist.world)]
+    tdist.all_gather(out, t)
+    return torch.cat(out)
+
+
+class ContrastiveObjective:
+    """InfoNCE over the GLOBAL batch: every query against the positives (and negatives) of every micro-batch
+    on every rank. A gradient cache (GradCache, Gao et al. 2021; sentence-transformers'
+    CachedMultipleNegativesRankingLoss) spans the accumulation steps: the step's micro-batches are embedded
+    without autograd, gathered across ranks (a differentiable all-gather), the loss and its gradient with
+    respect to this rank's embeddings are computed once, then each micro-batch is embedded again with autograd
+    and backpropagates its cached gradient. The loss is summed over pairs and divided by the step's global pair
+    count (train/loss.py), so 2 ranks x 2 accumulation steps equal one batch of the global size."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def counts(self, batch: Batch) -> tuple[int, int]:
+        """(pairs, non-padding tokens) of a micro-batch."""
+        return int(batch[0].shape[0]), sum(int(m.sum()) for _, m in _texts(batch))
+
+    def _embed(self, model: torch.nn.Module, batch: Batch, env: StepEnv) -> list[torch.Tensor]:
+        with env.ctx:
+            return [model(ids.to(env.device), m.to(env.device)).float() for ids, m in _texts(batch)]
+
+    def step(self, model: torch.nn.Module, batches: list[Batch], env: StepEnv) -> torch.Tensor:
+        with torch.no_grad():
+            cached = [self._embed(model, b, env) for b in batches]
+        cols = len(cached[0])
+        local = [torch.cat([c[k] for c in cached]).requires_grad_() for k in range(cols)]  # (A*B, D) each
+        hashes = _gather_ids(torch.cat([b[-1] for b in batches]).to(env.device), env.dist)
+        glob = [_gather(t, env.dist) for t in local]
+        rank = env.dist.rank if env.dist is not None else 0
+        mine = slice(rank * len(local[0]), (rank + 1) * len(local[0]))
+        loss = info_nce_sum(glob[0], glob[1], glob[2] if cols > 2 else None, self.temperature, mine, hashes)
+        grads = torch.autograd.grad(loss * env.scale, local)  # d(step loss)/d(this rank's embeddings)
+        at = 0
+        for i, batch in enumerate(batches):
+            n = batch[0].shape[0]
+            with env.sync(i == len(batches) - 1):
+                embs = self._embed(model, batch, env)
+                surrogate = sum((e * g[at : at + n]).sum() for e, g in zip(embs, grads))
+                env.backward(surrogate)
+            at += n
+        return loss.detach()
 
 
 @torch.no_grad()
@@ -194,7 +297,11 @@ def train_encoder(
         init_weights, dims, tok_path = _init_from(cfg, cfg.tokenizer.path)
         overrides = {**dims, **cfg.model}
         cfg.tokenizer.path = tok_path
-    tok = _tokenizer(cfg, run_dir, tok_path, preset, progress)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # rank 0 trains the tokenizer and builds the pairs; the others read them
+        _wait_for([run_dir / "pairs" / "pairs.json"] + ([] if tok_path else [run_dir / "tokenizer" / "tokenizer.model"]),
+                  cfg.train.dist_timeout)  # fmt: skip
+    tok = _tokenizer(cfg, run_dir, tok_path, preset, progress and rank == 0)
     mcfg = spec.make_config(preset.name, {**overrides, "vocab_size": tok.vocab_size})
     t = cfg.train
     if t.seq_len > mcfg.context_length:
@@ -217,7 +324,7 @@ def train_encoder(
         train_batch=PairBatches(train, t.batch_size, t.seed, pad_id), eval_batches=[],
         extra_meta={"stage": "contrastive", "pairs": str(pairs_dir), "init": cfg.init,
                     "temperature": temp},
-        eval_fn=make_eval(val, pad_id, temp), eval_at_start=True, loss_fn=make_loss(temp),
+        eval_fn=make_eval(val, pad_id, temp), eval_at_start=True, objective=ContrastiveObjective(temp),
     )  # fmt: skip
     result = run_training(cfg, setup, run_dir, resume=resume, progress=progress, on_step=on_step)
     report = {"metrics": result.extra.get("val_metrics", {}), "thresholds": THRESHOLDS, "step": result.step,
@@ -232,6 +339,19 @@ def train_encoder(
         write_json(run_dir / REPORT, report)
     result.extra["eval_report"] = report
     return result
+
+
+def _wait_for(paths: list[Path], timeout_s: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not all(p.is_file() for p in paths):
+        if time.monotonic() > deadline:
+            missing = next(p for p in paths if not p.is_file())
+            raise KititansError(
+                f"rank {os.environ.get('RANK')}: {missing} did not appear within {timeout_s:.0f} s"
+            )
+        time.sleep(0.5)
 
 
 def _tokenizer(cfg: RunConfig, run_dir: Path, tok_path: str | None, preset: Any, progress: bool) -> Tokenizer:

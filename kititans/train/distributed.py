@@ -63,14 +63,33 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of a scalar tensor over ranks (a copy; for logging)."""
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a scalar tensor over ranks (a copy; for logging)."""
         if not self.enabled:
-            return value
+            return value.detach()
         t = value.detach().clone().float().reshape(1)
-        with collective("averaging the loss"):
+        with collective("summing the loss"):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t[0] / self.world
+        return t[0]
+
+    def sum_ints(self, values: list[int], device: torch.device) -> list[int]:
+        """Integers summed over ranks in one all-reduce (a step's token counts)."""
+        if not self.enabled:
+            return [int(v) for v in values]
+        t = torch.tensor(values, dtype=torch.int64, device=device)
+        with collective("counting the step's tokens"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return [int(v) for v in t.tolist()]
+
+    def gather_ints(self, values: list[int], device: torch.device) -> list[int]:
+        """Every rank's integers, rank by rank (the same length on every rank)."""
+        if not self.enabled:
+            return [int(v) for v in values]
+        t = torch.tensor(values, dtype=torch.int64, device=device)
+        out = [torch.zeros_like(t) for _ in range(self.world)]
+        with collective("gathering a measurement"):
+            dist.all_gather(out, t)
+        return [int(v) for o in out for v in o.tolist()]
 
 
 def env_world() -> int:
@@ -154,9 +173,26 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def wrap(model: nn.Module, parallel: str, d: Dist, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def grad_factor(parallel: str, world: int) -> float:
+    """What each rank's loss is multiplied by so that the wrapper's gradient reduction yields the SUM over
+    ranks (the loss is already divided by the global token count, train/loss.py): DDP averages (x world);
+    FSDP2 is set to sum by wrap()."""
+    return float(world) if parallel == "ddp" else 1.0
+
+
+def fp32_modules(model: nn.Module, spec: Any) -> list[nn.Module]:
+    """The modules the family keeps in fp32 under mixed precision (FamilySpec.fp32_modules, e.g. Titans'
+    neural memory), outermost first."""
+    hook = getattr(spec, "fp32_modules", None) if spec is not None else None
+    return list(hook(model)) if hook is not None else []
+
+
+def wrap(model: nn.Module, parallel: str, d: Dist, device: torch.device, dtype: torch.dtype,
+         spec: Any = None) -> nn.Module:  # fmt: skip
     """DDP, or FSDP2 with `fully_shard` per block then the root (tied embedding, final norm and head share
-    the root unit); bf16 runs get MixedPrecisionPolicy(bf16 params, fp32 reduce)."""
+    the root unit); bf16 runs get MixedPrecisionPolicy(bf16 params, fp32 reduce), except the family's fp32
+    modules, each its own unit with fp32 parameters (its output cast back to the run's dtype). FSDP2 sums
+    gradients over ranks (the loss is divided by the global token count already)."""
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -165,15 +201,28 @@ def wrap(model: nn.Module, parallel: str, d: Dist, device: torch.device, dtype: 
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         _check_reduce_scatter(d, device)
-
+        low = dtype != torch.float32
         mp = (
             MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-            if dtype != torch.float32
+            if low
             else MixedPrecisionPolicy()
         )
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype)
+        units = []
+        parents = {id(c): m for m in model.modules() for c in m.children()}
+        for module in fp32_modules(model, spec):
+            units.append(fully_shard(module, mp_policy=fp32, reshard_after_forward=False))
+            # gathered once when its block starts, kept until the step's gradients are reduced: a block may
+            # call the memory's methods besides forward, a number of times that differs between ranks (Titans'
+            # MAC: one per segment of each rank's own sequence length), so per-call hooks would not pair up
+            parents[id(module)].register_forward_pre_hook(lambda *_, unit=module: unit.unshard())
         for block in blocks(model):
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            units.append(fully_shard(block, mp_policy=mp))
+        units.append(fully_shard(model, mp_policy=mp))
+        for unit in units:
+            unit.set_gradient_divide_factor(1.0)
+            if d.backend == "gloo":  # gloo has no pre-multiplied sum: sum, then divide by 1
+                unit.set_force_sum_reduction_for_comms(True)
         return model
     return model
 

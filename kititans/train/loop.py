@@ -28,13 +28,15 @@ from kititans.config import RunConfig
 from kititans.data.tokenizer import Tokenizer
 from kititans.device import resolve_compile, resolve_device, resolve_dtype, set_threads
 from kititans.errors import KititansError
-from kititans.files import write_text
 from kititans.models.spec import FamilySpec, autocast_dtype, count_params, find_preset
 from kititans.train import checkpoints as ckpts
 from kititans.train import distributed as D
+from kititans.train.loss import LMLoss, LossFn, StepEnv, TokenObjective, resolve_impl
+from kititans.train.memory import PeakMemory
+from kititans.train.metrics import Window, open_metrics
 from kititans.train.mfu import flops_per_token, peak_flops
 from kititans.train.optim import build_optimizer
-from kititans.train.schedule import lr_multiplier
+from kititans.train.schedule import Schedule, make_schedule, resumed_schedule
 from kititans.train.state import Snapshotter, restore_into
 from kititans.train.tracking import Tracker, check_available, open_tracker
 
@@ -71,12 +73,16 @@ class TrainSetup:
     train_batch: Callable[[int, int, int], Batch]  # (step, global micro index, micro-batches per step)
     eval_batches: list[Batch]
     extra_meta: dict[str, Any] = field(default_factory=dict)
-    # SFT: a token-weighted masked eval, and a step-0 eval (the base model's val loss on the same split)
-    eval_fn: Callable[[torch.nn.Module, list[Batch], torch.device, Any], float] | None = None
+    # SFT: a step-0 eval (the base model's val loss on the same split); an eval_fn returns the val loss or a
+    # dict of metrics with a "loss" (default: the objective's token-weighted loss over eval_batches)
+    eval_fn: Callable[[torch.nn.Module, list[Batch], torch.device, Any], Any] | None = None
     eval_at_start: bool = False
-    # the training loss of one micro-batch (default: next-token cross entropy, batch_loss); another task
-    # (e.g. a contrastive loss for an "embed" family) plugs in here
-    loss_fn: Callable[[torch.nn.Module, Batch, torch.device, Any], torch.Tensor] | None = None
+    # the summed loss of one micro-batch over its supervised tokens (default: next-token cross entropy through
+    # the chunked head, train/loss.py), reduced by the step's global token count
+    loss_fn: LossFn | None = None
+    # or a whole step's objective (counts + forward/backward of the micro-batches), e.g. a contrastive loss
+    # over the global batch
+    objective: Any = None
 
 
 def default_run_dir(cfg: RunConfig, prefix: str = "") -> Path:
@@ -87,21 +93,9 @@ def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
 
 
-def batch_loss(model: torch.nn.Module, batch: Batch, device: torch.device, ctx: Any) -> torch.Tensor:
-    from kititans.models.lite import lm_loss
-
-    x, y, *mask = (t.to(device, non_blocking=True) for t in batch)
-    with ctx:
-        return lm_loss(model(x), y, mask[0] if mask else None)
-
-
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device, ctx: Any) -> float:
-    was_training = model.training
-    model.eval()
-    losses = [batch_loss(model, b, device, ctx).item() for b in batches]
-    model.train(was_training)
-    return sum(losses) / max(len(losses), 1)
+    """The token-weighted next-token loss of `model` over `batches` (x, y[, mask])."""
+    return TokenObjective(LMLoss()).evaluate(model, batches, device, ctx)
 
 
 def model_for_run(cfg: RunConfig, vocab_size: int) -> tuple[FamilySpec, Any, torch.nn.Module]:
@@ -114,6 +108,11 @@ def model_for_run(cfg: RunConfig, vocab_size: int) -> tuple[FamilySpec, Any, tor
         )
     torch.manual_seed(cfg.train.seed)
     return spec, mcfg, spec.build(mcfg)
+
+
+def make_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 training's loss scaler (its state is checkpointed: a resume keeps its scale)."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def resolve_accum(t: Any, world: int) -> int:
@@ -150,44 +149,71 @@ class Trainer:
         )
         if self.dist.main:
             check_available(t.log)
-        restored = ckpts.load_for_resume(run_dir) if resume else None
+        # a resume: only rank 0 reads the tensors (weights, optimizer state) and broadcasts them once wrapped
+        restored = ckpts.load_for_resume(run_dir, tensors=self.dist.main) if resume else None
         if restored is not None:
             import dataclasses
 
             ckpts.check_same_model(run_dir, dataclasses.asdict(setup.model_config))
-            restore_into(setup.model, restored.weights, run_dir)
+            if self.dist.main:
+                restore_into(setup.model, restored.weights, run_dir)
             if restored.rng is not None:
                 ckpts.set_rng_state(restored.rng)
         self.model = setup.model.to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
         self.model.train()
-        self.wrapped = D.wrap(self.model, self.parallel, self.dist, self.device, self.dtype)
+        self.wrapped = D.wrap(self.model, self.parallel, self.dist, self.device, self.dtype, setup.spec)
+        self.grad_factor = D.grad_factor(self.parallel, self.dist.world)
         fused = self.device.type == "cuda" and self.parallel != "fsdp"
         self.opt = build_optimizer(self.model, setup.spec, cfg.optim, fused=fused)
         self.snap = Snapshotter(self.model, self.opt, self.parallel, self.dist)
         self.start = self.step = 0
         self.tokens_seen, self.seconds_before = 0, 0.0
+        self.scaler = make_scaler(self.dtype, self.device)
+        self.schedule = self._schedule(restored)
         if restored is not None:
+            self.snap.load_model(restored)
             self.snap.load_optimizer(restored, self.parallel)
+            if self.scaler is not None and restored.state.get("grad_scaler"):
+                self.scaler.load_state_dict(restored.state["grad_scaler"])
             self.start = self.step = restored.step
             self.tokens_seen = int(restored.state.get("tokens", 0))
             self.seconds_before = float(restored.state.get("seconds", 0.0))
             log.info("resuming %s from step %d", run_dir, restored.step)
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.ctx = autocast_dtype(self.device, self.dtype)
         self.fwd = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.loss_fn = setup.loss_fn or batch_loss
-        self.eval_fn = setup.eval_fn or evaluate
+        impl = resolve_impl(t.loss_impl, self.device)
+        self.objective = setup.objective or TokenObjective(setup.loss_fn or LMLoss(impl, t.loss_chunk))
+        self.eval_fn = setup.eval_fn or TokenObjective(LMLoss(impl, t.loss_chunk)).evaluate
         self.val_loss: float | None = None
         self.val_metrics: dict[str, Any] = {}
         self.stop_requested = False
-        self.metrics = _open_metrics(run_dir, self.start) if self.dist.main else None
+        self.metrics = open_metrics(run_dir, self.start) if self.dist.main else None
         self.tracker: Tracker = (
             open_tracker(t.log, run_dir, cfg.to_dict(), resume) if self.dist.main else Tracker()
         )
         self.peak = peak_flops(self.device, self.dtype)
         self.flops_per_token = flops_per_token(self.model, setup.model_config, t.seq_len)
+        self.memory = PeakMemory(self.device)
+        self.resume_peak = self.memory.read() if restored is not None else None  # host/device peak so far
+        self.row_extra: dict[str, Any] = {}  # added to the next logged row
+
+    def _schedule(self, restored: Any) -> Schedule:
+        """The run's lr schedule: the saved one on a resume (train/schedule.py says when it may change)."""
+        o, t = self.cfg.optim, self.t
+        wanted = make_schedule(o.schedule, t.steps, o.warmup_steps, o.min_lr_ratio, o.decay_fraction)
+        saved = restored.state.get("schedule") if restored is not None else None
+        schedule, note = resumed_schedule(
+            Schedule.from_dict(saved) if saved else None,
+            wanted,
+            restored.step if restored is not None else 0,
+            t.reset_schedule,
+        )
+        if note and self.dist.main:
+            log.info("%s", note)
+        t.reset_schedule = False  # a launch option: not part of the run config that checkpoints keep
+        return schedule
 
     def describe(self) -> str:
         t, n = self.t, count_params(self.model)
@@ -201,26 +227,31 @@ class Trainer:
             f"{f' x {self.dist.world} ranks' if self.dist.enabled else ''})"
         )
 
-    def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """lr -> micro-batches -> clip -> step; returns (this rank's loss, grad norm, tokens of all ranks)."""
-        o, world, rank = self.cfg.optim, self.dist.world, self.dist.rank
-        mult = lr_multiplier(
-            self.step, self.t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_fraction
-        )
+    def optimizer_step(self) -> tuple[torch.Tensor, int, torch.Tensor | None, int]:
+        """lr -> this rank's micro-batches -> forward/backward -> clip -> step. Returns (this rank's summed loss,
+        the step's supervised count over all ranks, grad norm, non-padding tokens over all ranks)."""
+        world, rank = self.dist.world, self.dist.rank
+        mult = self.schedule.multiplier(self.step)
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        loss_sum, tokens, count = torch.zeros((), device=self.device), 0, self.accum * world
-        for micro in range(self.accum):
-            batch = self.setup.train_batch(self.step, micro * world + rank, count)
-            tokens += batch[0].numel()  # SFT batches are padded to their longest example
-            with D.no_grad_sync(self.wrapped, self.parallel, sync=micro == self.accum - 1):
-                loss = self.loss_fn(self.fwd, batch, self.device, self.ctx) / self.accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach()
+        count = self.accum * world
+        batches = [self.setup.train_batch(self.step, m * world + rank, count) for m in range(self.accum)]
+        local = [sum(c) for c in zip(*(self.objective.counts(b) for b in batches))]
+        supervised, tokens = self.dist.sum_ints(local, self.device)  # the step's one all-reduce of counts
+        env = StepEnv(
+            self.device,
+            self.ctx,
+            self.grad_factor / max(supervised, 1),
+            lambda last: D.no_grad_sync(self.wrapped, self.parallel, sync=last),
+            self._backward,
+            self.dist,
+        )
+        loss_sum = self.objective.step(self.fwd, batches, env)
         if self.scaler:
             for opt in self.opt.optimizers:
                 self.scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip) if o.grad_clip else None
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip) if clip else None
         if self.scaler:
             for opt in self.opt.optimizers:
                 self.scaler.step(opt)
@@ -229,7 +260,10 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_sum, None if grad_norm is None else D.full_value(grad_norm), tokens * world
+        return loss_sum, supervised, None if grad_norm is None else D.full_value(grad_norm), tokens
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def write(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
@@ -264,6 +298,8 @@ class Trainer:
             "data": {"seed": self.t.seed, "global_batch": self.t.global_batch, "next_step": self.step},
             "world_size": self.dist.world,
             "parallel": self.parallel,
+            "schedule": self.schedule.to_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         snap = self.snap.take(self.step, state)  # a collective under FSDP2
         if self.dist.main:
@@ -306,71 +342,77 @@ def run_training(
         tr.close()
 
 
+def _log_row(tr: Trainer, loss: torch.Tensor, supervised: int, grad_norm: Any, w: Window) -> dict[str, Any]:
+    """The logged row of this step: the token-weighted loss of the step over all ranks, lr, tokens/s and MFU
+    counted in non-padding tokens, the peak memory since the last row."""
+    loss_val = tr.dist.sum(loss).item() / max(supervised, 1)
+    step = tr.step
+    if not math.isfinite(loss_val):
+        raise KititansError(f"training diverged at step {step} (loss {loss_val}): lower the learning rate")
+    tps = w.rate()
+    lr = tr.opt.param_groups[0]["lr"]
+    row: dict[str, Any] = {
+        "step": step,
+        "loss": round(loss_val, 6),
+        "lr": lr,
+        "tokens_per_s": round(tps, 1),
+        "tokens": tr.tokens_seen,
+        "time": round(tr.seconds_before + time.perf_counter() - w.t0, 3),
+    }
+    if grad_norm is not None:
+        row["grad_norm"] = round(float(grad_norm), 4)
+    if tr.peak:
+        row["mfu"] = round(tps * tr.flops_per_token / (tr.peak * tr.dist.world), 4)
+    row["peak_mem_mb"] = round(tr.memory.read() / 2**20, 1)
+    row["mem_kind"] = tr.memory.kind
+    row.update(tr.row_extra)
+    tr.row_extra.clear()
+    tr.write(row)
+    return row
+
+
 def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainResult:
     t = tr.t
     log.info("%s", tr.describe())
     extra: dict[str, Any] = {}
     loss_val: float | None = None
-    t0 = time.perf_counter()
-    tokens, window = 0, (t0, 0)  # tokens/s is reported over the last log interval
-    bar = tqdm(
-        total=t.steps,
-        initial=tr.start,
-        desc="train",
-        unit="step",
-        disable=not tr.progress,
-        dynamic_ncols=True,
-    )
+    w = Window()
+    bar = tqdm(total=t.steps, initial=tr.start, desc="train", unit="step", disable=not tr.progress,
+               dynamic_ncols=True)  # fmt: skip
     say = bar.write if tr.progress else (lambda _: None)
+    if tr.resume_peak is not None:  # each rank's peak memory while resuming, in the first row after it
+        peaks = tr.dist.gather_ints([tr.resume_peak], tr.device)
+        tr.row_extra["resume_peak_mem_mb"] = [round(p / 2**20, 1) for p in peaks]
     if tr.setup.eval_at_start and tr.start == 0:
         extra["initial_val_loss"] = tr.evaluate()
         say(f"step 0: val loss {tr.val_loss:.4f}")
+    tr.memory.reset()
     handlers = _catch_stop_signals(tr)
     try:
         while tr.step < t.steps:
-            loss, grad_norm, n = tr.optimizer_step()
-            tokens += n
+            loss, supervised, grad_norm, n = tr.optimizer_step()
+            w.tokens += n
             tr.tokens_seen += n
             bar.update(1)
             step = tr.step
             if step % t.log_every == 0 or step == t.steps:
-                loss_val = tr.dist.mean(loss).item()
-                if not math.isfinite(loss_val):
-                    raise KititansError(
-                        f"training diverged at step {step} (loss {loss_val}): lower the learning rate"
-                    )
-                now = time.perf_counter()
-                tps, window = (tokens - window[1]) / max(now - window[0], 1e-9), (now, tokens)
-                lr = tr.opt.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                row = {
-                    "step": step,
-                    "loss": round(loss_val, 6),
-                    "lr": lr,
-                    "tokens_per_s": round(tps, 1),
-                    "tokens": tr.tokens_seen,
-                    "time": round(tr.seconds_before + now - t0, 3),
-                }
-                if grad_norm is not None:
-                    row["grad_norm"] = round(float(grad_norm), 4)
-                if tr.peak:
-                    row["mfu"] = round(tps * tr.flops_per_token / (tr.peak * tr.dist.world), 4)
-                tr.write(row)
+                row = _log_row(tr, loss, supervised, grad_norm, w)
+                loss_val = row["loss"]
+                bar.set_postfix(
+                    loss=f"{loss_val:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}", lr=f"{row['lr']:.2e}"
+                )
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 say(f"step {step}: val loss {tr.evaluate():.4f}")
             if tr.metrics is not None:
                 tr.metrics.flush()
             stop = tr.dist.any(tr.stop_requested, tr.device)
             if (t.save_every and step % t.save_every == 0) or step == t.steps or stop:
-                tr.save(time.perf_counter() - t0)
+                tr.save(time.perf_counter() - w.t0)
             if on_step is not None:
-                on_step(step, loss.item())
+                on_step(step, loss.item() / max(supervised, 1))
             if stop:
-                log.warning(
-                    "stopped at step %d on a signal; continue with: kititans train --resume %s",
-                    step,
-                    tr.run_dir,
-                )
+                log.warning("stopped at step %d on a signal; continue with: kititans train --resume %s",
+                            step, tr.run_dir)  # fmt: skip
                 break
     finally:
         bar.close()
@@ -380,18 +422,8 @@ def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainRes
     if tr.dist.main and t.report and not interrupted:
         _write_report(tr.run_dir)
     extra["val_metrics"] = tr.val_metrics
-    return TrainResult(
-        tr.run_dir,
-        tr.step,
-        t.steps,
-        loss_val,
-        tr.val_loss,
-        tokens,
-        time.perf_counter() - t0,
-        interrupted,
-        count_params(tr.model),
-        extra,
-    )
+    return TrainResult(tr.run_dir, tr.step, t.steps, loss_val, tr.val_loss, w.tokens,
+                       time.perf_counter() - w.t0, interrupted, count_params(tr.model), extra)  # fmt: skip
 
 
 def _write_report(run_dir: Path) -> None:
@@ -419,35 +451,3 @@ def _catch_stop_signals(tr: Trainer) -> dict[int, Any]:
         with contextlib.suppress(ValueError):  # not the main thread (a test runner thread): leave them alone
             handlers[sig] = signal.signal(sig, stop)
     return handlers
-
-
-def _row_step(line: str) -> float:
-    """A metrics row's step; a line cut short by a crash counts as past any step (it is dropped)."""
-    try:
-        return float(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def _open_metrics(run_dir: Path, start: int) -> Any:
-    """metrics.jsonl, with lines past the resumed step dropped (they belong to the lost part of the run)."""
-    path = run_dir / "metrics.jsonl"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if start and path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if _row_step(ln) <= start]
-        write_text(path, "".join(ln + "\n" for ln in keep))
-    elif path.is_file():
-        path.unlink()
-    return open(path, "a", encoding="utf-8")
-
-
-def initial_val_loss(run_dir: Path) -> float | None:
-    """The step-0 val loss of a run (its starting model on its val split), from metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if row.get("step") == 0 and "val_loss" in row:
-            return float(row["val_loss"])
-    return None

@@ -1,10 +1,11 @@
 """Optimizers built from parameter roles (FamilySpec.roles).
 
 adamw: AdamW on everything (no weight decay on 1-D gains).
-muon:  torch.optim.Muon on the 2-D matrices inside the blocks ("matrix" role), AdamW on embeddings, head,
-       norms, gates and >2-D tensors. Muon's lr uses the "original" shape scaling, where ~0.02-0.05 is right;
-       torch's default lr=1e-3 is ~20x too small (research/training.md B1). Muon is a steepest-descent rule
-       for hidden matrices: not for embeddings, the head, or 0/1-D parameters.
+muon:  Muon (train/muon.py: torch.optim.Muon's step, per logical matrix of a fused one) on the 2-D matrices
+       inside the blocks ("matrix" role), AdamW on embeddings, head, norms, gates and >2-D tensors. With the
+       "original" shape scaling (optim.muon_scale) ~0.02-0.05 is the right lr; torch's default lr=1e-3 is ~20x
+       too small (research/training.md B1); "match_rms_adamw" takes an AdamW-sized lr. Muon is a steepest-
+       descent rule for hidden matrices: not for embeddings, the head, or 0/1-D parameters.
 Both come as one CombinedOptimizer: one state_dict, one set of param_groups for the schedule.
 """
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from kititans.config import OptimConfig
 from kititans.models.spec import FamilySpec
+from kititans.train.muon import Muon
 
 
 class CombinedOptimizer:
@@ -81,12 +83,15 @@ def build_optimizer(
         torch.optim.AdamW([g for g in groups if g["params"]], **adam_kw)
     ]
     if muon_roles and by_role.get("matrix"):
-        muon = torch.optim.Muon(
+        splits = {id(params[n]): rows for n, rows in spec.splits(model).items() if roles[n] == "matrix"}
+        muon = Muon(
             by_role["matrix"],
             lr=cfg.muon_lr,
             weight_decay=cfg.muon_weight_decay,
             momentum=cfg.muon_momentum,
             nesterov=True,
+            adjust_lr_fn=cfg.muon_scale,
+            splits=splits,
         )
         for g in muon.param_groups:
             g.update(base_lr=cfg.muon_lr, kind="muon")

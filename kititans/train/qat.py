@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kititans.checkpoint import load_checkpoint, read_meta
 from kititans.config import RunConfig, apply_overrides, flatten
 from kititans.errors import KititansError
 from kititans.models.spec import autocast_dtype
 from kititans.quantize import qat as Q
-from kititans.train.loop import TrainResult, TrainSetup, evaluate, initial_val_loss, run_training
+from kititans.train import loss as L
+from kititans.train.loop import TrainResult, TrainSetup, evaluate, run_training
+from kititans.train.metrics import initial_val_loss
 from kititans.train.pretrain import StepWindows
 
 log = logging.getLogger("kititans")
@@ -123,18 +124,21 @@ class DistillLoss:
     of drifting with more training on the data (a base that is still learning would otherwise pull it
     away from the reference)."""
 
-    def __init__(self, teacher: torch.nn.Module):
+    def __init__(self, teacher: torch.nn.Module, rows: int = 0):
         self.teacher = teacher.eval().requires_grad_(False)
+        self.rows = rows
 
     def __call__(self, model: torch.nn.Module, batch: tuple, device: torch.device, ctx: Any) -> torch.Tensor:
+        """The KL summed over the batch's tokens (the loop divides by the step's token count), teacher and
+        student logits made chunk by chunk (train/loss.py), never the whole (B, T, V) in fp32."""
         x = batch[0].to(device, non_blocking=True)
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         with torch.no_grad(), ctx:
-            target = F.log_softmax(self.teacher(x).float(), dim=-1)  # (B, T, V)
+            teacher = L.HeadLogits(self.teacher(x, hidden=True).flatten(0, 1), L.head_weight(self.teacher))
         with ctx:
-            logp = F.log_softmax(model(x).float(), dim=-1)
-        return F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+            h = model(x, hidden=True).flatten(0, 1)  # (B*T, D)
+            return L.linear_loss(h, L.head_weight(model), L.Distill(teacher), self.rows)
 
 
 def find_data(base: Path, given: Path | None) -> Path:
@@ -249,7 +253,7 @@ def qat(
             },
         },
         eval_at_start=True,  # step 0 = the base model quantized after training (PTQ) on the same windows
-        loss_fn=DistillLoss(teacher) if teacher is not None else None,
+        loss_fn=DistillLoss(teacher, t.loss_chunk) if teacher is not None else None,
     )
     torch.manual_seed(t.seed)
     result = run_training(cfg, setup, out, resume=resume, progress=progress, on_step=on_step)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from kititans.checkpoint import load_checkpoint, read_meta
@@ -35,9 +34,11 @@ from kititans.train.loop import (
     TrainResult,
     TrainSetup,
     batch_generator,
-    initial_val_loss,
+    evaluate,
     run_training,
 )
+from kititans.train.loss import IGNORE
+from kititans.train.metrics import initial_val_loss
 
 log = logging.getLogger("kititans")
 
@@ -65,7 +66,8 @@ def default_out(base: str | Path) -> Path:
 
 def sft_config(base: str | Path, layers: list[tuple[str, Any]]) -> RunConfig:
     """The SFT run config: the base run's model settings < SFT_DEFAULTS (and seq_len = the model's
-    context) < `layers` (recipe, --set, flags)."""
+    context) < `layers` (recipe, --set, flags). A run shorter than the default warmup gets half its steps as
+    warmup (a warmup the run never finishes is refused, train/schedule.py); one the user sets is kept."""
     base = Path(base)
     meta = read_meta(base)
     cfg = RunConfig(family=meta["family"])
@@ -73,7 +75,11 @@ def sft_config(base: str | Path, layers: list[tuple[str, Any]]) -> RunConfig:
         apply_overrides(cfg, flatten(meta["run"]), source="base run")
     context = int(meta["model"].get("context_length", cfg.train.seq_len))
     defaults = [*SFT_DEFAULTS.items(), ("train.seq_len", context), ("sft.base", str(base))]
-    return apply_overrides(cfg, [*defaults, ("out", str(default_out(base))), *layers])
+    cfg = apply_overrides(cfg, [*defaults, ("out", str(default_out(base))), *layers])
+    t, o = cfg.train, cfg.optim
+    if o.warmup_steps >= t.steps and not any(k == "optim.warmup_steps" for k, _ in layers):
+        o.warmup_steps = t.steps // 2  # SFT's default warmup, shortened for a run shorter than it
+    return cfg
 
 
 def resume_config(run_dir: str | Path, layers: list[tuple[str, Any]]) -> RunConfig:
@@ -126,11 +132,12 @@ def encode_conversations(
 
 
 def collate(examples: list[Example], pad_id: int, limit: int, multiple: int = 8) -> Batch:
-    """Right-padded (x, y, loss_mask), each (B, T): T = the longest example, rounded up to `multiple`."""
+    """Right-padded (x, y, loss_mask), each (B, T): T = the longest example, rounded up to `multiple`; padding
+    inputs are pad_id, padding targets IGNORE (so the non-padding tokens are counted, train/loss.py)."""
     longest = max(len(ids) for ids, _ in examples) - 1
     t = min(-(-longest // multiple) * multiple, limit)
     x = torch.full((len(examples), t), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), t), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), t), IGNORE, dtype=torch.long)
     m = torch.zeros((len(examples), t), dtype=torch.bool)
     for i, (ids, mask) in enumerate(examples):
         n = len(ids) - 1
@@ -234,21 +241,9 @@ def prepare_sft_data(cfg: RunConfig, tok: Tokenizer, progress: bool = False) -> 
     return SftData(train, val, batches, describe)
 
 
-@torch.no_grad()
 def evaluate_assistant(model: torch.nn.Module, batches: list[Batch], device: torch.device, ctx: Any) -> float:
-    """Mean cross entropy over the assistant tokens of all batches (token-weighted, not batch-weighted)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y, m in batches:
-        with ctx:
-            logits = model(x.to(device))  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="none")
-        keep = m.to(device).flatten()
-        total += float(loss[keep].double().sum())
-        count += int(keep.sum())
-    model.train(was_training)
-    return total / max(count, 1)
+    """Mean cross entropy over the assistant tokens of all batches (token-weighted, as training is)."""
+    return evaluate(model, batches, device, ctx)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -305,7 +300,6 @@ def sft(
             },
             "sft_data": data.describe,
         },
-        eval_fn=evaluate_assistant,
         eval_at_start=True,
     )
     torch.manual_seed(t.seed)

@@ -54,9 +54,20 @@ class Snapshotter:
         optimizers = [get_optimizer_state_dict(self.model, o, options=opts) for o in self.opt.optimizers]
         return Snapshot(step, weights, optimizers, state)
 
+    def load_model(self, restored: Restored) -> None:
+        """Several ranks: rank 0 holds the saved weights (restore_into, before wrapping); broadcast them into
+        every rank's (possibly sharded) model. One process: already loaded."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        if not self.dist.enabled:
+            return
+        weights = _with_tied_names(self.model, restored.weights) if self.dist.main else {}
+        set_model_state_dict(self.model, weights, options=_options(broadcast_from_rank0=True))
+
     def load_optimizer(self, restored: Restored, parallel: str) -> None:
-        """The saved optimizer state into this (possibly sharded) optimizer; the learning rates stay the
-        current config's (a resume may change --lr)."""
+        """The saved optimizer state into this (possibly sharded) optimizer: read by rank 0 only and broadcast
+        tensor by tensor, each rank keeping its shard (torch.distributed.checkpoint's state-dict API). The
+        learning rates stay the current config's (a resume may change --lr)."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         base = [g["base_lr"] for g in self.opt.param_groups]
@@ -72,17 +83,38 @@ class Snapshotter:
                     f"optimizer state does not fit (was the optimizer changed?): {e}"
                 ) from None
         else:
-            if len(restored.optimizers) != len(self.opt.optimizers):
+            device = next(self.model.parameters()).device
+            n = self.dist.gather_ints([len(restored.optimizers)], device)[0]  # rank 0 read the file
+            if n != len(self.opt.optimizers):
                 raise KititansError(
                     "the saved optimizer state does not fit this optimizer (was --optimizer changed?); resume "
                     "with the run's optimizer"
                 )
-            for o, sd in zip(self.opt.optimizers, restored.optimizers):
+            bcast = self.dist.enabled
+            for i, o in enumerate(self.opt.optimizers):
+                sd = restored.optimizers[i] if restored.optimizers else {}
                 try:
-                    set_optimizer_state_dict(self.model, o, sd, options=_options())
+                    set_optimizer_state_dict(self.model, o, sd, options=_options(broadcast_from_rank0=bcast))
                 except (ValueError, KeyError, RuntimeError) as e:
                     raise KititansError(
                         f"the saved optimizer state does not fit (was the optimizer changed?): {str(e)[:200]}"
                     ) from None
         for g, lr in zip(self.opt.param_groups, base):
             g["base_lr"] = lr
+
+
+def _with_tied_names(model: nn.Module, weights: dict[str, Any]) -> dict[str, Any]:
+    """The saved weights under every name the model has for them: a tied head is saved once (safetensors keeps
+    one name per tensor), and the broadcast loads strictly, by every parameter name."""
+    from kititans.train.loss import unwrap
+
+    names: dict[int, list[str]] = {}
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    out = dict(weights)
+    for group in names.values():
+        have = next((n for n in group if n in out), None)
+        for n in group:
+            if have is not None and n not in out:
+                out[n] = out[have]
+    return out

@@ -164,6 +164,22 @@ def titans_param_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+def titans_param_splits(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Fused matrices as the logical ones they stand for (Muon orthogonalises each block on its own):
+    attention's qkv = [q | k | v] and each memory's proj = [keys | values | queries], D rows each."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.qkv.weight", "memory.proj.weight")) and p.ndim == 2 and p.shape[0] % 3 == 0:
+            out[name] = (p.shape[0] // 3,) * 3
+    return out
+
+
+def titans_fp32_modules(model: nn.Module) -> list[nn.Module]:
+    """The neural memories: their weights (W_0, projections, gates) enter fp32 memory math, so under mixed
+    precision they are kept and read in fp32."""
+    return [m for n, m in model.named_modules() if n.endswith(".memory") and m is not None]
+
+
 _TRAIN_DEBUG = {
     "train.seq_len": 128,
     "train.batch_size": 8,

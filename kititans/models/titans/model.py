@@ -43,7 +43,14 @@ from kititans.errors import KititansError
 from kititans.models.layers import RMSNorm
 from kititans.models.spec import FamilySpec, Unsupported, register
 from kititans.models.titans.blocks import TitansLayer
-from kititans.models.titans.config import PRESETS, TitansConfig, titans_component, titans_param_roles
+from kititans.models.titans.config import (
+    PRESETS,
+    TitansConfig,
+    titans_component,
+    titans_fp32_modules,
+    titans_param_roles,
+    titans_param_splits,
+)
 from kititans.models.titans.coreml_step import TitansCoreMLStep
 from kititans.models.titans.flops import titans_flops_per_token
 from kititans.models.titans.hf import hf_config, run_files
@@ -211,7 +218,7 @@ class TitansModel(nn.Module):
             cache=cache,
         )  # fmt: skip
 
-    def _run(self, input_ids: Tensor, ctx: StepCtx, ios: list[StateIO] | None) -> Tensor:
+    def _run(self, input_ids: Tensor, ctx: StepCtx, ios: list[StateIO] | None, head: bool = True) -> Tensor:
         x = self.embed(input_ids)  # (B,T,D)
         n = self.cfg.hyper_streams
         h = x.unsqueeze(-2).expand(*x.shape[:2], n, x.shape[-1]).contiguous() if n > 1 else x
@@ -221,14 +228,16 @@ class TitansModel(nn.Module):
                 h = checkpoint(layer, h, ctx, None, use_reentrant=False)
             else:
                 h = layer(h, ctx, io)
-        x = h.sum(-2) if n > 1 else h
-        return self.lm_head(self.norm(x))
+        x = self.norm(h.sum(-2) if n > 1 else h)
+        return self.lm_head(x) if head else x
 
-    def forward(self, input_ids: Tensor, state: TitansState | None = None) -> Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab). With `state`, continues the sequence in place."""
+    def forward(self, input_ids: Tensor, state: TitansState | None = None, hidden: bool = False) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab). With `state`, continues the sequence in place.
+        hidden (training, no state): the final normalised hidden states (B, T, dim) instead; the training loss
+        applies the head chunk by chunk (train/loss.py)."""
         T = input_ids.shape[1]
         if state is None:
-            return self._run(input_ids, self.ctx(0, T), None)
+            return self._run(input_ids, self.ctx(0, T), None, head=not hidden)
         kinds, parts = self.kinds(), []
         for at, n in plan(T, state.pos, [k.tokens for k in kinds]):
             kind, ids = pick_kind(kinds, state.pos, n), input_ids[:, at : at + n]
@@ -309,6 +318,8 @@ SPEC = register(
             "coreml": TitansCoreMLStep,
         },
         param_roles=titans_param_roles,
+        param_splits=titans_param_splits,
+        fp32_modules=titans_fp32_modules,
         hf_config=hf_config,
         run_files=run_files,
         flops_per_token=titans_flops_per_token,
