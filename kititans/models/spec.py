@@ -75,6 +75,9 @@ class FamilySpec:
     # what the model is for: "lm" (next-token logits: generate, chat, serve) or "embed" (pooled, normalised
     # vectors: embed, search); verbs ask this, never the family's name
     task: str = "lm"
+    # saved model config (config.json's kititans.model) -> the config that rebuilds that model: fills in what a
+    # run saved by an older kititans did not store with that version's values (Titans: upgrade_config)
+    upgrade_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def make_config(self, preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
         base: dict[str, Any] = dict(self.presets[preset].model) if preset else {}

@@ -43,7 +43,13 @@ from kititans.errors import KititansError
 from kititans.models.layers import RMSNorm
 from kititans.models.spec import FamilySpec, Unsupported, register
 from kititans.models.titans.blocks import TitansLayer
-from kititans.models.titans.config import PRESETS, TitansConfig, titans_component, titans_param_roles
+from kititans.models.titans.config import (
+    PRESETS,
+    TitansConfig,
+    titans_component,
+    titans_param_roles,
+    upgrade_config,
+)
 from kititans.models.titans.coreml_step import TitansCoreMLStep
 from kititans.models.titans.hf import hf_config, run_files
 from kititans.models.titans.onnx_step import TitansOnnxStep
@@ -132,6 +138,8 @@ class TitansModel(nn.Module):
                 layer.memory.init_weights(std, out_std)
             for hc in layer.hc or []:
                 hc.reset()
+            if layer.gate_scale is not None:  # the open MAC gate: y * (1 + 0 * tanh(N(y))) = y at init
+                nn.init.zeros_(layer.gate_scale)
         nn.init.ones_(self.norm.weight)
 
     def fuse_for_inference(self) -> TitansModel:
@@ -310,5 +318,6 @@ SPEC = register(
         param_roles=titans_param_roles,
         hf_config=hf_config,
         run_files=run_files,
+        upgrade_config=upgrade_config,
     )
 )
