@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "kititans.commands.train",
     "sft": "kititans.commands.sft",
     "qat": "kititans.commands.qat",
+    "distill": "kititans.commands.distill",
     "report": "kititans.commands.report",
     "generate": "kititans.commands.generate",
     "chat": "kititans.commands.chat",

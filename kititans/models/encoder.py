@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kititans.errors import KititansError
 from kititans.models.encoder_export import EncoderCoreMLGraph, EncoderOnnxGraph
+from kititans.models.flops import bidirectional_flops_per_token
 from kititans.models.layers import apply_rope, mean_pool
 from kititans.models.lite import (
     GGUF_TENSORS,
@@ -197,5 +198,6 @@ SPEC = register(
         hf_config=hf_encoder_config,
         run_files=encoder_run_files,
         task="embed",
+        flops_per_token=bidirectional_flops_per_token,
     )
 )

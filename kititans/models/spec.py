@@ -78,6 +78,9 @@ class FamilySpec:
     # saved model config (config.json's kititans.model) -> the config that rebuilds that model: fills in what a
     # run saved by an older kititans did not store with that version's values (Titans: upgrade_config)
     upgrade_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # (model, config, seq_len) -> training FLOPs per token for MFU, where the family does work its parameter
+    # count does not show (an encoder's bidirectional attention, Titans' memory); None: train/mfu.py's count
+    flops_per_token: Callable[[nn.Module, Any, int], float] | None = None
 
     def make_config(self, preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
         base: dict[str, Any] = dict(self.presets[preset].model) if preset else {}

@@ -51,6 +51,7 @@ from kititans.models.titans.config import (
     upgrade_config,
 )
 from kititans.models.titans.coreml_step import TitansCoreMLStep
+from kititans.models.titans.flops import titans_flops_per_token
 from kititans.models.titans.hf import hf_config, run_files
 from kititans.models.titans.onnx_step import TitansOnnxStep
 from kititans.models.titans.state import StateIO, StepCtx, StepKind, pick_kind, rope_rows, step_kinds
@@ -319,5 +320,6 @@ SPEC = register(
         hf_config=hf_config,
         run_files=run_files,
         upgrade_config=upgrade_config,
+        flops_per_token=titans_flops_per_token,
     )
 )
