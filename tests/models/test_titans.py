@@ -65,6 +65,8 @@ VARIANTS = {
     "mac_no_h": {"block": "mac", "mac_h_rows": False},
     "mac_keys_u": {"block": "mac", "mac_keys": "u"},
     "mac_keys_u_conv": {"block": "mac", "mac_keys": "u", "mem_conv": 3, "mem_norm_v": True},
+    "mac_stores_u": {"block": "mac", "mac_keys": "u", "mac_values": "u", "mac_h_rows": False},
+    "mac_values_u": {"block": "mac", "mac_values": "u"},
     "mac_h_residual": {"block": "mac", "mac_h_residual": True},
     "mac_h_residual_only": {"block": "mac", "mac_h_rows": False, "mac_h_residual": True},
     "mac_all": {

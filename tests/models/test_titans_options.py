@@ -109,6 +109,7 @@ def test_hybrid_preset():
         ({"mac_gate": "relu"}, "mac_gate must be one of sigmoid, tanh, got 'relu'"),
         ({"mac_attention": "full"}, "mac_attention must be one of segment, sliding"),
         ({"mac_keys": "x"}, "mac_keys must be one of y, u"),
+        ({"mac_values": "v"}, "mac_values must be one of y, u"),
         ({"revision": REVISION + 1}, "config revision 3 is not one this kititans knows"),
     ],
 )

@@ -16,8 +16,8 @@ neural memory (memory.py), SWA sliding-window attention over [persistent K/V ; t
 MAC's options (config `mac_*`, measured one at a time in docs/titans.md): the layers without memory attend
 within segments or over a sliding window (mac_attention); the gate y * sigmoid(N(y)) or, open at init,
 y * (1 + g * tanh(N(y))) with a learned per-channel g = 0 (mac_gate); h as attention rows or not (mac_h_rows);
-the memory's keys, gates and queries from the attention output y or from the block input u, its values from y
-either way (mac_keys); h also added to the residual stream, x += y * gate + h (mac_h_residual).
+the memory's keys, gates and queries from the attention output y or from the block input u (mac_keys), its
+values from y or u (mac_values); h also added to the residual stream, x += y * gate + h (mac_h_residual).
 Layers in `global_layers` attend causally over everything before them (a sliding window of context_length).
 Every block ends with x += SwiGLU(norm(x)); layers without memory are attention + SwiGLU only (mac: segment
 attention, or with mac_attention=sliding a window). Every block trains chunk-parallel over a whole sequence (mac: one segment after another, since
@@ -73,7 +73,7 @@ class TitansLayer(nn.Module):
                 norm_v=cfg.mem_norm_v,
                 forget=cfg.mem_forget_bias,
                 frozen=self.h_rows or self.h_residual,
-                split_kv=mac and cfg.mac_keys == "u",
+                split_kv=mac and cfg.mac_keys != cfg.mac_values,
             )
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # a global layer: a window as long as the training context (full causal attention within it)
@@ -82,6 +82,8 @@ class TitansLayer(nn.Module):
         segment = mac and not self.is_global and (self.memory is not None or cfg.mac_attention == "segment")
         self.attn = TitansAttention(cfg.dim, cfg.n_heads, cfg.n_persistent, window, segment)
         # the open MAC gate y * (1 + g * tanh(N(y))), per channel, g = 0 at init (init_weights)
+        # MAC: where the memory's keys (and gates, queries) and its values come from, "y" or "u"
+        self.mac_sources = (cfg.mac_keys, cfg.mac_values)
         self.gate_scale = nn.Parameter(torch.zeros(cfg.dim)) if mac and cfg.mac_gate == "tanh" else None
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
@@ -158,15 +160,21 @@ class TitansLayer(nn.Module):
             return y * _like(torch.sigmoid(m), y)
         return y * (1 + self.gate_scale * _like(torch.tanh(m), y))
 
+    def _store(self, u: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """MAC: what the memory stores (its keys, gates, queries) and, when the values come from the other
+        one, the values' input (None: the same)."""
+        k, v = (u if src == "u" else y for src in self.mac_sources)
+        return k, (v if self.memory.split_kv else None)
+
     def _mac(self, u: Tensor, ctx: StepCtx, io: StateIO | None) -> Tensor:
         if ctx.stateful:
             return self._mac_step(u, ctx, io)
         mem, attn = self.memory, self.attn
-        keys_u = mem.split_kv  # the memory's keys from u, its values from y
         if not self.frozen:  # no h at all: segment attention, then the memory over the whole sequence
             y = attn(self.attn_norm(u), ctx, None)
+            xk, xv = self._store(u, y)
             with _fp32(u):
-                m = mem(u, xv=y) if keys_u else mem(y)
+                m = mem(xk, xv=xv)
             return self._gate(y, m)
         if self.h_rows:
             q, k, v = attn.project(self.attn_norm(u), ctx)
@@ -186,11 +194,9 @@ class TitansLayer(nn.Module):
                 y = attn.o_proj(attn.segment_parallel(q[:, a:b], k[:, a:b], v[:, a:b], hk, hv, ctx))
             else:
                 y = y_all[:, a:b]
+            xk, xv = self._store(u[:, a:b], y)
             with _fp32(u):
-                if keys_u:
-                    m, w, s, conv = mem.store_read(u[:, a:b], w, s, conv, xv=y)
-                else:
-                    m, w, s, conv = mem.store_read(y, w, s, conv)
+                m, w, s, conv = mem.store_read(xk, w, s, conv, xv=xv)
             out = self._gate(y, m)
             outs.append(out + _like(h, out) if self.h_residual else out)
         return torch.cat(outs, 1)
@@ -208,7 +214,8 @@ class TitansLayer(nn.Module):
             q, k, v = attn.project(self.attn_norm(u), ctx)
             hk, hv = attn.project_kv(hn, ctx)
             y = attn.o_proj(attn.segment_step(q, k, v, ctx, io, hk, hv))
-        # store y (or u -> y), read it back (a segment's end also moves the segment-start weights)
-        m = mem(u, ctx, io, xv=y) if mem.split_kv else mem(y, ctx, io)
+        # store y (or u, or u -> y), read it back (a segment's end also moves the segment-start weights)
+        xk, xv = self._store(u, y)
+        m = mem(xk, ctx, io, xv=xv)
         out = self._gate(y, m)
         return out + _like(h, out) if self.h_residual else out

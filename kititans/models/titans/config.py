@@ -25,6 +25,7 @@ LEGACY: dict[int, dict[str, object]] = {
         "mac_gate": "sigmoid",
         "mac_h_rows": True,
         "mac_keys": "y",
+        "mac_values": "y",
         "mac_h_residual": False,
     },
 }
@@ -34,6 +35,7 @@ CHOICES = {
     "mac_attention": ("segment", "sliding"),
     "mac_gate": ("sigmoid", "tanh"),
     "mac_keys": ("y", "u"),
+    "mac_values": ("y", "u"),
 }
 
 
@@ -89,6 +91,7 @@ class TitansConfig:
     mac_gate: str = "sigmoid"  # y * sigmoid(N(y)), or "tanh": y * (1 + g * tanh(N(y))) with g = 0 at init
     mac_h_rows: bool = True  # the memory's h rows as extra keys/values of the segment attention
     mac_keys: str = "y"  # the memory's keys, gates, queries from the attention output "y" or block input "u"
+    mac_values: str = "y"  # the memory's values from "y" or "u"
     mac_h_residual: bool = False  # also add h to the residual stream (x += y * gate + h)
     # 1-based layer numbers with causal attention over the whole context (a K/V cache of context_length
     # rows) instead of the window / segment; None: none
