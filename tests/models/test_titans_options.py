@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,46 @@ def test_a_run_from_a_newer_revision_is_refused_in_one_line(tokenizer, tmp_path)
     (run / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(KititansError, match="revision 3 is not one this kititans knows.*pip install -U"):
         load_checkpoint(run)
+
+
+ONNX_OPTIONS = {
+    "keys_u_tanh_sliding_h_residual_global": dict(
+        memory_layers=[1], global_layers=[2], mac_attention="sliding", mac_gate="tanh", mac_keys="u",
+        mac_h_residual=True,
+    ),
+    "values_u_no_h_rows": dict(memory_layers=[2], mac_values="u", mac_h_rows=False, mac_h_residual=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    # each export is ~35 s of CPU: the second (split keys/values, no h rows) runs with -m slow
+    [pytest.param(name, marks=[pytest.mark.slow] if i else []) for i, name in enumerate(ONNX_OPTIONS)],
+)
+def test_onnx_export_of_the_mac_options_and_a_global_layer(options, tokenizer, tmp_path):
+    """Every MAC option and a global layer go through the same step code the exporters trace (the first set: keys
+    from u, the open gate, sliding attention, h on the residual, a global layer; the second: values from u
+    beside keys from y, no h rows): the ONNX graphs
+    (fixed-size state; the global layer's cache a ring of context_length rows beside it) decode 60 tokens, past
+    the training length of 40, in chunk prefills and single tokens, equal to the parallel forward."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from kititans.export import ExportOptions, export_model
+    from kititans.runtimes import load_runtime
+
+    cfg = TitansConfig(**{**BASE, "block": "mac", **ONNX_OPTIONS[options]})
+    torch.manual_seed(0)
+    model = TitansModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    run = save_checkpoint(tmp_path / "run", model, SPEC, cfg, tokenizer)
+    result = export_model(run, "onnx", "fp32", tmp_path / "onnx", ExportOptions(progress=False))
+    assert result.manifest["check"]["max_abs_logit_diff"] < 1e-4
+    rt = load_runtime(result.path)
+    seq = ids(60, seed=3)[0].tolist()
+    got = [rt.forward(seq[:9], all_logits=True)] + [rt.forward([t], all_logits=True) for t in seq[9:30]]
+    got.append(rt.forward(seq[30:], all_logits=True))
+    with torch.no_grad():
+        ref = model(torch.tensor([seq]))[0].numpy()
+    assert np.abs(np.concatenate(got) - ref).max() < 1e-4
