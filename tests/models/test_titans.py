@@ -57,17 +57,25 @@ VARIANTS = {
     "mag": {"block": "mag"},
     "mag_conv_init": {"block": "mag", "mem_conv": 3, "mem_grad_base": "init"},
     "mac": {"block": "mac"},
+    "mac_revision_1": {  # the first MAC block (revision 1's mac_* values): segments, sigmoid gate, stores y
+        "block": "mac",
+        "mac_attention": "segment",
+        "mac_gate": "sigmoid",
+        "mac_keys": "y",
+        "mac_values": "y",
+        "mac_h_residual": False,
+    },
     "mac_conv_qk": {"block": "mac", "mem_conv": 4, "mem_norm_v": False},
     "mac_hc_plain": {"block": "mac", "hyper_streams": 2, "mem_residual_norm": False, "n_persistent": 0},
     "mac_segment_is_chunk": {"block": "mac", "window": 4},
-    "mac_sliding": {"block": "mac", "mac_attention": "sliding", "memory_layers": [2]},
-    "mac_tanh_gate": {"block": "mac", "mac_gate": "tanh"},
-    "mac_no_h": {"block": "mac", "mac_h_rows": False},
-    "mac_keys_u": {"block": "mac", "mac_keys": "u"},
-    "mac_keys_u_conv": {"block": "mac", "mac_keys": "u", "mem_conv": 3, "mem_norm_v": True},
-    "mac_stores_u": {"block": "mac", "mac_keys": "u", "mac_values": "u", "mac_h_rows": False},
-    "mac_values_u": {"block": "mac", "mac_values": "u"},
-    "mac_h_residual": {"block": "mac", "mac_h_residual": True},
+    "mac_segment": {"block": "mac", "mac_attention": "segment", "memory_layers": [2]},
+    "mac_sigmoid_gate": {"block": "mac", "mac_gate": "sigmoid"},
+    "mac_no_h": {"block": "mac", "mac_h_rows": False, "mac_h_residual": False},  # no h at all
+    "mac_keys_y": {"block": "mac", "mac_keys": "y"},
+    "mac_keys_y_conv": {"block": "mac", "mac_keys": "y", "mem_conv": 3, "mem_norm_v": True},
+    "mac_stores_y": {"block": "mac", "mac_keys": "y", "mac_values": "y", "mac_h_rows": False},
+    "mac_values_y": {"block": "mac", "mac_values": "y"},
+    "mac_no_h_residual": {"block": "mac", "mac_h_residual": False},
     "mac_h_residual_only": {"block": "mac", "mac_h_rows": False, "mac_h_residual": True},
     "mac_all": {
         "block": "mac",
@@ -82,7 +90,7 @@ VARIANTS = {
     "mag_global_memory": {"block": "mag", "global_layers": [1, 2]},
     "mac_global": {"block": "mac", "global_layers": [2]},
 }
-BLOCKS = ("default", "mag", "mac")
+BLOCKS = ("default", "mag", "mac", "mac_revision_1")
 
 
 def ids(b=2, t=L, seed=0):
@@ -116,7 +124,18 @@ def test_in_place_decode_equals_parallel_forward(variant):
 
 
 @pytest.mark.parametrize(
-    "variant", ["default", "grad_base_init", "hyper_connections", "mag", "mac_conv_qk", "mac_all", "global"]
+    "variant",
+    [
+        "default",
+        "grad_base_init",
+        "hyper_connections",
+        "mag",
+        "mac",
+        "mac_revision_1",
+        "mac_conv_qk",
+        "mac_all",
+        "global",
+    ],
 )
 def test_functional_step_equals_parallel_forward(variant):
     model, x = small(**VARIANTS[variant]), ids()

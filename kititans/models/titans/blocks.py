@@ -3,26 +3,27 @@ neural memory (memory.py), SWA sliding-window attention over [persistent K/V ; t
 
   mal  memory as a layer:   x += N(x);  x += SWA(norm(x))                  (the memory stores and reads x)
   mag  memory as a gate:    u = norm(x);  x += SWA(u) * sigmoid(N(u))      (both branches on the same u)
-  mac  memory as context:   segments of S = window tokens; per segment
-         h    = N*(q(x))    read with the memory frozen at the segment start (one h row per token)
-         y    = Attn(norm(x) over [persistent ; norm(h) ; segment]), causal over h and over the segment
-         N   <- y           the memory stores the attention output (chunk by chunk, as everywhere)
-         x   += y * sigmoid(N(y))   read with the updated memory (a token closing a chunk sees it)
-       Information crosses segments only through the memory. The paper's ambiguities (research/titans.md
-       §2.1) are settled so: (a) h has one row per token (no separate N_l long-term tokens); (b) token i sees
-       h_j only for j <= i of its own segment, so h never leaks the future; (c) the gate is y * sigmoid(N(y))
-       (MAG: SWA(u) * sigmoid(N(u))), without the paper's extra learned normalisations, which the memory's
-       own RMSNorm and per-head gains stand in for.
-MAC's options (config `mac_*`, measured one at a time in docs/titans.md): the layers without memory attend
-within segments or over a sliding window (mac_attention); the gate y * sigmoid(N(y)) or, open at init,
-y * (1 + g * tanh(N(y))) with a learned per-channel g = 0 (mac_gate); h as attention rows or not (mac_h_rows);
-the memory's keys, gates and queries from the attention output y or from the block input u (mac_keys), its
-values from y or u (mac_values); h also added to the residual stream, x += y * gate + h (mac_h_residual).
+  mac  memory as context:   segments of S = window tokens; per segment (the defaults, revision 2)
+         h    = N*(q(u))    read with the memory frozen at the segment start (one h row per token)
+         y    = Attn(norm(u) over [persistent ; norm(h) ; segment]), causal over h and over the segment
+         N   <- u           the memory stores the block input (chunk by chunk, as everywhere)
+         x   += y * (1 + g * tanh(N(u))) + h   read with the updated memory; g per channel, 0 at init
+       The paper's ambiguities (research/titans.md §2.1) are settled so: (a) h has one row per token (no
+       separate N_l long-term tokens); (b) token i sees h_j only for j <= i of its own segment, so h never leaks
+       the future; (c) no extra learned normalisations beyond the memory's own RMSNorm and per-head gains.
+MAC's options (config `mac_*`, measured one at a time in docs/titans.md; revision 1's values, the first MAC
+block, in brackets): the layers without memory attend over a sliding window or within segments
+(mac_attention, [segment]); the gate y * (1 + g * tanh(N)), open at init, or y * sigmoid(N) (mac_gate,
+[sigmoid]); h as attention rows or not (mac_h_rows); the memory's keys, gates and queries from the block input
+u or from the attention output y (mac_keys, [y]), its values from u or y (mac_values, [y]); h also added to the
+residual stream (mac_h_residual, [no]). With revision 1's values information crosses segments only through the
+memory, which stores y, and the first mac did not learn pass-key beyond a segment; the defaults did (96% at 4x
+the window). MAG's gate is SWA(u) * sigmoid(N(u)).
 Layers in `global_layers` attend causally over everything before them (a sliding window of context_length).
 Every block ends with x += SwiGLU(norm(x)); layers without memory are attention + SwiGLU only (mac: segment
-attention, or with mac_attention=sliding a window). Every block trains chunk-parallel over a whole sequence (mac: one segment after another, since
-each segment's h needs the memory the previous one left) and steps token by token over a fixed-size state
-(state.py), equal to the parallel forward.
+attention, or with mac_attention=sliding a window). Every block trains chunk-parallel over a whole sequence
+(mac: one segment after another, since each segment's h needs the memory the previous one left) and steps
+token by token over a fixed-size state (state.py), equal to the parallel forward.
 """
 
 from __future__ import annotations
