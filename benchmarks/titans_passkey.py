@@ -10,7 +10,11 @@ mac, mag) and memory details (--conv, --norm-v, --forget-bias), and the same mod
 across layers, so attention alone reaches 2 x (window - 1) tokens back (mac's segments: less); the memory has
 no such limit. Evaluation greedily decodes the 4-digit answer with the in-place decode state at 1x, 2x, 4x
 (and 8x, beyond the training lengths) the window; chance is 10% per digit, 0.01% per key. Results are split
-by the key's distance.
+by the key's distance, and by whether the key block or the answer straddles a segment boundary (a multiple of
+the window: where mac's segment attention cannot see across).
+
+Any model config key: `--set mac_gate=tanh --set global_layers=[2]` (as `kititans train --set model.KEY=...`).
+`--curriculum N`: the first N steps put every key block inside the segment just before the query's.
 
     nice -n 10 python benchmarks/titans_passkey.py train --memory on  --out runs/passkey-mem
     nice -n 10 python benchmarks/titans_passkey.py train --memory on --block mac --out runs/passkey-mac
@@ -37,10 +41,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kititans.checkpoint import state_dict_for_save
-from kititans.config import OptimConfig
+from kititans.config import OptimConfig, parse_scalar
 from kititans.files import atomic_path, write_json
 from kititans.models.lite import lm_loss
 from kititans.models.titans import SPEC, TitansConfig, TitansModel
+from kititans.models.titans.config import upgrade_config
 from kititans.train.optim import build_optimizer
 from kititans.train.schedule import lr_multiplier
 
@@ -68,13 +73,19 @@ def model_config(memory: bool, window: int, **over: object) -> TitansConfig:
     return TitansConfig(**{**base, **over})
 
 
-def make_batch(batch: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequences (batch, length), position of KEY per row)."""
+def make_batch(
+    batch: int, length: int, gen: torch.Generator, segment: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequences (batch, length), position of KEY per row). segment > 0: every key block lies inside the
+    segment (of that many tokens) just before the query's, where one exists (the curriculum)."""
     seq = torch.randint(FILLER0, VOCAB, (batch, length), generator=gen)
     seq[:, 0] = BOS
     digits = torch.randint(0, 10, (batch, N_DIGITS), generator=gen)
     last = length - 1 - N_DIGITS  # QUERY position
     key_pos = torch.randint(1, last - N_DIGITS, (batch,), generator=gen)  # KEY block ends before QUERY
+    start = (last // segment - 1) * segment if segment else -1  # the previous segment's first position
+    if start >= 1 and segment > N_DIGITS:
+        key_pos = start + torch.randint(0, segment - N_DIGITS, (batch,), generator=gen)
     for b in range(batch):
         p = int(key_pos[b])
         seq[b, p] = KEY
@@ -95,6 +106,11 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    over = dict(kv.split("=", 1) for kv in args.set or [])
+    if args.norm_v is not None:
+        over["mem_norm_v"] = args.norm_v == "on"
+    if args.forget_bias is not None:
+        over["mem_forget_bias"] = args.forget_bias
     cfg = model_config(
         args.memory == "on",
         args.window,
@@ -103,11 +119,10 @@ def train(args: argparse.Namespace) -> None:
         n_layers=args.layers,
         block=args.block,
         mem_conv=args.conv,
-        mem_norm_v=args.norm_v == "on",
-        mem_forget_bias=args.forget_bias,
         dim=args.dim,
         n_heads=args.dim // 64,
         ffn_dim=3 * args.dim,
+        **{k: parse_scalar(v) for k, v in over.items()},
     )
     torch.manual_seed(args.seed)
     model = TitansModel(cfg).train()
@@ -123,7 +138,8 @@ def train(args: argparse.Namespace) -> None:
         mult = lr_multiplier(step, args.steps, args.warmup, "cosine", 0.1, 0.2)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        seq, _ = make_batch(args.batch, int(lengths[step]), gen)
+        seg = args.window if step < args.curriculum else 0
+        seq, _ = make_batch(args.batch, int(lengths[step]), gen, seg)
         with ctx:
             loss = answer_loss(model, seq)
         loss.backward()
@@ -154,7 +170,7 @@ def train(args: argparse.Namespace) -> None:
 
 def load(run: Path) -> tuple[TitansModel, dict]:
     meta = json.loads((run / "passkey.json").read_text())
-    model = TitansModel(TitansConfig(**meta["config"]))
+    model = TitansModel(TitansConfig(**upgrade_config(meta["config"])))  # runs saved before a default changed
     model.load_state_dict(load_file(str(run / "model.safetensors")), strict=False)
     model.init_buffers()
     return model.eval(), meta
@@ -181,7 +197,18 @@ def evaluate(model: TitansModel, length: int, n: int, seed: int = 1234) -> dict:
     dist = (length - 1 - N_DIGITS) - (key_pos + N_DIGITS)
     W, nl = model.config.window, model.config.n_layers
     res = {"n": n, "key_acc": key_ok.mean().item(), "digit_acc": digit_ok.mean().item()}
-    for name, sel in (("beyond_window", dist >= W), ("beyond_reach", dist > nl * (W - 1))):
+    # a block straddles a segment boundary when its first and last token lie in different segments
+    key_cut = key_pos // W != (key_pos + N_DIGITS) // W  # KEY d1..d4
+    q = length - 1 - N_DIGITS
+    answer_cut = torch.full_like(key_cut, q // W != (length - 1) // W)  # QUERY d1..d4 (the same for all)
+    splits = (
+        ("beyond_window", dist >= W),
+        ("beyond_reach", dist > nl * (W - 1)),
+        ("key_straddles", key_cut),
+        ("answer_straddles", answer_cut & ~key_cut),
+        ("neither_straddles", ~answer_cut & ~key_cut),
+    )
+    for name, sel in splits:
         res[f"n_{name}"] = int(sel.sum())
         if sel.any():
             res[f"{name}_key_acc"] = key_ok[sel].mean().item()
@@ -196,26 +223,33 @@ def eval_cmd(args: argparse.Namespace) -> None:
         model, meta = load(Path(run))
         W = model.config.window
         a = meta["args"]
-        details = f"{a.get('block', 'mal')}, conv {a.get('conv', 0)}, norm_v {a.get('norm_v', 'on')}, "
-        details += f"forget {a.get('forget_bias', 'chunk')}, C {a.get('mem_chunk', 16)}"
+        c = model.config
+        details = f"{c.block}, conv {c.mem_conv}, norm_v {c.mem_norm_v}, forget {c.mem_forget_bias}, "
+        details += f"C {c.mem_chunk}" + "".join(f", {kv}" for kv in a.get("set") or [])
+        if a.get("curriculum"):
+            details += f", curriculum {a['curriculum']}"
         name = f"{Path(run).name} ({details if a['memory'] == 'on' else 'memory off'})"
-        results[name] = {f"{m}x": evaluate(model, m * W, args.n) for m in MULTIPLES}
+        results[name] = {f"{m}x": evaluate(model, m * W + args.offset, args.n) for m in MULTIPLES}
         results[name]["train_seconds"] = meta["train_seconds"]
         results[name]["steps"] = meta["args"]["steps"]
     print(f"pass-key greedy decode, {args.n} sequences per length (chance: digit 10%, key 0.01%)")
     print("key accuracy (digit accuracy); 'beyond reach' = key further back than layers x (window - 1)")
-    print(f"{'model':<64} {'len':>4} {'all keys':>16} {'beyond window':>22} {'beyond reach':>22}")
+    cols = ("beyond_window", "beyond_reach", "key_straddles", "answer_straddles", "neither_straddles")
+    print(
+        f"{'model':<64} {'len':>4} {'all keys':>16} {'beyond window':>22} {'beyond reach':>22} "
+        f"{'key straddles':>22} {'answer straddles':>22} {'neither':>22}"
+    )
     for name, r in results.items():
         for m in MULTIPLES:
             e = r[f"{m}x"]
             cells = [f"{e['key_acc']:.1%} ({e['digit_acc']:.1%})"]
-            for b in ("beyond_window", "beyond_reach"):
+            for b in cols:
                 cells.append(
                     f"{e[f'{b}_key_acc']:.1%} ({e[f'{b}_digit_acc']:.1%}) n={e[f'n_{b}']}"
                     if e[f"n_{b}"]
                     else "-"
                 )
-            print(f"{name:<64} {m:>3}x {cells[0]:>16} {cells[1]:>22} {cells[2]:>22}")
+            print(f"{name:<64} {m:>3}x {cells[0]:>16} " + " ".join(f"{c:>22}" for c in cells[1:]))
     if args.json:
         write_json(Path(args.json), results)
 
@@ -239,10 +273,17 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--max-windows", type=int, default=4, help="training lengths reach this many windows")
     t.add_argument("--block", choices=["mal", "mac", "mag"], default="mal")
     t.add_argument("--conv", type=int, default=0, help="memory q/k/v causal conv kernel (0: off)")
-    t.add_argument("--norm-v", choices=["on", "off"], default="on", help="l2-normalise the memory's values")
-    t.add_argument("--forget-bias", choices=["chunk", "token"], default="chunk")
+    t.add_argument(
+        "--norm-v", choices=["on", "off"], help="l2-normalise the memory's values (default: config)"
+    )
+    t.add_argument("--forget-bias", choices=["chunk", "token"], help="default: the config's")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any model config key (repeatable)")
+    t.add_argument(
+        "--curriculum", type=int, default=0, help="first N steps: keys one segment before the query"
+    )
     t.add_argument("--warmup", type=int, default=100)
-    t.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    # fp32: on CPU, bf16 autocast made these small steps 3-6x slower (runs before this default used bf16)
+    t.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=train)
@@ -251,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--n", type=int, default=500)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--json")
+    e.add_argument(
+        "--offset", type=int, default=0, help="evaluate at m x window + OFFSET tokens (2: answers straddle)"
+    )
     e.set_defaults(func=eval_cmd)
     args = ap.parse_args(argv)
     args.func(args)

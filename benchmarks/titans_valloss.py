@@ -29,7 +29,8 @@ from kititans.data.prepare import prepare_data
 from kititans.models.spec import find_preset
 from kititans.train.pretrain import pretrain
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout (a worktree under /work/wt: KITITANS_SHARED_DATA=/work/shared/data)
+SHARED = Path(os.environ.get("KITITANS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CORPORA = {
     "builtin": None,
     "tinystories": SHARED / "tinystories",

@@ -156,7 +156,8 @@ def load_checkpoint(
         raise KititansError(f"{path / WEIGHTS}: unreadable weights ({e})") from None
     meta, state = upgrade(meta, state)
     spec = get_family(meta["family"])
-    config = config_from_dict(spec.config_cls, meta["model"], what=f"{spec.name} checkpoint", strict=False)
+    saved = spec.upgrade_config(meta["model"]) if spec.upgrade_config else meta["model"]
+    config = config_from_dict(spec.config_cls, saved, what=f"{spec.name} checkpoint", strict=False)
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size != config.vocab_size:
         raise KititansError(

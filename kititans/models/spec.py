@@ -81,6 +81,9 @@ class FamilySpec:
     # what the model is for: "lm" (next-token logits: generate, chat, serve) or "embed" (pooled, normalised
     # vectors: embed, search); verbs ask this, never the family's name
     task: str = "lm"
+    # saved model config (config.json's kititans.model) -> the config that rebuilds that model: fills in what a
+    # run saved by an older kititans did not store with that version's values (Titans: upgrade_config)
+    upgrade_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     # (model, config, seq_len) -> training FLOPs per token for MFU, where the family does work its parameter
     # count does not show (an encoder's bidirectional attention, Titans' memory); None: train/mfu.py's count
     flops_per_token: Callable[[nn.Module, Any, int], float] | None = None

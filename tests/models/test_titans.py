@@ -11,6 +11,7 @@ from kititans.errors import KititansError, UnsupportedExport
 from kititans.models import get_family
 from kititans.models.spec import count_params
 from kititans.models.titans import PRESETS, SPEC, TitansConfig, TitansModel
+from kititans.models.titans.config import upgrade_config
 from kititans.train.optim import build_optimizer
 
 V, L = 100, 45  # vocab, sequence length: > 3 windows, 11 chunk boundaries
@@ -56,11 +57,40 @@ VARIANTS = {
     "mag": {"block": "mag"},
     "mag_conv_init": {"block": "mag", "mem_conv": 3, "mem_grad_base": "init"},
     "mac": {"block": "mac"},
+    "mac_revision_1": {  # the first MAC block (revision 1's mac_* values): segments, sigmoid gate, stores y
+        "block": "mac",
+        "mac_attention": "segment",
+        "mac_gate": "sigmoid",
+        "mac_keys": "y",
+        "mac_values": "y",
+        "mac_h_residual": False,
+    },
     "mac_conv_qk": {"block": "mac", "mem_conv": 4, "mem_norm_v": False},
     "mac_hc_plain": {"block": "mac", "hyper_streams": 2, "mem_residual_norm": False, "n_persistent": 0},
     "mac_segment_is_chunk": {"block": "mac", "window": 4},
+    "mac_segment": {"block": "mac", "mac_attention": "segment", "memory_layers": [2]},
+    "mac_sigmoid_gate": {"block": "mac", "mac_gate": "sigmoid"},
+    "mac_no_h": {"block": "mac", "mac_h_rows": False, "mac_h_residual": False},  # no h at all
+    "mac_keys_y": {"block": "mac", "mac_keys": "y"},
+    "mac_keys_y_conv": {"block": "mac", "mac_keys": "y", "mem_conv": 3, "mem_norm_v": True},
+    "mac_stores_y": {"block": "mac", "mac_keys": "y", "mac_values": "y", "mac_h_rows": False},
+    "mac_values_y": {"block": "mac", "mac_values": "y"},
+    "mac_no_h_residual": {"block": "mac", "mac_h_residual": False},
+    "mac_h_residual_only": {"block": "mac", "mac_h_rows": False, "mac_h_residual": True},
+    "mac_all": {
+        "block": "mac",
+        "mac_attention": "sliding",
+        "mac_gate": "tanh",
+        "mac_keys": "u",
+        "mac_h_residual": True,
+        "memory_layers": [1],
+        "global_layers": [3],
+    },
+    "global": {"global_layers": [2]},
+    "mag_global_memory": {"block": "mag", "global_layers": [1, 2]},
+    "mac_global": {"block": "mac", "global_layers": [2]},
 }
-BLOCKS = ("default", "mag", "mac")
+BLOCKS = ("default", "mag", "mac", "mac_revision_1")
 
 
 def ids(b=2, t=L, seed=0):
@@ -93,7 +123,20 @@ def test_in_place_decode_equals_parallel_forward(variant):
     assert state.pos == L
 
 
-@pytest.mark.parametrize("variant", ["default", "grad_base_init", "hyper_connections", "mag", "mac_conv_qk"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "default",
+        "grad_base_init",
+        "hyper_connections",
+        "mag",
+        "mac",
+        "mac_revision_1",
+        "mac_conv_qk",
+        "mac_all",
+        "global",
+    ],
+)
 def test_functional_step_equals_parallel_forward(variant):
     model, x = small(**VARIANTS[variant]), ids()
     spec = model.state_spec(2)
@@ -173,11 +216,13 @@ def _filled(model: TitansModel) -> TitansModel:
 )
 def test_mal_gives_the_logits_of_the_model_before_blocks(extra, picks, abs_sum):
     """The reference numbers were computed by the Titans code of commit fa5509c (before `block` and the memory
-    options existed) on the same weights and tokens: today's default (mal) computes the same model."""
-    cfg = TitansConfig(
+    options existed) on the same weights and tokens: a config saved then (no `revision`), upgraded, computes the
+    same model (the revision-1 defaults: mal, values normalised, forget bias per chunk)."""
+    saved = dict(
         vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_dim=64, context_length=32, window=6,
         n_persistent=2, mem_chunk=4, mem_max_lr=1.0, **extra,
     )  # fmt: skip
+    cfg = TitansConfig(**upgrade_config(saved))  # a run saved then: revision 1, its defaults filled in
     model = _filled(TitansModel(cfg).eval())
     x = torch.arange(24).remainder(7).mul(7).remainder(50)[None]
     with torch.no_grad():

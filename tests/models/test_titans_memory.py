@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from kititans.models.titans import SPEC
+from kititans.models.titans.coreml_step import TitansCoreMLStep as CoreMLStep
 from kititans.models.titans.memory import NeuralMemory
 from kititans.models.titans.memory_math import (
     apply_update,
@@ -162,3 +167,34 @@ def test_norm_v_off_normalises_keys_and_queries_only():
     assert torch.allclose(q.norm(dim=-1), torch.full((1, 2, 5), 4.0), atol=1e-4)
     raw = z[..., 32:64].view(1, 5, 2, 16).transpose(1, 2)  # the projected values, as they are
     assert torch.allclose(v, raw) and not torch.allclose(v.norm(dim=-1), torch.full((1, 2, 5), 4.0), atol=0.1)
+
+
+REFERENCE = Path(__file__).parent / "fixtures" / "titans_memory_reference.safetensors"
+
+
+@pytest.mark.parametrize("grad_base", ["chunk", "init"])
+def test_memory_equals_titans_pytorch(grad_base):
+    """A frozen reference: titans-pytorch 0.5.5's NeuralMemory (an independent implementation, autograd through
+    torch.func and associative scans) on fixed inputs and weights, with the options that match ours, computed in
+    float64 by fixtures/titans_memory_reference.py. Our closed-form memory gives the same retrieved outputs, and
+    the same weights and momentum after the last whole chunk (gradients at the chunk start: tp batch_size =
+    chunk; at W_0: tp batch_size None)."""
+    data = load_file(str(REFERENCE))
+    opts = json.loads(safe_open(str(REFERENCE), "pt").metadata()["options"])
+    mem = NeuralMemory(
+        opts["dim"], opts["n_heads"], opts["head_dim"], opts["hidden"], opts["chunk"], act=opts["act"],
+        grad_base=grad_base, max_lr=opts["max_lr"], max_grad_norm=0.0, norm_v=False,
+    ).double()  # fmt: skip
+    prefix = f"{grad_base}."
+    fixture = {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
+    mem.load_state_dict({k: v for k, v in fixture.items() if k in mem.state_dict()}, strict=True)
+    x = fixture["input"]
+    with torch.no_grad(), CoreMLStep.numerics(torch.float64):  # the memory's fp32 casts reach float64
+        out = mem(x)
+        k, v, _, theta, le, la, _ = mem.split(mem.features(x)[0])
+        _, w, s = mem.scan(k, v, theta, le, la, None, None)
+    assert (out - fixture["output"]).abs().max() < 1e-9 * fixture["output"].abs().max()
+    for got, name in zip((*w, s[0]), ("final_w1", "final_w2", "final_gamma", "final_s_w1")):
+        assert (got - fixture[name]).abs().max() < 1e-9 * fixture[name].abs().max(), name
+    # and the reference is not trivial: the memory learnt (its weights moved, its output differs from W_0's)
+    assert (fixture["final_w1"] - fixture["w1"]).abs().max() > 0.05

@@ -13,6 +13,42 @@ from kititans.models.titans.memory_math import ACTIVATIONS
 
 BLOCKS = ("mal", "mac", "mag")
 FORGET_BIAS = ("chunk", "token")
+REVISION = 2  # the revision of the defaults below (a saved config without `revision` is revision 1)
+# what a field a config of revision r did not store means: the behaviour of the code it was saved by. Runs
+# saved before `revision` existed computed the pre-paper memory (values normalised too, a forget bias per
+# chunk) and the first MAC block; `upgrade_config` fills these in, so they load with the same outputs.
+LEGACY: dict[int, dict[str, object]] = {
+    1: {
+        "mem_norm_v": True,
+        "mem_forget_bias": "chunk",
+        "mac_attention": "segment",
+        "mac_gate": "sigmoid",
+        "mac_h_rows": True,
+        "mac_keys": "y",
+        "mac_values": "y",
+        "mac_h_residual": False,
+    },
+}
+CHOICES = {
+    "mem_forget_bias": FORGET_BIAS,
+    "mem_grad_base": ("chunk", "init"),
+    "mac_attention": ("segment", "sliding"),
+    "mac_gate": ("sigmoid", "tanh"),
+    "mac_keys": ("y", "u"),
+    "mac_values": ("y", "u"),
+}
+
+
+def upgrade_config(saved: dict) -> dict:
+    """A saved model config (config.json's kititans.model) -> the fields that rebuild the model it was: keys
+    it did not store get the values of its own revision, not today's defaults (then `revision` says which)."""
+    rev = saved.get("revision", 1)
+    out = dict(saved)
+    for r, values in LEGACY.items():
+        if rev <= r:
+            out = {**values, **out}
+    out.setdefault("revision", rev)
+    return out
 
 
 @dataclass
@@ -29,8 +65,8 @@ class TitansConfig:
     #   mal  memory as a layer: x += NM(x), then sliding-window attention
     #   mag  memory as a gate: NM and sliding-window attention on the same normalised input, y * sigmoid(NM)
     #   mac  memory as context (the paper's §4.1): attention within segments of `window` tokens over
-    #        [persistent ; h = NM frozen at the segment start ; segment], NM stores the attention output y,
-    #        out = y * sigmoid(NM(y))
+    #        [persistent ; h = NM frozen at the segment start ; segment]; by default (the mac_* options below)
+    #        NM stores the block input u, out = y * (1 + g * tanh(NM(u))) + h
     block: str = "mal"
     memory_layers: list[int] | None = (
         None  # 1-based layer numbers with memory; None: every second (2, 4, ...)
@@ -45,13 +81,25 @@ class TitansConfig:
     mem_max_lr: float = 0.1  # bound of the data-dependent inner learning rate theta
     mem_max_grad_norm: float = 1.0  # soft clamp of each head's chunk-gradient norm (0: off)
     mem_conv: int = 0  # depthwise causal conv kernel after the memory's q/k/v projections (0: none; paper: 4)
-    # l2-normalise the memory's values as well as its keys and queries (paper: no). True is what runs saved
-    # before the option computed; the titans-tiny and titans-500m presets set False (measured better, as the
-    # per-token forget bias below)
-    mem_norm_v: bool = True
+    # l2-normalise the memory's values as well as its keys and queries (paper: no; runs of revision 1: yes)
+    mem_norm_v: bool = False
     # initial forget-gate bias: "chunk" -4 per chunk whatever its size (the forget horizon in tokens grows
-    # with mem_chunk), "token" the same per-token forgetting at any mem_chunk (-4 at 16 tokens)
-    mem_forget_bias: str = "chunk"
+    # with mem_chunk; revision 1), "token" the same per-token forgetting at any mem_chunk (-4 at 16 tokens)
+    mem_forget_bias: str = "token"
+    # the MAC block's options (blocks.py, docs/titans.md's ablation table; revision 1 values in LEGACY). The
+    # defaults are the set that learnt pass-key beyond attention's reach (96% at 4x the window, where revision
+    # 1's mac read 0%): the memory stores the block input u, h also goes onto the residual stream, the gate
+    # starts open, and the layers without memory attend over a sliding window
+    mac_attention: str = "sliding"  # layers without memory: "segment" attention or a "sliding" window
+    mac_gate: str = "tanh"  # y * (1 + g * tanh(N(y))) with a per-channel g = 0 at init, or y * sigmoid(N(y))
+    mac_h_rows: bool = True  # the memory's h rows as extra keys/values of the segment attention
+    mac_keys: str = "u"  # the memory's keys, gates, queries from the block input "u" or attention output "y"
+    mac_values: str = "u"  # the memory's values from "u" or "y"
+    mac_h_residual: bool = True  # also add h to the residual stream (x += y * gate + h)
+    # 1-based layer numbers with causal attention over the whole context (a K/V cache of context_length
+    # rows) instead of the window / segment; None: none
+    global_layers: list[int] | None = None
+    revision: int = REVISION  # which defaults this config was made with (upgrade_config)
     hyper_streams: int = 1  # hyper-connections: residual streams (1 = plain residual)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -81,28 +129,40 @@ class TitansConfig:
             raise KititansError(
                 f"titans: mem_conv must be 0 (off) or a kernel size >= 2, got {self.mem_conv}"
             )
-        if self.mem_forget_bias not in FORGET_BIAS:
+        for key, valid in CHOICES.items():
+            if getattr(self, key) not in valid:
+                raise KititansError(
+                    f"titans: {key} must be one of {', '.join(valid)}, got {getattr(self, key)!r}"
+                )
+        if not 1 <= self.revision <= REVISION:
             raise KititansError(
-                f"titans: mem_forget_bias must be one of {', '.join(FORGET_BIAS)}, got {self.mem_forget_bias!r}"
+                f"titans: config revision {self.revision!r} is not one this kititans knows (1..{REVISION}): "
+                "pip install -U kititans"
             )
-        if self.mem_grad_base not in ("chunk", "init"):
-            raise KititansError(f"titans: mem_grad_base must be chunk or init, got {self.mem_grad_base!r}")
         if self.mem_act not in ACTIVATIONS:
             raise KititansError(
                 f"titans: mem_act must be one of {', '.join(ACTIVATIONS)}, got {self.mem_act!r}"
             )
         if self.mem_max_lr <= 0 or self.mem_max_grad_norm < 0:
             raise KititansError("titans: mem_max_lr must be > 0 and mem_max_grad_norm >= 0")
-        layers = self.memory_layers
-        if layers is not None and (
-            not isinstance(layers, (list, tuple))
-            or any(
-                isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= self.n_layers for i in layers
-            )
-            or len(set(layers)) != len(layers)
-        ):
+        for key in ("memory_layers", "global_layers"):
+            layers = getattr(self, key)
+            if layers is not None and (
+                not isinstance(layers, (list, tuple))
+                or any(
+                    isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= self.n_layers
+                    for i in layers
+                )
+                or len(set(layers)) != len(layers)
+            ):
+                raise KititansError(
+                    f"titans: {key} must be distinct layer numbers in 1..{self.n_layers}, got {layers!r}"
+                )
+        both = sorted(i + 1 for i in self.global_set & self.memory_set)
+        if self.block == "mac" and both:
             raise KititansError(
-                f"titans: memory_layers must be distinct layer numbers in 1..{self.n_layers}, got {layers!r}"
+                f"titans: block mac keeps its memory layers on segments, but layers {both} are in both "
+                "memory_layers and global_layers (make the global layers ones without memory)"
             )
 
     @property
@@ -116,6 +176,11 @@ class TitansConfig:
             return set(range(1, self.n_layers, 2))
         return {i - 1 for i in self.memory_layers}
 
+    @property
+    def global_set(self) -> set[int]:
+        """0-based indices of the layers with full causal attention."""
+        return {i - 1 for i in self.global_layers or []}
+
 
 def titans_component(name: str) -> str:
     if name.startswith("embed."):
@@ -124,7 +189,7 @@ def titans_component(name: str) -> str:
         return "lm head"
     if ".hc." in name:
         return "hyper-connections"
-    if ".memory." in name:
+    if ".memory." in name or name.endswith(".gate_scale"):
         if name.endswith((".w1", ".w2", ".gamma")):
             return "memory initial weights"
         if ".proj." in name or ".out." in name:
@@ -188,6 +253,19 @@ _TRAIN_DEBUG = {
     "train.save_every": 100,
     "optim.warmup_steps": 20,
 }
+_500M = dict(
+    vocab_size=65024,
+    dim=1024,
+    n_layers=24,
+    n_heads=16,
+    ffn_dim=2880,
+    context_length=4096,
+    window=512,
+    mem_chunk=64,
+    tie_embeddings=False,
+    block="mac",
+)
+_TRAIN_500M = {"train.seq_len": 2048, "train.batch_size": 8, "train.grad_accum": 4, "train.steps": 100000}
 PRESETS = {
     p.name: p
     for p in [
@@ -216,10 +294,6 @@ PRESETS = {
                 ffn_dim=768,
                 context_length=512,
                 window=128,
-                # the paper's details the ablation kept (docs/titans.md): q/k-only normalisation, and a forget
-                # bias set per token (the same as "chunk" at 16 tokens; it keeps the horizon if mem_chunk changes)
-                mem_norm_v=False,
-                mem_forget_bias="token",
             ),
             {
                 "train.seq_len": 256,
@@ -232,23 +306,17 @@ PRESETS = {
         ),
         Preset(
             "titans-500m",
-            dict(
-                vocab_size=65024,
-                dim=1024,
-                n_layers=24,
-                n_heads=16,
-                ffn_dim=2880,
-                context_length=4096,
-                window=512,
-                mem_chunk=64,
-                tie_embeddings=False,
-                block="mac",
-                mem_norm_v=False,
-                mem_forget_bias="token",
-            ),
-            {"train.seq_len": 2048, "train.batch_size": 8, "train.grad_accum": 4, "train.steps": 100000},
+            _500M,
+            _TRAIN_500M,
             "the seed's 503M Memory as Context Transformer: block mac (segments of 512), 24 x 1024, memory on "
             "2,4,...,24 (64->128->64), untied (GPU)",
+        ),
+        Preset(
+            "titans-500m-hybrid",
+            {**_500M, "global_layers": [3, 7, 11, 15, 19, 23]},
+            _TRAIN_500M,
+            "titans-500m with every 4th layer (3, 7, ..., 23; none with memory) attending causally over the whole "
+            "context (a K/V cache of 4096 rows in those 6 layers), as MobileLLM-Pro / Gemma 2 interleave (GPU)",
         ),
     ]
 }

@@ -122,7 +122,14 @@ class TitansCoreMLStep(nn.Module):
     }
     # small parameters coremltools folds into derived consts (expanded, scaled, sliced into linear biases): not
     # stored under their names (the memory's projections are used in row blocks, which the report places)
-    folded_params = ("persistent_k", "persistent_v", "qkv_gain", "memory.conv", "memory.gates.bias")
+    folded_params = (
+        "persistent_k",
+        "persistent_v",
+        "qkv_gain",
+        "memory.conv",
+        "memory.gates.bias",
+        "gate_scale",
+    )
     # const-name parts compression leaves in fp16: norms, the memory's W_0, gates and per-head gains (small,
     # and they steer what the memory stores), persistent K/V
     keep_float = (

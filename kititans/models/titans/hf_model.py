@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from kititans.models.titans.config import TitansConfig
+from kititans.models.titans.config import TitansConfig, upgrade_config
 from kititans.models.titans.model import TitansModel
 
 
@@ -31,7 +31,8 @@ class TitansHFConfig(PretrainedConfig):
 
     def titans_config(self) -> TitansConfig:
         fields = {f.name for f in dataclasses.fields(TitansConfig)}
-        return TitansConfig(**{k: v for k, v in self.kititans.get("model", {}).items() if k in fields})
+        saved = upgrade_config(self.kititans.get("model", {}))  # a run saved before a default changed
+        return TitansConfig(**{k: v for k, v in saved.items() if k in fields})
 
 
 class TitansForCausalLM(PreTrainedModel, GenerationMixin):

@@ -89,12 +89,15 @@ class NeuralMemory(nn.Module):
         norm_v: bool = True,
         forget: str = "chunk",
         frozen: bool = False,
+        split_kv: bool = False,
     ):
         super().__init__()
         self.dim, self.n_heads, self.head_dim, self.hidden, self.chunk = dim, n_heads, head_dim, hidden, chunk
         self.act, self.grad_base, self.max_lr, self.max_grad_norm = act, grad_base, max_lr, max_grad_norm
         self.conv_size, self.norm_v, self.forget = conv, norm_v, forget
         self.frozen = frozen  # MAC: also reads with the weights frozen at the segment start (seg_* state)
+        # MAC: keys, gates and queries from one input (the block's), values from another (the attention output)
+        self.split_kv = split_kv
         self.norm = RMSNorm(dim, norm_eps)
         self.proj = nn.Linear(dim, 3 * n_heads * head_dim, bias=False)  # keys, values, queries
         self.qkv_gain = nn.Parameter(torch.zeros(3, n_heads, head_dim))  # per-head RMSNorm gains, 1 + g
@@ -170,8 +173,8 @@ class NeuralMemory(nn.Module):
         shapes = {"w1": (B, H, d, h), "w2": (B, H, h, d), "gamma": (B, H, d)}
         names = self.weight_names()
         out = [(n, shapes[n]) for n in names] + [(f"s_{n}", shapes[n]) for n in names]
-        if self.chunk > 1:
-            out.append(("buf", (B, self.chunk - 1, self.dim)))
+        if self.chunk > 1:  # with split_kv a row holds both normalised inputs
+            out.append(("buf", (B, self.chunk - 1, self.dim * (2 if self.split_kv else 1))))
         if self.conv_size:
             k1 = self.conv_size - 1
             out += [("conv", (B, k1, 2 * H * d)), ("conv_q", (B, k1, H * d))]
@@ -197,31 +200,37 @@ class NeuralMemory(nn.Module):
         """The memory's input norm, in fp32 whatever the model's dtype."""
         return F.rms_norm(as_fp32(x), (x.shape[-1],), as_fp32(self.norm.weight), self.norm.eps)
 
-    def project_parts(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def project_parts(self, h: Tensor, hv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised inputs h (B,T,D) fp32 -> [keys | values] (B,T,2Hd), [queries | output-gate logits]
         (B,T,Hd+H) and the store-gate logits theta, eta, alpha (B,T,3H), before any conv (weights cast to
-        fp32: the path stays fp32 in a bf16-stored model too)."""
+        fp32: the path stays fp32 in a bf16-stored model too). With hv (split_kv) the values come from hv."""
         Hd, H = self.n_proj // 3, self.n_heads
         if self._fused is None:
             w_kv, w_g, b_g = self.proj.weight[: 2 * Hd], self.gates.weight[: 3 * H], self.gates.bias[: 3 * H]
         else:
             w_kv, w_g, b_g = self._fused
-        return F.linear(h, as_fp32(w_kv)), self.query_rows(h), F.linear(h, as_fp32(w_g), as_fp32(b_g))
+        if hv is None:
+            kv = F.linear(h, as_fp32(w_kv))
+        else:
+            kv = torch.cat([F.linear(h, as_fp32(w_kv[:Hd])), F.linear(hv, as_fp32(w_kv[Hd:]))], dim=-1)
+        return kv, self.query_rows(h), F.linear(h, as_fp32(w_g), as_fp32(b_g))
 
-    def project(self, h: Tensor) -> Tensor:
-        """Normalised inputs h (B,T,D) fp32 -> z (B,T,width): [keys | values | queries] (before any conv) and
-        the gate logits."""
-        return self.assemble(*self.project_parts(h))
+    def project(self, h: Tensor, hv: Tensor | None = None) -> Tensor:
+        """Normalised inputs h (B,T,D) fp32 (and hv, the values' input) -> z (B,T,width): [keys | values |
+        queries] (before any conv) and the gate logits."""
+        return self.assemble(*self.project_parts(h, hv))
 
     def assemble(self, kv: Tensor, r: Tensor, g: Tensor) -> Tensor:
         """project_parts' three parts -> z (B,T,width) in `split`'s layout."""
         Hd = self.n_proj // 3
         return torch.cat([kv, r[..., :Hd], g, r[..., Hd:]], dim=-1)
 
-    def features(self, x: Tensor, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """x (B,T,D) -> z (B,T,width) fp32: [keys | values | queries] (after the conv) and the gate logits;
-        and the new conv state (B,k-1,3Hd) (None without conv)."""
-        z = self.project(self._norm_in(x))
+    def features(
+        self, x: Tensor, conv_state: Tensor | None = None, xv: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B,T,D) (and xv, the values' input with split_kv) -> z (B,T,width) fp32: [keys | values | queries]
+        (after the conv) and the gate logits; and the new conv state (B,k-1,3Hd) (None without conv)."""
+        z = self.project(self._norm_in(x), None if xv is None else self._norm_in(xv))
         if not self.conv_size:
             return z, None
         p, state = causal_conv(z[..., : self.n_proj], self.conv.float(), conv_state)
@@ -298,19 +307,22 @@ class NeuralMemory(nn.Module):
 
     # -- the chunk-parallel path (training, MAC segments)
 
-    def forward(self, x: Tensor, ctx: Any = None, io: Any = None, read_frozen: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor, ctx: Any = None, io: Any = None, read_frozen: bool = False, xv: Tensor | None = None
+    ) -> Tensor:
         """x (B,T,D) -> memory output (B,T,D) fp32. Without `io`: a whole sequence from W_0 (store x, read
         x). With `ctx` (state.StepCtx) and `io` (state.StateIO): one call over the state, `step`
-        (store and read), or with read_frozen MAC's h (read with the segment-start weights). Decode enters here
-        so that an exporter sees every memory op inside this module's forward."""
+        (store and read), or with read_frozen MAC's h (read with the segment-start weights). With split_kv,
+        xv is what the values are made of (x: the keys, gates and queries). Decode enters here so that an
+        exporter sees every memory op inside this module's forward."""
         if torch.is_autocast_enabled(x.device.type):  # the memory path always runs in fp32
             with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x, ctx, io, read_frozen)
-        return self._forward(x, ctx, io, read_frozen)
+                return self._forward(x, ctx, io, read_frozen, xv)
+        return self._forward(x, ctx, io, read_frozen, xv)
 
-    def _forward(self, x: Tensor, ctx: Any, io: Any, read_frozen: bool) -> Tensor:
+    def _forward(self, x: Tensor, ctx: Any, io: Any, read_frozen: bool, xv: Tensor | None) -> Tensor:
         if io is None:
-            k, v, q, theta, le, la, gate = self.split(self.features(x)[0])
+            k, v, q, theta, le, la, gate = self.split(self.features(x, xv=xv)[0])
             w_all, _, _ = self.scan(k, v, theta, le, la, None, None)
             return self.combine(self.retrieve(q, w_all), gate)
         if read_frozen:
@@ -321,7 +333,7 @@ class NeuralMemory(nn.Module):
             if conv_h is not None:
                 io.put("conv_h", conv_h)
             return self.read(q, gate, seg)
-        out = self._step(x, ctx, io)
+        out = self._step(x, ctx, io, xv)
         if self.frozen and ctx.closes_segment:  # the next segment's h reads the memory as this one left it
             for n in self.weight_names():
                 io.put(f"seg_{n}", io.get(n))
@@ -396,11 +408,13 @@ class NeuralMemory(nn.Module):
         return self.combine(mlp_forward(q, w, self.act), gate)
 
     def store_read(
-        self, x: Tensor, w: Weights | None, s: Weights | None, conv_state: Tensor | None
-    ) -> tuple[Tensor, Weights, Weights, Tensor | None]:
+        self, x: Tensor, w: Weights | None, s: Weights | None, conv_state: Tensor | None,
+        xv: Tensor | None = None,
+    ) -> tuple[Tensor, Weights, Weights, Tensor | None]:  # fmt: skip
         """Store x (B,T,D) chunk-parallel from (w, s) and read it back (MAC: the attention output of one
-        segment) -> (out (B,T,D), W, S after its last whole chunk, conv state)."""
-        z, conv_state = self.features(x, conv_state)
+        segment; with split_kv the block input, and xv the attention output the values come from) -> (out
+        (B,T,D), W, S after its last whole chunk, conv state)."""
+        z, conv_state = self.features(x, conv_state, xv)
         k, v, q, theta, le, la, gate = self.split(z)
         w_all, w, s = self.scan(k, v, theta, le, la, w, s)
         return self.combine(self.retrieve(q, w_all), gate), w, s, conv_state
@@ -417,19 +431,25 @@ class NeuralMemory(nn.Module):
         io.put(conv, state)
         return qg
 
-    def _step(self, x: Tensor, ctx: Any, io: Any) -> Tensor:
-        """x (B,T,D) with T = 1, or T = chunk at a chunk boundary. A token inside a chunk writes its
-        normalised input into `buf` and reads W through its query alone; a call that closes the chunk projects
-        the chunk's rows, updates W and S once, and its last token reads the new W."""
+    def _step(self, x: Tensor, ctx: Any, io: Any, xv: Tensor | None = None) -> Tensor:
+        """x (B,T,D) with T = 1, or T = chunk at a chunk boundary (and xv, the values' input with split_kv).
+        A token inside a chunk writes its normalised input(s) into `buf` and reads W through its query alone;
+        a call that closes the chunk projects the chunk's rows, updates W and S once, and its last token reads
+        the new W."""
         names = self.weight_names()
         w = tuple(io.get(n) for n in names)
         Hd = self.n_heads * self.head_dim
         if x.shape[1] == 1:
             h = self._norm_in(x)  # (B,1,D)
+            row = h if xv is None else torch.cat([h, self._norm_in(xv)], dim=-1)
             if not ctx.closes_chunk:
-                io.put_rows("buf", ctx.chunk_slots, h)
+                io.put_rows("buf", ctx.chunk_slots, row)
                 return self.read_one(self._step_query(h, io, "conv_q"), w, ctx.cache)
-            kv, r, g = self.project_parts(torch.cat([io.get("buf"), h], dim=1) if self.chunk > 1 else h)
+            rows = torch.cat([io.get("buf"), row], dim=1) if self.chunk > 1 else row
+            if xv is None:
+                kv, r, g = self.project_parts(rows)
+            else:
+                kv, r, g = self.project_parts(rows[..., : self.dim], rows[..., self.dim :])
             qg = self._step_query(h, io, "conv_q", r[:, -1:])  # the closing token's read
             if self.conv_size:  # keys and values through the conv over the chunk's rows and the k-1 before
                 kv, state = causal_conv(kv, self.conv[: 2 * Hd].float(), io.get("conv"))
@@ -439,7 +459,7 @@ class NeuralMemory(nn.Module):
             self._put_weights(io, w_new, s_new)
             return self.read_one(qg, w_new, ctx.cache)
         state = torch.cat([io.get("conv"), io.get("conv_q")], dim=-1) if self.conv_size else None
-        z, state = self.features(x, state)  # a whole chunk at a chunk boundary
+        z, state = self.features(x, state, xv)  # a whole chunk at a chunk boundary
         if state is not None:
             io.put("conv", state[..., : 2 * Hd])
             io.put("conv_q", state[..., 2 * Hd :])

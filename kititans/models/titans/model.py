@@ -50,6 +50,7 @@ from kititans.models.titans.config import (
     titans_fp32_modules,
     titans_param_roles,
     titans_param_splits,
+    upgrade_config,
 )
 from kititans.models.titans.coreml_step import TitansCoreMLStep
 from kititans.models.titans.flops import titans_flops_per_token
@@ -138,6 +139,8 @@ class TitansModel(nn.Module):
                 layer.memory.init_weights(std, out_std)
             for hc in layer.hc or []:
                 hc.reset()
+            if layer.gate_scale is not None:  # the open MAC gate: y * (1 + 0 * tanh(N(y))) = y at init
+                nn.init.zeros_(layer.gate_scale)
         nn.init.ones_(self.norm.weight)
 
     def fuse_for_inference(self) -> TitansModel:
@@ -322,6 +325,7 @@ SPEC = register(
         fp32_modules=titans_fp32_modules,
         hf_config=hf_config,
         run_files=run_files,
+        upgrade_config=upgrade_config,
         flops_per_token=titans_flops_per_token,
     )
 )
