@@ -64,8 +64,13 @@ class TorchRuntime:
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         if self.state is None:
             self.reset()
-        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        logits = self.model(x, state=self.state)[0]  # (T, V)
+        if len(ids) == 1 and hasattr(self.model, "decode_rows"):
+            # one token: the multi-sequence decode with one row, so `kititans generate` and a batched server
+            # compute each token the same way (models/lite_batch.py)
+            logits = self.model.decode_rows([int(ids[0])], [self.state], [self.state.pos])  # (1, V)
+        else:
+            x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            logits = self.model(x, state=self.state)[0]  # (T, V)
         out = logits if all_logits else logits[-1]
         return out.float().cpu().numpy()
 
