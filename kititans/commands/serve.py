@@ -21,7 +21,7 @@ EXAMPLES = """  kititans serve runs/tiny-sft                      # http://127.0
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from kititans.serve.server import ServeConfig
+    from kititans.serve.config import ServeConfig
 
     d = ServeConfig()
     add_runtime_args(p)

@@ -10,13 +10,25 @@ kititans/runtimes, beside bench/).
     cache.py       prompt caching per client conversation
     metrics.py     /metrics (Prometheus text)
     page.py        the chat page at / (chat.html)
-    server.py      ServeConfig and Server: all of the above on one socket
+    config.py      ServeConfig: every setting and limit
+    server.py      Server: all of the above on one socket
 
 Endpoints: GET / (chat page), /health, /metrics, /v1/models; POST /v1/chat/completions, /v1/completions,
 /v1/embeddings (encoders); vLLM-style /tokenizer_info, /tokenize, /detokenize for lm-eval's remote tokenizer.
 """
 
-from kititans.serve.api import ApiError, ModelInfo
-from kititans.serve.server import ServeConfig, Server, model_info
+from typing import Any
+
+from kititans.serve.config import ServeConfig
 
 __all__ = ["ApiError", "ModelInfo", "ServeConfig", "Server", "model_info"]
+_LAZY = {"ApiError": "kititans.serve.api", "ModelInfo": "kititans.serve.api", "Server": "kititans.serve.server",
+         "model_info": "kititans.serve.server"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:  # the server's modules load on first use, not with the CLI's parser
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kititans.serve' has no attribute {name!r}")
