@@ -177,6 +177,49 @@ def exactness(server: dict, tokens: int, n: int = 8) -> dict:
             "tokens_after_first_difference": differ, "tokens": sum(map(len, alone))}  # fmt: skip
 
 
+def batch_invariance(paths: dict[str, Path], run: Path, threads: int, steps: int = 32) -> list[dict]:
+    """In-process, per batched runtime: 8 sequences decoded greedily together and each alone, through the
+    multi-sequence interface: the largest logit difference and the share of greedy tokens that differ."""
+    import numpy as np
+
+    from kititans.runtimes import load_runtime
+
+    out = []
+    for name, path in (("torch lite", run), ("llamacpp lite", paths["gguf"]), ("onnx lite", paths["onnx"])):
+        rt = load_runtime(path, threads=threads)
+        rng = np.random.default_rng(0)
+        rows = [
+            [rt.codec.bos_id, *rng.integers(5, rt.vocab_size - 1, size=n).tolist()]
+            for n in (5, 9, 17, 3, 30, 12, 7, 21)
+        ]
+        alone_t, alone_l = [], []
+        for ids in rows:
+            rt.reset()
+            lg = [rt.forward(ids)]
+            tk = [int(np.argmax(lg[-1]))]
+            for _ in range(steps):
+                lg.append(rt.forward([tk[-1]]))
+                tk.append(int(np.argmax(lg[-1])))
+            alone_t.append(tk)
+            alone_l.append(lg)
+        seqs = rt.sequences(8)
+        hs, toks, diff = [], [], 0.0
+        for i, ids in enumerate(rows):
+            h, lg = seqs.add(ids)
+            hs.append(h)
+            toks.append([int(np.argmax(lg))])
+            diff = max(diff, float(np.abs(lg - alone_l[i][0]).max()))
+        for j in range(steps):
+            o = seqs.step({h: t[-1] for h, t in zip(hs, toks)})
+            for i, h in enumerate(hs):
+                diff = max(diff, float(np.abs(o[h] - alone_l[i][j + 1]).max()))
+                toks[i].append(int(np.argmax(o[h])))
+        flips = sum(a != b for x, y in zip(alone_t, toks) for a, b in zip(x, y))
+        out.append({"runtime": name, "max |logit batched - alone|": f"{diff:.2e}",
+                    "greedy tokens differing": f"{flips}/{len(rows) * (steps + 1)}"})  # fmt: skip
+    return out
+
+
 def exports(run: Path, titans: Path | None, work: Path, gguf_quant: str) -> dict[str, Path]:
     from kititans.export import ExportOptions, export_model
 
@@ -237,6 +280,7 @@ def main() -> int:
     args.clients = [int(x) for x in args.clients.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
     paths = exports(Path(args.run), Path(args.titans_run) if args.titans_run else None, work, args.gguf_quant)
     servers = []
     raw: dict[str, dict[int, list[dict]]] = {}
@@ -251,7 +295,8 @@ def main() -> int:
             load(s, 2, 1, 8)
         for r in range(args.rounds):
             for c in args.clients:
-                for s in servers:
+                k = (r + c) % len(servers)  # a different server goes first each time: drift spreads evenly
+                for s in servers[k:] + servers[:k]:
                     raw[s["name"]][c].append(load(s, c, args.per_client, args.tokens))
                 line = ", ".join(f"{s['name']} {raw[s['name']][c][-1]['tps']:.0f}" for s in servers)
                 print(f"round {r + 1}, {c} clients (tok/s): {line}", file=sys.stderr)
@@ -293,12 +338,15 @@ def main() -> int:
                    "tokens after a difference": f"{v['exactness']['tokens_after_first_difference']}/{v['exactness']['tokens']}"}
                   for k, v in extra.items()]  # fmt: skip
     table2 = md_table(score_rows, list(score_rows[0])) if score_rows else ""
+    invariance = batch_invariance(paths, Path(args.run), args.threads)
+    table3 = md_table(invariance, list(invariance[0]))
     out = Path(args.out)
     write_json(out.with_suffix(".json"), {"machine": machine(), "load_avg_end": os.getloadavg(),
                                          "args": vars(args), "rows": rows_out, "scoring": extra,
+                                         "batch_invariance": invariance, "load_avg_start": load_start,
                                          "commands": {s["name"]: s["cmd"] for s in servers}})  # fmt: skip
-    out.with_suffix(".md").write_text(table + "\n\n" + table2 + "\n")
-    print(table + "\n\n" + table2)
+    out.with_suffix(".md").write_text(table + "\n\n" + table2 + "\n\n" + table3 + "\n")
+    print(table + "\n\n" + table2 + "\n\n" + table3)
     return 0
 
 
