@@ -101,7 +101,7 @@ def pick_step(steps: list[dict[str, Any]], tokens: int, pos: int) -> dict[str, A
 class Sequences(Protocol):
     """Several sequences over one model. Handles are ints; logits are float32 numpy arrays."""
 
-    max_sequences: int  # how many may exist at once (active and kept)
+    max_sequences: int  # how many may exist at once (active and kept); len() says how many do
     batched: bool  # True: step() runs all listed sequences in one call of the model
     context_length: int
 
@@ -132,6 +132,10 @@ class Sequences(Protocol):
         """Tokens the sequence holds."""
         ...
 
+    def __len__(self) -> int:
+        """Sequences that exist now."""
+        ...
+
 
 class SequenceLimit(KititansError):
     """More sequences than the runtime was set up for."""
@@ -146,6 +150,9 @@ class Handles:
         self.max_sequences = max_sequences
         self.lengths: dict[int, int] = {}
         self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
 
     def new(self, n: int) -> int:
         if len(self.lengths) >= self.max_sequences:

@@ -254,7 +254,7 @@ class Engine:
 
     def _room(self, n: int) -> bool:
         """Make room for n more sequences in the runtime, evicting cached conversations if needed."""
-        while len(self.seqs.lengths) + n > self.seqs.max_sequences:
+        while len(self.seqs) + n > self.seqs.max_sequences:
             seq = self.cache.evict()
             if seq is None:
                 return False
@@ -298,6 +298,7 @@ class Engine:
                 self._finish(job, c)
                 continue
             self._advance(job, c, logits)
+            self.metrics.tokens(1)
         return fed
 
     def _step(self) -> None:
@@ -309,7 +310,7 @@ class Engine:
             for job in {self._owner[id(c)] for c in self.active}:
                 self._fail(job, err)
             return
-        self.metrics.step(len(tokens), len(tokens))
+        self.metrics.step(len(tokens))
         for c in list(self.active):
             self._advance(self._owner[id(c)], c, out[c.seq], stepping=True)
 

@@ -60,13 +60,19 @@ class Metrics:
             self.requests[key] = self.requests.get(key, 0) + 1
             self.duration.observe(seconds)
 
-    def step(self, batch: int, tokens: int) -> None:
-        now = time.monotonic()
+    def step(self, batch: int) -> None:
+        """A decode step that ran `batch` sequences together (one token each)."""
         with self.lock:
             self.decode_steps += 1
             self.batch.observe(batch)
-            self.generated_tokens += tokens
-            self.recent.append((now, tokens))
+        self.tokens(batch)
+
+    def tokens(self, n: int) -> None:
+        """n tokens generated (a step's, or the first tokens right after the prompts)."""
+        now = time.monotonic()
+        with self.lock:
+            self.generated_tokens += n
+            self.recent.append((now, n))
             while self.recent and self.recent[0][0] < now - 10:
                 self.recent.popleft()
 

@@ -70,7 +70,7 @@ def test_torch_lite_batched_decode_is_bit_exact(debug_run):
     assert np.array_equal(seqs.step({a: 11})[a], out[b])  # cut back, the same token again: the same logits
     seqs.drop(b)
     assert b not in seqs.lengths
-    while len(seqs.lengths) < seqs.max_sequences:
+    while len(seqs) < seqs.max_sequences:
         seqs.add([1, 2])
     with pytest.raises(SequenceLimit):
         seqs.add([1, 2])
