@@ -18,7 +18,7 @@ from kititans.data.chat import ROLES, Message, render_prompt
 from kititans.errors import KititansError
 from kititans.generate import SamplingConfig, SamplingError
 
-MAX_STOPS = 4
+MAX_STOPS = 16  # OpenAI takes 4; lm-eval tasks send their `until` list plus the EOS text
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 512  # prompts in one completions request (lm-eval sends its batch as one request)
 MAX_TOP_LOGPROBS = 20

@@ -11,6 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from kititans.generate import Generation, SamplingConfig, stream_text
 from kititans.runtimes import load_runtime
 from kititans.serve.sequence import log_softmax
 from tests.serve.conftest import client, start
@@ -88,6 +89,7 @@ def test_lm_eval_scores_through_the_server(served):
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     server, rt = served
+    greedy = SamplingConfig(temperature=0, max_tokens=12)
     lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=server.info.id,
                              tokenizer_backend="remote", batch_size=2, max_length=256, max_retries=1)  # fmt: skip
     pairs = [
@@ -102,6 +104,15 @@ def test_lm_eval_scores_through_the_server(served):
         ids, ctxlen = w, len(c)
         want = in_process(rt, ids)[ctxlen - 1 : -1].sum()
         assert score == pytest.approx(float(want), abs=1e-6), (ctx, cont)
+    # generate_until: token-id prompts, its `until` list as stop strings, answers by index
+    gen = [Instance("generate_until", {}, (ctx, {"until": ["\n", ".", "!", "?", "zz"], "max_gen_toks": 12}), i)
+           for i, (ctx, _) in enumerate(pairs)]  # fmt: skip
+    for (ctx, _), text in zip(pairs, lm.generate_until(gen)):
+        want = "".join(
+            stream_text(Generation(rt, rt.codec.encode_special(ctx), greedy, rt.codec.stop_ids), rt.codec)
+        )
+        cut = min([want.index(s) for s in ("\n", ".", "!", "?", "zz") if s in want] + [len(want)])
+        assert text == want[:cut], ctx
 
 
 def test_chat_and_completion_logprobs_shapes(served):
