@@ -107,8 +107,18 @@ def one_request(c, model: str, prompt: str, tokens: int) -> dict:
     return {"ttft": (first or end) - t0, "tokens": n}
 
 
+def cpu_seconds(server: dict) -> float:
+    """User + system CPU time of the server process so far (its threads included)."""
+    import psutil
+
+    t = psutil.Process(server["proc"].pid).cpu_times()
+    return t.user + t.system
+
+
 def load(server: dict, clients: int, per_client: int, tokens: int) -> dict:
-    """`clients` threads, each streaming `per_client` requests one after the other."""
+    """`clients` threads, each streaming `per_client` requests one after the other; the server's CPU time
+    per token (on a loaded machine wall time mostly says how much CPU a process was given, CPU time how
+    much work it did)."""
     c, model = openai_client(server)
     results: list[dict] = []
     lock = threading.Lock()
@@ -120,13 +130,14 @@ def load(server: dict, clients: int, per_client: int, tokens: int) -> dict:
                 results.append(r)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_seconds(server), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    return {"tps": sum(r["tokens"] for r in results) / wall, "ttft_ms": [1000 * r["ttft"] for r in results]}
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(server) - cpu0
+    n = sum(r["tokens"] for r in results)
+    return {"tps": n / wall, "tpcs": n / max(cpu, 1e-9), "ttft_ms": [1000 * r["ttft"] for r in results]}
 
 
 def scoring(server: dict, rows: list[list[int]], batch: int, clients: int) -> float:
@@ -323,14 +334,16 @@ def main() -> int:
             row = {"server": name, "clients": c, "tok/s (all clients)": round(statistics.median(r["tps"] for r in runs), 1),
                    "TTFT median ms": round(statistics.median(ttft), 1),
                    "TTFT p90 ms": round(sorted(ttft)[int(0.9 * (len(ttft) - 1))], 1),
-                   "vs own 1 client": paired([r["tps"] for r in runs], [r["tps"] for r in by[args.clients[0]]])}  # fmt: skip
+                   "vs own 1 client": paired([r["tps"] for r in runs], [r["tps"] for r in by[args.clients[0]]]),
+                   "tokens per server CPU-s": round(statistics.median(r["tpcs"] for r in runs)),
+                   "CPU: vs own 1 client": paired([r["tpcs"] for r in runs], [r["tpcs"] for r in by[args.clients[0]]])}  # fmt: skip
             if "llama-server" in raw and name != "llama-server":
-                row["vs llama-server"] = paired(
-                    [r["tps"] for r in runs], [r["tps"] for r in raw["llama-server"][c]]
-                )
+                ref = raw["llama-server"][c]
+                row["vs llama-server"] = paired([r["tps"] for r in runs], [r["tps"] for r in ref])
+                row["CPU: vs llama-server"] = paired([r["tpcs"] for r in runs], [r["tpcs"] for r in ref])
             rows_out.append(row)
     cols = ["server", "clients", "tok/s (all clients)", "vs own 1 client", "vs llama-server", "TTFT median ms",
-            "TTFT p90 ms"]  # fmt: skip
+            "TTFT p90 ms", "tokens per server CPU-s", "CPU: vs own 1 client", "CPU: vs llama-server"]  # fmt: skip
     table = md_table(rows_out, cols)
     score_rows = [{"server": k, "prompt tok/s, 1 client x 8 prompts": round(v["score_1x8"]),
                    "prompt tok/s, 4 clients x 8 prompts": round(v["score_4x8"]),
