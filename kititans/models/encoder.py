@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kititans.errors import KititansError
 from kititans.models.encoder_export import EncoderCoreMLGraph, EncoderOnnxGraph
+from kititans.models.flops import bidirectional_flops_per_token
 from kititans.models.layers import apply_rope, mean_pool
 from kititans.models.lite import (
     GGUF_TENSORS,
@@ -71,7 +72,7 @@ class EncoderLayer(DecoderLayer):
 
 class EncoderModel(nn.Module):
     component = staticmethod(lite_component)
-    init_families = ("lite",)  # --init copies their `model.*` weights: the same blocks under the same names
+    init_families = ("lite", "encoder")  # --init copies their `model.*` weights: the same blocks and names
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -197,5 +198,6 @@ SPEC = register(
         hf_config=hf_encoder_config,
         run_files=encoder_run_files,
         task="embed",
+        flops_per_token=bidirectional_flops_per_token,
     )
 )

@@ -75,6 +75,9 @@ class FamilySpec:
     # what the model is for: "lm" (next-token logits: generate, chat, serve) or "embed" (pooled, normalised
     # vectors: embed, search); verbs ask this, never the family's name
     task: str = "lm"
+    # (model, config, seq_len) -> training FLOPs per token for MFU, where the family does work its parameter
+    # count does not show (an encoder's bidirectional attention, Titans' memory); None: train/mfu.py's count
+    flops_per_token: Callable[[nn.Module, Any, int], float] | None = None
 
     def make_config(self, preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
         base: dict[str, Any] = dict(self.presets[preset].model) if preset else {}

@@ -109,7 +109,7 @@ def test_init_from_a_lite_run_and_refusals(debug_run, tmp_path):
     titans = tmp_path / "titans-run"  # only its config is read before the refusal
     titans.mkdir()
     (titans / "config.json").write_text(json.dumps({"kititans": {"family": "titans", "model": {}}}))
-    with pytest.raises(KititansError, match="a titans run; a encoder run starts from a lite run"):
+    with pytest.raises(KititansError, match="a titans run; a encoder run starts from a lite or encoder run"):
         train_encoder(enc_config(tmp_path / "t", **{"init": str(titans)}), progress=False)
 
 

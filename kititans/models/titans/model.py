@@ -45,6 +45,7 @@ from kititans.models.spec import FamilySpec, Unsupported, register
 from kititans.models.titans.blocks import TitansLayer
 from kititans.models.titans.config import PRESETS, TitansConfig, titans_component, titans_param_roles
 from kititans.models.titans.coreml_step import TitansCoreMLStep
+from kititans.models.titans.flops import titans_flops_per_token
 from kititans.models.titans.hf import hf_config, run_files
 from kititans.models.titans.onnx_step import TitansOnnxStep
 from kititans.models.titans.state import StateIO, StepCtx, StepKind, pick_kind, rope_rows, step_kinds
@@ -310,5 +311,6 @@ SPEC = register(
         param_roles=titans_param_roles,
         hf_config=hf_config,
         run_files=run_files,
+        flops_per_token=titans_flops_per_token,
     )
 )
