@@ -58,6 +58,7 @@ class Request:
     echo: list[str] = field(default_factory=list)  # completions with echo=true: each prompt's text
     logprobs: int | None = None  # top alternatives per token (0: only the chosen token's); None: none
     prompt_logprobs: bool = False  # echo + logprobs: the prompt tokens' log-probabilities too
+    token_ids: bool = False  # vLLM's return_tokens_as_token_ids: log-probs name tokens "token_id:N"
     skip_first: list[bool] = field(default_factory=list)  # per prompt: its first id is the BOS we added
     ignore_eos: bool = False  # llama-server's extension: generate max_tokens even past end-of-turn
     cache_key: str | None = None  # prompt caching within one client's conversation (tenant-scoped)
@@ -267,7 +268,7 @@ def chat_request(data: dict[str, Any], model: ModelInfo, codec: Any) -> Request:
     return Request(
         "chat", [ids], sampling(data, model), _n(data), stops(data), stream, usage,
         logprobs=logprobs, skip_first=[False], ignore_eos=_flag(data, "ignore_eos"),
-        cache_key=_cache_key(data), **_ids("chatcmpl"),
+        token_ids=_flag(data, "return_tokens_as_token_ids"), cache_key=_cache_key(data), **_ids("chatcmpl"),
     )  # fmt: skip
 
 
@@ -335,7 +336,8 @@ def completion_request(data: dict[str, Any], model: ModelInfo, codec: Any) -> Re
     return Request(
         "completion", ids, cfg, _n(data), stops(data), stream, usage, echo=texts if echo else [],
         logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, skip_first=bos,
-        ignore_eos=_flag(data, "ignore_eos"), cache_key=_cache_key(data), **_ids("cmpl"),
+        ignore_eos=_flag(data, "ignore_eos"), token_ids=_flag(data, "return_tokens_as_token_ids"),
+        cache_key=_cache_key(data), **_ids("cmpl"),
     )  # fmt: skip
 
 

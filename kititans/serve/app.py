@@ -29,7 +29,7 @@ from starlette.routing import Route
 from kititans.serve import api, shapes
 from kititans.serve.api import ApiError, ModelInfo
 from kititans.serve.cache import tenant_key
-from kititans.serve.engine import Engine, Job
+from kititans.serve.engine import Call, Engine, Job
 
 log = logging.getLogger("kititans.serve")
 access = logging.getLogger("kititans.serve.access")
@@ -52,8 +52,12 @@ def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> Respo
 
 
 class Routes:
-    def __init__(self, engine: Engine, info: ModelInfo, api_key: str | None, limits: Limits, page: str):
+    def __init__(
+        self, engine: Engine, info: ModelInfo, api_key: str | None, limits: Limits, page: str,
+        searcher: Any = None,
+    ):  # fmt: skip
         self.engine, self.info, self.limits = engine, info, limits
+        self.searcher = searcher  # kititans.retrieval.search.Searcher of --index, for /v1/search
         self.codec = engine.codec
         self.api_key = api_key
         self.page = page
@@ -196,6 +200,22 @@ class Routes:
             200, shapes.embeddings(self.info, job.vectors, req.base64, req.dimensions, req.prompt_tokens)
         )
 
+    async def search(self, request: Request) -> Response:
+        """kititans.retrieval.api's /v1/search over the --index folder, run in the engine thread (the query is
+        embedded by the served encoder)."""
+        from kititans.retrieval.api import search_request
+
+        self._check_key(request)
+        body = await self._body(request)
+        if self.searcher is None:
+            raise ApiError(404, "This server has no index: serve an encoder with --index DIR (kititans index)",
+                           code="no_index")  # fmt: skip
+        data = await self._prepare(api.parse_json, body)
+        api.check_model(data, self.info)
+        fn = lambda: search_request(self.searcher, data, self.info.id)  # noqa: E731
+        job = await self._run(request, Job(Call(fn), None, self.limits.request_timeout))
+        return _json(200, job.result)
+
     async def _generate(self, request: Request, parse: Any) -> Response:
         self._check_key(request)
         body = await self._body(request)
@@ -296,6 +316,7 @@ class Routes:
                 (f"{prefix}/chat/completions", self.chat, ["POST"]),
                 (f"{prefix}/completions", self.completions, ["POST"]),
                 (f"{prefix}/embeddings", self.embeddings, ["POST"]),
+                (f"{prefix}/search", self.search, ["POST"]),
             ]
         return [Route(path, g(fn), methods=methods) for path, fn, methods in table]
 
@@ -330,7 +351,8 @@ class AccessLog:
             return path
         if p.startswith("/models"):
             return "/v1/models"
-        return f"/v1{p}" if p in ("/chat/completions", "/completions", "/embeddings") else "other"
+        known = ("/chat/completions", "/completions", "/embeddings", "/search")
+        return f"/v1{p}" if p in known else "other"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -26,6 +26,7 @@ class ServeConfig:
     request_timeout: float = 600.0  # s from arrival to the last token (per-request deadline)
     shutdown_grace: float = 10.0  # s in-flight requests get to finish after SIGTERM
     prefill_budget: int = 512  # prompt tokens started per engine turn while others decode
+    index: str | None = None  # an encoder's `kititans index` folder: POST /v1/search
 
     def check(self) -> ServeConfig:
         for name in ("parallel", "max_queue", "max_body_bytes", "max_header_bytes", "max_connections",

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kititans.errors import KititansError
 from kititans.generate import SamplingConfig
 from kititans.serve.api import ApiError, EmbeddingRequest, Request, busy
 from kititans.serve.cache import PromptCache
@@ -41,12 +42,23 @@ class EngineConfig:
     prefill_budget: int = 512  # prompt tokens started per turn while others decode
 
 
+@dataclass
+class Call:
+    """Work that must run where the runtime lives (the engine thread): e.g. a /v1/search, which embeds its
+    query with the served encoder. `fn()`'s value becomes the job's `result`; a KititansError it raises,
+    a 400."""
+
+    fn: Any
+
+
 class Job:
     """One request in the engine. Events: ("delta", index, text, records) while streaming, then ("end",
     None) or ("error", ApiError). They reach `sink(list_of_events)` (called in the engine thread) or,
     without a sink, the `events` list the caller polls."""
 
-    def __init__(self, req: Request | EmbeddingRequest, tenant: str | None = None, timeout: float = 600.0):
+    def __init__(
+        self, req: Request | EmbeddingRequest | Call, tenant: str | None = None, timeout: float = 600.0
+    ):
         self.req, self.tenant = req, tenant
         self.submitted = time.monotonic()
         self.deadline = self.submitted + timeout
@@ -61,10 +73,15 @@ class Job:
         self.cached_tokens = 0
         self.first_token_at: float | None = None
         self.vectors: np.ndarray | None = None  # embeddings
+        self.result: Any = None  # a Call's value
 
     @property
     def embed(self) -> bool:
         return isinstance(self.req, EmbeddingRequest)
+
+    @property
+    def call(self) -> bool:
+        return isinstance(self.req, Call)
 
 
 def _sampling(base: SamplingConfig, index: int) -> SamplingConfig:
@@ -238,6 +255,9 @@ class Engine:
             if job.embed:
                 self._embed()
                 continue
+            if job.call:
+                self._call(job)
+                continue
             req = job.req
             if len(self.active) + req.n > self.cfg.parallel or not self._room(req.n):
                 return
@@ -291,6 +311,7 @@ class Engine:
                        self.seqs.context_length, self.codec, req.logprobs)  # fmt: skip
             c.seq = seq if k == 0 else self.seqs.fork(seq)
             c.prompt_records = records
+            c.keep_stop_record = req.prompt_logprobs
             job.choices.append(c)
             self._owner[id(c)] = job
             if req.sampling.max_tokens == 0:  # echo only: the prompt's log-probs, nothing generated
@@ -357,6 +378,19 @@ class Engine:
             j.vectors, at = vecs[at : at + len(j.req.rows)], at + len(j.req.rows)
             self.metrics.prompt(j.req.prompt_tokens, 0)
             self._post(j, ("end", None))
+
+    def _call(self, job: Job) -> None:
+        with self._cond:
+            self.waiting.remove(job)
+        try:
+            job.result = job.req.fn()
+        except KititansError as e:
+            self._post(job, ("error", ApiError(400, str(e))))
+            return
+        except Exception:
+            self._post(job, ("error", _internal("the request")))
+            return
+        self._post(job, ("end", None))
 
 
 def _dispatch(items: list) -> None:

@@ -127,6 +127,9 @@ class Choice:
         self.first_token_at: float | None = None
         self.sent_records = 0  # records already sent in stream chunks
         self.cut = False  # a stop string cut the text
+        # echo + logprobs (scoring): the generated token's log-prob is reported even when it is an end-of-turn
+        # id, so a client always gets prompt + max_tokens rows (lm-eval reads token_logprobs[ctxlen:-1])
+        self.keep_stop_record = False
 
     @property
     def completion_tokens(self) -> int:
@@ -141,7 +144,8 @@ class Choice:
         else:
             self.records.append(TokenLogprob(tok, None))
         if ch.finish_reason == "stop":  # an end-of-turn id: not part of the reply
-            self.records.pop()
+            if not self.keep_stop_record:
+                self.records.pop()
             return self._end("stop", self.stream.flush())
         out, hit = self.stop.feed(self.stream.feed(tok))
         if not hit and ch.finish_reason:

@@ -81,6 +81,7 @@ class Server:
         self.cfg = (cfg or ServeConfig()).check()
         self.info = info
         c = self.cfg
+        searcher = self._searcher(rt, info) if c.index else None  # before the engine: it embeds probes
         try:
             self.socket = listen(c.host, c.port)
         except OSError as e:
@@ -90,11 +91,21 @@ class Server:
         ecfg = EngineConfig(c.parallel, c.cache_slots, c.max_queue, c.request_timeout, c.prefill_budget)
         self.engine = Engine(rt, ecfg)
         limits = Limits(c.max_body_bytes, c.body_timeout, c.request_timeout)
-        self.routes = Routes(self.engine, info, c.api_key, limits, chat_page(info))
+        self.routes = Routes(self.engine, info, c.api_key, limits, chat_page(info), searcher)
         tl = TransportLimits(c.max_connections, c.header_timeout, c.keep_alive, c.max_header_bytes)
         self.uvicorn = uvicorn_server(build_app(self.routes), tl, self._begin_shutdown)
         self.uvicorn.grace = c.shutdown_grace
         self._thread: threading.Thread | None = None
+
+    def _searcher(self, rt: Any, info: ModelInfo) -> Any:
+        """The --index folder's Searcher with the served encoder (refused for a language model)."""
+        from kititans.retrieval.index import load_index
+        from kititans.retrieval.search import Searcher
+        from kititans.retrieval.settings import encoder_of
+
+        if info.task != "embed":
+            raise KititansError(f"--index needs an encoder: {info.id} is a language model")
+        return Searcher(load_index(self.cfg.index), encoder_of(rt, info.id))
 
     @property
     def port(self) -> int:

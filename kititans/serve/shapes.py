@@ -27,31 +27,40 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[s
     }
 
 
+def namer(tt: TokenText, ids: bool) -> Any:
+    """How tokens are named in log-probs: their text, or "token_id:N" (vLLM's `return_tokens_as_token_ids`;
+    texts are ambiguous: several ids decode alike, e.g. the byte pieces of one character)."""
+    return (lambda i: f"token_id:{i}") if ids else tt.text
+
+
 def completion_logprobs(
-    records: list[TokenLogprob], tt: TokenText, start: int = 0, with_chosen: bool = True
+    records: list[TokenLogprob], tt: TokenText, start: int = 0, with_chosen: bool = True, ids: bool = False
 ) -> dict[str, Any]:
     """The completions shape. Each top dict also holds the chosen token (as llama-cpp-python does), so a
     greedy check `logprob == max(top.values())` holds exactly when the chosen token is the most likely."""
+    name = namer(tt, ids)
     tops: list[dict[str, float] | None] = []
     for r in records:
         if r.logprob is None:
             tops.append(None)
             continue
-        top = {tt.text(i): lp for i, lp in r.top}
+        top = {name(i): lp for i, lp in r.top}
         if with_chosen:
-            top.setdefault(tt.text(r.token), r.logprob)
+            top.setdefault(name(r.token), r.logprob)
         tops.append(top)
     return {
-        "tokens": [tt.text(r.token) for r in records],
+        "tokens": [name(r.token) for r in records],
         "token_logprobs": [r.logprob for r in records],
         "top_logprobs": tops,
         "text_offset": text_offsets(records, tt, start),
     }
 
 
-def chat_logprobs(records: list[TokenLogprob], tt: TokenText) -> dict[str, Any]:
+def chat_logprobs(records: list[TokenLogprob], tt: TokenText, ids: bool = False) -> dict[str, Any]:
+    name = namer(tt, ids)
+
     def entry(tok: int, lp: float) -> dict[str, Any]:
-        return {"token": tt.text(tok), "logprob": lp, "bytes": list(tt.bytes(tok))}
+        return {"token": name(tok), "logprob": lp, "bytes": list(tt.bytes(tok))}
 
     content = [
         {**entry(r.token, r.logprob), "top_logprobs": [entry(i, lp) for i, lp in r.top]} for r in records
@@ -64,9 +73,9 @@ def _choice_logprobs(req: Request, c: Choice, tt: TokenText) -> dict[str, Any] |
         return None
     generated = c.visible_records(tt)
     if req.kind == "chat":
-        return chat_logprobs(generated, tt)
+        return chat_logprobs(generated, tt, req.token_ids)
     records = [*c.prompt_records, *generated] if req.prompt_logprobs else generated
-    return completion_logprobs(records, tt)
+    return completion_logprobs(records, tt, ids=req.token_ids)
 
 
 def response(req: Request, model: ModelInfo, job: Any, tt: TokenText) -> dict[str, Any]:
@@ -120,7 +129,10 @@ def delta_chunks(req: Request, model: ModelInfo, event: tuple, tt: TokenText) ->
     if text or records:
         lp = None
         if req.logprobs is not None and records:
-            lp = chat_logprobs(records, tt) if req.kind == "chat" else completion_logprobs(records, tt)
+            if req.kind == "chat":
+                lp = chat_logprobs(records, tt, req.token_ids)
+            else:
+                lp = completion_logprobs(records, tt, ids=req.token_ids)
         out.append(chunk(req, model, index, text, None, lp))
     if finish is not None:
         out.append(chunk(req, model, index, None, finish))

@@ -93,3 +93,42 @@ def test_exported_encoders_serve_like_kititans_embed(encoder_run, capsys, fmt, q
 def test_coreml_encoder_serves_like_kititans_embed(encoder_run, capsys):
     path = export_model(encoder_run[0], "coreml", "fp16", options=ExportOptions(progress=False)).path
     check_served(path, capsys)
+
+
+def test_search_route_over_an_index(encoder_run, tmp_path, capsys):
+    """`kititans serve ENCODER --index DIR`: POST /v1/search answers what `kititans search --index` ranks
+    (the query embedded in the engine thread), bad bodies get a 400, and a server without --index a 404."""
+    import httpx
+
+    from kititans.retrieval.index import build_index, load_index
+    from kititans.retrieval.search import Searcher
+    from kititans.retrieval.settings import encoder_of
+    from kititans.runtimes import load_runtime
+
+    enc = encoder_run[0]
+    rt = load_runtime(enc)
+    docs = [{"source": f"d{i}.txt", "text": t} for i, t in enumerate(TEXTS)]
+    build_index(tmp_path / "idx", encoder_of(rt, enc.name), docs, passage_tokens=32, stride=16)
+    want = Searcher(load_index(tmp_path / "idx"), encoder_of(rt, enc.name)).search(
+        "reset password", "hybrid", 3
+    )
+    s = start(enc, index=str(tmp_path / "idx"))
+    try:
+        r = httpx.post(
+            s.url + "/v1/search", json={"query": ["reset password", "robot"], "top_k": 3}, timeout=60
+        )
+        data = r.json()["data"]
+        assert r.status_code == 200 and {d["query_index"] for d in data} == {0, 1}
+        got = [(d["document"], d["source"]) for d in data if d["query_index"] == 0]
+        assert got == [(h.doc, h.source) for h in want]
+        assert [d["score"] for d in data if d["query_index"] == 0] == pytest.approx([h.score for h in want])
+        r = httpx.post(s.url + "/v1/search", json={"query": "x", "mode": "psychic"}, timeout=60)
+        assert r.status_code == 400 and "'mode' must be one of" in r.json()["error"]["message"]
+    finally:
+        s.close()
+    s = start(enc)
+    try:
+        r = httpx.post(s.url + "/v1/search", json={"query": "x"}, timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_index"
+    finally:
+        s.close()

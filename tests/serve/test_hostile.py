@@ -20,7 +20,9 @@ AUTH = f"Authorization: Bearer {KEY}\r\n"
 
 @pytest.fixture(scope="module")
 def server(debug_run):
-    s = start(debug_run, api_key=KEY, header_timeout=1.5, body_timeout=1.5, max_body_bytes=64 << 10)
+    s = start(
+        debug_run, api_key=KEY, header_timeout=1.5, body_timeout=1.5, max_body_bytes=64 << 10, keep_alive=1
+    )
     yield s
     s.close()
 
@@ -124,6 +126,14 @@ def test_headers_too_large_or_too_slow(server):
     assert read_response(s)[0] == 200
     s.sendall(b"GET /health HTTP/1.1\r\n")
     assert closed(s, timeout=10)
+
+
+def test_idle_keep_alive_closes(server):
+    s = connect(server)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(s)[0] == 200
+    t0 = time.monotonic()
+    assert closed(s, timeout=10) and time.monotonic() - t0 < 5  # keep-alive 1 s
 
 
 def _stall(server, mid_body: bool) -> socket.socket:

@@ -115,6 +115,47 @@ def test_lm_eval_scores_through_the_server(served):
         assert text == want[:cut], ctx
 
 
+def test_echo_reports_a_generated_end_of_turn_token(served, monkeypatch):
+    """Scoring with echo + logprobs always gets prompt + max_tokens rows, even when the token generated is an
+    end-of-turn id (lm-eval drops the last row: `token_logprobs[ctxlen:-1]`)."""
+    server, rt = served
+    ids = [rt.codec.bos_id, *rt.codec.encode("Tom had a red ball.")]
+    want = in_process(rt, ids)
+    rt.reset()
+    greedy = int(np.argmax(rt.forward(ids)))
+    monkeypatch.setattr(type(server.engine.codec), "stop_ids", property(lambda self: [greedy]))
+    body = {"prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    choice = post(server, "/v1/completions", body)["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["finish_reason"] == "stop" and len(lp["token_logprobs"]) == len(ids) + 1
+    assert np.array_equal(np.array(lp["token_logprobs"][1:]), want)
+
+
+def test_return_tokens_as_token_ids(served):
+    """vLLM's `return_tokens_as_token_ids`: every token of the log-probs is named "token_id:N", so top-k entries
+    map back to ids even where several ids decode to the same text (what `kititans distill score` sends)."""
+    server, rt = served
+    ids = [rt.codec.bos_id, *rt.codec.encode("Tom had a red ball. \u3042")]  # a character as byte pieces
+    body = {"prompt": ids, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 5,
+            "return_tokens_as_token_ids": True}  # fmt: skip
+    lp = post(server, "/v1/completions", body)["choices"][0]["logprobs"]
+    assert lp["tokens"][: len(ids)] == [f"token_id:{i}" for i in ids]
+    rt.reset()
+    logp = log_softmax(rt.forward(ids, all_logits=True))
+    for j in range(1, len(ids)):
+        top = {int(k.removeprefix("token_id:")): v for k, v in lp["top_logprobs"][j].items()}
+        best = np.argsort(-logp[j - 1], kind="stable")[:5]
+        assert set(best.tolist()) <= set(top) and ids[j] in top
+        assert all(top[int(i)] == logp[j - 1, i] for i in best)
+    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                                 "temperature": 0, "logprobs": True, "top_logprobs": 2,
+                                                 "return_tokens_as_token_ids": True})  # fmt: skip
+    for e in chat["choices"][0]["logprobs"]["content"]:
+        assert e["token"].startswith("token_id:") and all(
+            t["token"].startswith("token_id:") for t in e["top_logprobs"]
+        )
+
+
 def test_chat_and_completion_logprobs_shapes(served):
     server, _ = served
     c = client(server)
