@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
-    what = "embeddings" if info.task == "embed" else f"up to {cfg.parallel} sequences at once"
+    what = "embeddings" if info.task == "embed" else f"up to {cfg.parallel} sequences in one batch"
     what += f", search over {args.index}" if args.index else ""
     print(f"serving {info.id} ({rt.name}, context {info.context_length}, {what}) at {server.url}/v1",
           file=sys.stderr)  # fmt: skip
