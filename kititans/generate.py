@@ -143,6 +143,45 @@ class GenerationStats:
         return self.generated_tokens / max(self.generate_seconds, 1e-9)
 
 
+class Chooser:
+    """One sequence's next-token rule, step by step (what `Generation` runs, and the server per request):
+    `pick(logits)` samples the next token and says whether the sequence ends there. The rules are
+    Generation's: a stop id ends it (and is not part of the reply); a cache holding `context_length` tokens ends it
+    after that token ("context"); else max_tokens ends it after that token ("length")."""
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingConfig,
+        stop_ids: Sequence[int],
+        context_length: int,
+    ):
+        self.sampling, self.stop_ids = sampling, set(stop_ids)
+        self.sampler = Sampler(sampling)
+        self.context = list(prompt_ids)  # what the repetition penalty sees: prompt + fed tokens
+        self.fed = len(self.context)  # tokens the model's cache holds
+        self.context_length = context_length
+        self.tokens: list[int] = []  # every sampled token, a final stop id included
+        self.finish_reason = ""  # stop | length | context, once the sequence ended
+
+    def pick(self, logits: np.ndarray) -> int:
+        """The next token; `finish_reason` is set when the sequence ends with (or, a stop id, at) it."""
+        tok = self.sampler(logits, self.context)
+        self.tokens.append(tok)
+        if tok in self.stop_ids:
+            self.finish_reason = "stop"
+        elif self.fed >= self.context_length:
+            self.finish_reason = "context"
+        elif len(self.tokens) >= self.sampling.max_tokens:
+            self.finish_reason = "length"
+        return tok
+
+    def feed(self, tok: int) -> None:
+        """`tok` goes into the model (its logits come next)."""
+        self.context.append(tok)
+        self.fed += 1
+
+
 class Generation:
     """Iterate for token ids; `.stats` is complete once iteration ends. Continues the runtime's cache when
     the prompt extends what it already holds (multi-turn chat), otherwise starts over."""
@@ -157,7 +196,6 @@ class Generation:
     ):
         self.rt, self.prompt = rt, list(prompt_ids)
         self.sampling, self.stop_ids = sampling, set(stop_ids)
-        self.sampler = Sampler(sampling)
         self.history = history if history is not None else []  # ids the runtime's cache holds
         self.tokens: list[int] = []
         self.stats = GenerationStats()
@@ -186,41 +224,58 @@ class Generation:
         hist.extend(new)
         self.stats.prompt_tokens, self.stats.prompt_seconds = len(new), time.perf_counter() - t0
         t0 = time.perf_counter()
-        context = list(self.prompt)
-        for _ in range(self.sampling.max_tokens):
-            tok = self.sampler(logits, context)
-            self.tokens.append(tok)
+        chooser = Chooser(self.prompt, self.sampling, self.stop_ids, rt.context_length)
+        self.tokens = chooser.tokens
+        while True:
+            tok = chooser.pick(logits)
             self.stats.generated_tokens += 1
-            if tok in self.stop_ids:
-                self.stats.finish_reason = "stop"
+            if chooser.finish_reason == "stop":
                 break
             yield tok
-            if rt.n_past >= rt.context_length:
-                self.stats.finish_reason = "context"
+            if chooser.finish_reason == "context":
                 break
-            context.append(tok)
-            logits = rt.forward([tok])
+            chooser.feed(tok)
+            logits = rt.forward([tok])  # also after the last one: the cache holds the whole reply (chat)
             hist.append(tok)
-        else:
-            self.stats.finish_reason = "length"
+            if chooser.finish_reason:
+                break
+        self.stats.finish_reason = chooser.finish_reason
         self.stats.generate_seconds = time.perf_counter() - t0
+
+
+class TextStream:
+    """Token ids -> text deltas, one token at a time; holds back an incomplete UTF-8 sequence (shown as
+    U+FFFD) until the token that completes it."""
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def feed(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self.codec.decode(self.ids)
+        if text.endswith("\ufffd") or len(text) <= len(self.emitted):
+            return ""
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
+
+    def flush(self) -> str:
+        """What was held back (an incomplete sequence at the end stays U+FFFD)."""
+        text = self.codec.decode(self.ids)
+        delta = text[len(self.emitted) :] if len(text) > len(self.emitted) else ""
+        self.emitted = text if delta else self.emitted
+        return delta
 
 
 def stream_text(gen: Generation, codec: Codec) -> Iterator[str]:
     """Text deltas of a generation; holds back incomplete UTF-8 sequences (shown as U+FFFD)."""
-    ids: list[int] = []
-    emitted = ""
+    stream = TextStream(codec)
     for tok in gen:
-        ids.append(tok)
-        text = codec.decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-            emitted = text
-    text = codec.decode(ids)
-    if len(text) > len(emitted):
-        yield text[len(emitted) :]
+        if delta := stream.feed(tok):
+            yield delta
+    if tail := stream.flush():
+        yield tail
 
 
 def generate_text(rt: Runtime, codec: Codec, prompt_ids: Sequence[int], sampling: SamplingConfig) -> str:

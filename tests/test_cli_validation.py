@@ -29,7 +29,7 @@ BAD = [
 ]
 
 
-# serve takes the sampling settings per request (checked there: tests/test_serve.py), the runtime flags here
+# serve takes the sampling settings per request (checked there: tests/serve/), the runtime flags here
 CASES = [(verb, flags, message) for verb in ("generate", "chat") for flags, message in BAD] + [
     ("serve", flags, message) for flags, message in BAD if flags[0] in ("--device", "--runtime", "--threads")
 ]

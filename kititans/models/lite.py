@@ -224,6 +224,13 @@ class LiteModel(nn.Module):
         x = self.model.norm(x)
         return x if hidden else self.lm_head(x)
 
+    def decode_rows(self, ids: list[int], states: list[KVCache], positions: list[int]) -> Tensor:
+        """One token for each of several sequences (their own batch-1 caches, their own positions), batch-
+        invariant: each row's logits (B, V) equal a lone decode's (models/lite_batch.py)."""
+        from kititans.models.lite_batch import decode_rows
+
+        return decode_rows(self, ids, states, positions)
+
     def loss(self, input_ids: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         logits = self(input_ids)
         return lm_loss(logits, targets, mask)

@@ -129,6 +129,18 @@ class CoreMLRuntime:
         self.state = self.decode.make_state()  # one state, used by both functions
         self._n = 0
 
+    # several sequences: one MLState each, stepped in turn, one token at a time (kititans.runtimes.base)
+    def save_state(self) -> Any:
+        return self.state, self._n
+
+    def load_state(self, state: Any) -> None:
+        self.state, self._n = state
+
+    def sequences(self, max_sequences: int = 16) -> Any:
+        from kititans.runtimes.base import InTurn
+
+        return InTurn(self, max_sequences)
+
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         if self.state is None:
             self.reset()

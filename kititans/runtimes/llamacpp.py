@@ -256,6 +256,12 @@ class LlamaCppRuntime:
         ptr = lib.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy()
 
+    def sequences(self, max_sequences: int = 16) -> Any:
+        """Several sequences in one context of their own, batched into each llama_decode (llamacpp_batch.py)."""
+        from kititans.runtimes.llamacpp_batch import LlamaCppSequences
+
+        return LlamaCppSequences(self, max_sequences)
+
     def embed_batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """Unit vectors (N, n_embd) from llama.cpp's own pooling (the GGUF's pooling type), several
         sequences per llama_decode; each call starts from an empty cache."""

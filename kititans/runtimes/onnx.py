@@ -311,6 +311,38 @@ class OnnxRuntime:
         self._n = n + T
         return self._logits[0] if T == 1 else outs[0].numpy()[0]
 
+    # -- several sequences (kititans.runtimes.base.Sequences)
+
+    def save_state(self) -> Any:
+        return (self.steps.state if self.steps is not None else self._past), self._n
+
+    def load_state(self, state: Any) -> None:
+        tensors, self._n = state
+        if self.steps is not None:
+            self.steps.state = tensors
+        else:
+            self._past = tensors
+
+    def copy_state(self, state: Any) -> Any:
+        import onnxruntime as ort
+
+        tensors, n = state
+        copy = lambda v: ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy(), copy=True), self.device, 0)  # noqa: E731
+        if isinstance(tensors, dict):
+            return {k: copy(v) for k, v in tensors.items()}, n
+        return [copy(v) for v in tensors], n
+
+    def sequences(self, max_sequences: int = 16) -> Any:
+        """A past/present graph (Lite) batches its sequences along the batch dimension (onnx_batch.py); a
+        recurrent graph (Titans: one position input for the whole batch) steps them in turn."""
+        from kititans.runtimes.base import InTurn
+
+        if self.recurrent or self.steps is not None or self.prefill is not None:
+            return InTurn(self, max_sequences)
+        from kititans.runtimes.onnx_batch import OnnxBatch
+
+        return OnnxBatch(self, max_sequences)
+
     def step(
         self,
         input_ids: np.ndarray,
@@ -479,6 +511,18 @@ class GenaiRuntime:
         params = self._og.GeneratorParams(self.model)
         params.set_search_options(max_length=self.context_length, do_sample=False)
         self.gen = self._og.Generator(self.model, params)
+
+    # several sequences: one generator each, stepped in turn (kititans.runtimes.base.InTurn)
+    def save_state(self) -> Any:
+        return self.gen
+
+    def load_state(self, state: Any) -> None:
+        self.gen = state
+
+    def sequences(self, max_sequences: int = 16) -> Any:
+        from kititans.runtimes.base import InTurn
+
+        return InTurn(self, max_sequences)
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         if self.gen is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 from kititans.checkpoint import load_checkpoint
 from kititans.device import DTYPES, resolve_device
 from kititans.errors import KititansError
+from kititans.runtimes.base import Handles, InTurn
 
 log = logging.getLogger("kititans")
 
@@ -65,10 +66,33 @@ class TorchRuntime:
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         if self.state is None:
             self.reset()
-        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        logits = self.model(x, state=self.state)[0]  # (T, V)
+        if len(ids) == 1 and hasattr(self.model, "decode_rows"):
+            # one token: the multi-sequence decode with one row, so `kititans generate` and a batched server
+            # compute each token the same way (models/lite_batch.py)
+            logits = self.model.decode_rows([int(ids[0])], [self.state], [self.state.pos])  # (1, V)
+        else:
+            x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            logits = self.model(x, state=self.state)[0]  # (T, V)
         out = logits if all_logits else logits[-1]
         return out.float().cpu().numpy()
+
+    # -- several sequences (kititans.runtimes.base.Sequences)
+
+    def save_state(self) -> Any:
+        return self.state
+
+    def load_state(self, state: Any) -> None:
+        self.state = state
+
+    def copy_state(self, state: Any) -> Any:
+        return _clone(state)
+
+    def sequences(self, max_sequences: int = 16) -> Any:
+        """Batched decode where the family has one (Lite: `decode_rows`, batch-invariant), else the
+        sequences step in turn (Titans: its state advances all rows at one position)."""
+        if hasattr(self.model, "decode_rows"):
+            return TorchSequences(self, max_sequences)
+        return InTurn(self, max_sequences)
 
     @torch.inference_mode()
     def embed_batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
@@ -123,3 +147,79 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     """A torch tensor over `a` (its own copy when `a` is read-only: the state is written in place)."""
     a = np.asarray(a)
     return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def _clone(state: Any) -> Any:
+    """A deep copy of a state object's tensors (KVCache, TitansState: dataclasses of tensors and ints)."""
+    import copy
+
+    return copy.deepcopy(state)
+
+
+class TorchSequences(Handles):
+    """Several sequences over a model with `decode_rows`: each keeps its own batch-1 cache; a prompt goes
+    in alone (the very call `kititans generate` makes), decode steps run every listed sequence in one pass."""
+
+    batched = True
+
+    def __init__(self, rt: TorchRuntime, max_sequences: int = 16):
+        super().__init__(max_sequences)
+        self.rt, self.model = rt, rt.model
+        self.context_length = int(rt.context_length)
+        self.states: dict[int, Any] = {}
+
+    @torch.inference_mode()
+    def _forward(self, state: Any, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.rt.device)
+        logits = self.model(x, state=state)[0]  # (T, V)
+        return (logits if all_logits else logits[-1]).float().cpu().numpy()
+
+    def add(self, ids: Sequence[int], all_logits: bool = False) -> tuple[int, np.ndarray]:
+        h = self.new(0)
+        try:
+            state = self.model.new_state(batch_size=1)
+            logits = self._forward(state, ids, all_logits)
+        except BaseException:
+            del self.lengths[h]
+            raise
+        self.states[h], self.lengths[h] = state, len(ids)
+        return h, logits
+
+    def extend(self, seq: int, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        self.check(seq)
+        logits = self._forward(self.states[seq], ids, all_logits)
+        self.lengths[seq] += len(ids)
+        return logits
+
+    @torch.inference_mode()
+    def step(self, tokens: Mapping[int, int]) -> dict[int, np.ndarray]:
+        seqs = list(tokens)
+        for s in seqs:
+            self.check(s)
+        states = [self.states[s] for s in seqs]
+        logits = self.model.decode_rows([tokens[s] for s in seqs], states, [st.pos for st in states])
+        out = logits.float().cpu().numpy()
+        for s in seqs:
+            self.lengths[s] += 1
+        return {s: out[i] for i, s in enumerate(seqs)}
+
+    def fork(self, seq: int) -> int:
+        self.check(seq)
+        h = self.new(self.lengths[seq])
+        self.states[h] = _clone(self.states[seq])
+        return h
+
+    def drop(self, seq: int) -> None:
+        self.lengths.pop(seq, None)
+        self.states.pop(seq, None)
+
+    def truncate(self, seq: int, n: int) -> bool:
+        """A KV cache goes back by moving its position: the rows past it are overwritten as it advances."""
+        self.check(seq)
+        if not 0 < n <= self.lengths[seq]:
+            return False
+        self.states[seq].pos = self.lengths[seq] = n
+        return True
+
+    def length(self, seq: int) -> int:
+        return self.lengths[seq]
