@@ -237,7 +237,7 @@ def test_a_misaligned_prefill_is_refused():
     model, x = small(), ids()
     state = model.state_to_tensors(model.new_state(2))
     _, *state = model.step(x[:, :1], *state)  # position 1
-    with pytest.raises(KititansError, match="4 tokens at position 1.*multiple of 4"):
+    with pytest.raises(KititansError, match="4 tokens at position 1.*multiple of"):
         model.step(x[:, 1:5], *state)
 
 
