@@ -31,4 +31,3 @@ def test_cuda_n_sets_the_cuda_providers_device_id():
 def test_bad_devices_end_in_one_line(device, have, msg):
     with pytest.raises(KititansError, match=msg):
         providers_for(device, have)
-
