@@ -9,12 +9,16 @@ import pytest
 
 from kititans.train import sharded
 from kititans.train.checkpoints import find_latest
-
-from .test_distributed import close, data, kititans, losses, one_rank, train_args  # noqa: F401
+from tests.train.test_distributed import close, data, kititans, losses, one_rank, train_args  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not __import__("torch").distributed.is_gloo_available(), reason="torch was built without gloo"
 )
+
+
+def val_losses(run) -> list[float]:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return [r["val_loss"] for r in rows if "val_loss" in r]
 
 
 def _shards(folder):
@@ -54,6 +58,8 @@ def test_one_process_and_old_format_resume_on_two_fsdp_ranks(data, one_rank, tmp
     r = kititans("train", "--resume", out, "--steps", "10", "--nproc", "2", "--parallel", "ddp", "-q")
     assert r.returncode == 0, r.stderr
     close(losses(out), losses(one_rank["adamw"]), 1e-5)
+    # the final eval, its batches split across the 2 ranks and reduced, equals one process's
+    close(val_losses(out)[-1:], val_losses(one_rank["adamw"])[-1:], 1e-5)
 
 
 def test_sharded_resume_with_another_model_or_a_lost_shard_ends_in_one_line(data, tmp_path):  # noqa: F811
