@@ -33,6 +33,22 @@ def embed_texts(runtime: Any, texts: Sequence[str], batch_size: int = 32) -> np.
     return embed_rows(runtime, token_rows(runtime.codec, texts, runtime.context_length), batch_size)
 
 
+def embed_passages(
+    runtime: Any, texts: Sequence[str], passage_tokens: int, stride: int, batch_size: int = 32
+) -> tuple[np.ndarray, int]:
+    """Vectors for texts of any length: a text longer than passage_tokens is split into overlapping passages
+    (kititans.retrieval.passages) and its vector is the normalised mean of theirs. Returns (vectors, how many
+    texts were split)."""
+    from kititans.retrieval.passages import split_documents
+
+    ps = split_documents(runtime.codec, texts, passage_tokens, stride)
+    pv = embed_rows(runtime, ps.rows, batch_size)
+    out = np.zeros((len(texts), pv.shape[1]), dtype=np.float32)
+    np.add.at(out, np.asarray(ps.owner), pv)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out, ps.split_docs
+
+
 def retrieval_scores(queries: np.ndarray, cands: np.ndarray) -> dict[str, float]:
     """Query i's positive is candidate i, every other candidate a negative: retrieval@1, recall@5, MRR and
     the mean margin (positive similarity minus the best negative's). Vectors are unit length."""

@@ -10,7 +10,8 @@ HELP = "embed texts with an encoder: print the vectors, or save them as .npy"
 EXAMPLES = """  kititans embed runs/enc --text "how do I reset my password?"
   kititans embed runs/enc --text "first" --text "second"          # one JSON vector per line
   kititans embed runs/enc --file questions.txt --out vecs.npy     # one text per line -> (N, dim) float32
-  kititans embed runs/enc/export/onnx/int8 --file questions.txt --out vecs.npy"""
+  kititans embed runs/enc/export/onnx/int8 --file questions.txt --out vecs.npy
+  kititans embed runs/enc --file long_notes.txt --passage-tokens 127 --stride 96   # long texts: passages"""
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -19,15 +20,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", help="a UTF-8 file with one text per line")
     p.add_argument("--out", help="write the vectors to this .npy file instead of printing them")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    p.add_argument("--passage-tokens", type=int, default=None,
+                   help="a longer text is split into passages of this many tokens and its vector is the "
+                        "normalised mean of theirs (default: the context - 1)")  # fmt: skip
+    p.add_argument(
+        "--stride", type=int, default=None, help="tokens between passage starts (default 3/4 of a passage)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
     from pathlib import Path
 
     import numpy as np
 
-    from kititans.embedding import embed_texts
+    from kititans.embedding import embed_passages
     from kititans.errors import KititansError
     from kititans.files import atomic_path
 
@@ -45,7 +53,13 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise KititansError(f"--batch-size must be >= 1, got {args.batch_size}")
     rt = open_runtime(args, task="embed")
-    vecs = embed_texts(rt, texts, args.batch_size)
+    from kititans.retrieval.passages import check_passages
+
+    pt, stride = check_passages(args.passage_tokens or rt.context_length - 1, args.stride, rt.context_length)
+    vecs, n_split = embed_passages(rt, texts, pt, stride, args.batch_size)
+    if n_split:
+        print(f"note: {n_split} of {len(texts)} inputs were longer than {pt} tokens: each was split into passages "
+              "(--passage-tokens, --stride) and its vector is the normalised mean of theirs", file=sys.stderr)  # fmt: skip
     if args.out:
         out = Path(args.out)
         if out.suffix != ".npy":

@@ -1,44 +1,71 @@
-"""kititans search: a tiny retrieval demo: embed a folder of documents, rank them against a query."""
+"""kititans search: rank documents against a query: dense, lexical (BM25) or hybrid, over a saved index or a
+folder embedded on the fly."""
 
 from __future__ import annotations
 
 import argparse
 
-from kititans.commands.common import add_runtime_args, open_runtime
+from kititans.commands.common import add_runtime_args
 
-HELP = "rank the documents of a folder against a query with an encoder (a retrieval demo)"
+HELP = (
+    "rank documents against a query with an encoder: dense, lexical (BM25) or hybrid, over --index or --docs"
+)
 EXAMPLES = """  kititans search runs/enc --docs notes/ --query "reset password" --top 5
-  kititans search runs/enc/export/onnx/int8 --docs faq.jsonl --query "refund" --top 3"""
+  kititans search runs/enc --index idx/ --query "reset password" --mode hybrid
+  kititans search runs/enc/export/model.q8_0.gguf --index idx/ --query "refund" --mode dense
+  kititans search runs/enc --index idx/ --query "refund" --mode lexical"""
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from kititans.commands.index import add_passage_args
+
     add_runtime_args(p)
-    p.add_argument(
-        "--docs", required=True, nargs="+", help="files, folders or globs (as kititans data reads)"
-    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--docs", nargs="+", help="files, folders or globs (as kititans data reads)")
+    src.add_argument("--index", help="a folder written by `kititans index`")
     p.add_argument("--query", required=True, action="append", help="the query (repeatable)")
     p.add_argument("--top", type=int, default=5, help="results per query (default 5)")
-    p.add_argument("--batch-size", type=int, default=32, help="documents per forward pass (default 32)")
+    p.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="hybrid",
+                   help="dense (cosine), lexical (BM25) or hybrid (reciprocal-rank fusion; default)")  # fmt: skip
+    p.add_argument(
+        "--lexical-weight", type=float, default=None, help="BM25's weight in hybrid (default: the index's)"
+    )
+    add_passage_args(p)
+    p.add_argument("--batch-size", type=int, default=32, help="passages per forward pass (default 32)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kititans.data.readers import Corpus
-    from kititans.embedding import embed_texts, top_k
+    import tempfile
+
+    from kititans.commands.common import open_runtime
     from kititans.errors import KititansError
+    from kititans.retrieval.index import build_index, load_index
+    from kititans.retrieval.search import Searcher
+    from kititans.retrieval.settings import encoder_of, passage_args, read_documents, run_settings
 
     if args.top < 1:
         raise KititansError(f"--top must be >= 1, got {args.top}")
-    corpus = Corpus(args.docs)
-    docs, where = [], []
-    for doc in corpus:  # an empty folder or corpus fails here with one line
-        docs.append(doc)
-        where.append(corpus.source)
+    index = load_index(args.index) if args.index else None  # a corrupted index fails before the model loads
+    docs = read_documents(args.docs) if args.docs else None
     rt = open_runtime(args, task="embed")
-    dvecs = embed_texts(rt, docs, args.batch_size)
-    for query in args.query:
-        qvec = embed_texts(rt, [query])[0]
-        print(f"query: {query}")
-        for rank, hit in enumerate(top_k(qvec, dvecs, args.top), 1):
-            snippet = " ".join(docs[hit.index].split())[:100]
-            print(f"  {rank}. {hit.score:.4f}  {where[hit.index]}  {snippet}")
+    enc = encoder_of(rt, args.model)
+    with tempfile.TemporaryDirectory(prefix="kititans-search-") as tmp:
+        if index is None:
+            saved = run_settings(args.model)
+            pt, stride = passage_args(args, enc.context, saved)
+            weight = (
+                args.lexical_weight if args.lexical_weight is not None else saved.get("lexical_weight", 1.0)
+            )
+            build_index(f"{tmp}/idx", enc, docs, passage_tokens=pt, stride=stride, lexical_weight=weight)  # type: ignore[arg-type]
+            index = load_index(f"{tmp}/idx", verify=False)
+        searcher = Searcher(index, enc)
+        n_split = int(searcher.splits.sum())
+        if n_split:
+            print(f"note: {n_split} of {searcher.n_docs} documents were longer than {index.manifest['passages']['tokens']} "
+                  "tokens and were split into passages; a document scores as its best passage")  # fmt: skip
+        for query in args.query:
+            print(f"query: {query}  ({args.mode})")
+            for rank, hit in enumerate(searcher.search(query, args.mode, args.top, args.lexical_weight), 1):
+                snippet = " ".join(hit.passage.split())[:100]
+                print(f"  {rank}. {hit.score:.4f}  {hit.source}  {snippet}")
     return 0

@@ -246,13 +246,17 @@ def report(result: Any, interrupted_hint: str) -> None:
     report_ = r.extra.get("eval_report")
     if report_:  # an encoder: retrieval on the held-out pairs, with TanAILite's acceptance for context
         m, th = report_["metrics"], report_["thresholds"]
-        print(f"held-out retrieval ({m.get('pairs', 0)} queries, {m.get('candidates', 0)} candidates):")
+        print(
+            f"held-out pairs ({m.get('pairs', 0)} queries, {m.get('candidates', 0)} candidates, pair level):"
+        )
         for key, name in (("retrieval_at1", "retrieval@1"), ("mrr", "MRR"), ("mean_margin", "mean margin")):
             if key in m:
                 ok = "ok" if m[key] > th[key] else "below"
                 print(f"  {name:<12} {m[key]:.4f}   (TanAILite accepts > {th[key]}: {ok})")
         if "recall_at5" in m:
             print(f"  {'recall@5':<12} {m['recall_at5']:.4f}")
+        for line in (report_.get("documents") or {}).get("lines", []):  # document-level, lexical beside
+            print(line)
     elif r.val_loss is not None:
         print(f"val loss {r.val_loss:.4f} (perplexity {math.exp(min(r.val_loss, 50)):.2f})")
     if r.interrupted:

@@ -5,15 +5,22 @@ Sources (per JSON record or text document; files, folders and globs as everywher
   chat records ({"messages"}, alpaca, sharegpt)         each user turn and the assistant answer after it
   {"text"} records, text files, the built-in corpus     unsupervised: two disjoint token spans of the same
                                                         document (independent cropping, as Contriever)
-A pair goes to the validation split by a hash of its texts. Each text becomes [BOS] ids, cut to max_len.
+The held-out split is grouped by positive document: a pair goes to it by a hash of its positive (of the
+document, for span pairs), so no held-out positive is ever a training positive and held-out queries are
+about documents training never showed. Each text becomes [BOS] ids; a positive (or negative) longer than
+max_len is not cut at its start but replaced by its passage (overlapping window) sharing the most tokens with
+the query, and the share of positive tokens that truncation would have dropped is recorded.
 
-RUN/pairs/  pairs.json (manifest), {train,val}.{query,positive[,negative]}.{bin,idx}: tokens and offsets.
+RUN/pairs/  pairs.json (manifest), {train,val}.{query,positive[,negative]}.{bin,idx}: tokens and offsets;
+            heldout.jsonl ({"query", "doc"}: index into heldout_docs.jsonl, {"text"}): the held-out queries
+            and every distinct held-out document in full, for document-level retrieval (kititans.retrieval).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,9 +37,12 @@ from kititans.data.streams import json_records, open_stream, parquet_values, tex
 from kititans.data.tokenizer import Tokenizer
 from kititans.errors import KititansError
 from kititans.files import atomic_path, read_json, write_json
+from kititans.retrieval.passages import best_window, default_stride
 
 COLUMNS = ("query", "positive", "negative")
 MANIFEST = "pairs.json"
+HELDOUT, HELDOUT_DOCS = "heldout.jsonl", "heldout_docs.jsonl"
+SPLIT_RULE = "by positive document: hash(seed, positive text) < val_fraction; no held-out positive is a training positive"
 MIN_SPAN = 8  # tokens of an unsupervised span at the least
 
 
@@ -123,6 +133,50 @@ class _Column:
         np.asarray(self.offsets, dtype="<i8").tofile(self.idx_path)
 
 
+def document_key(item: Item) -> str:
+    """What the held-out split groups by: the positive document (the document itself for span pairs)."""
+    return item.texts[0] if item.kind == "doc" else item.texts[1]
+
+
+class DocumentSplit:
+    """The split decision per positive document, remembered, so every pair of a document lands in the same
+    split even after the held-out cap is reached (the cap then sends new documents to training, whole)."""
+
+    def __init__(self, seed: int, val_fraction: float, max_val: int):
+        self.seed, self.fraction, self.max_val = seed, val_fraction, max_val
+        self.val: dict[bytes, int] = {}  # document hash -> held-out document index
+        self.capped: set[bytes] = set()
+        self.val_pairs = 0
+
+    def __call__(self, key: str) -> int | None:
+        """The held-out document index of this pair's document, or None for training."""
+        h = hashlib.blake2b(key.encode(), digest_size=16).digest()
+        if h in self.val:
+            self.val_pairs += 1
+            return self.val[h]
+        if h in self.capped or not is_val(key, self.seed, self.fraction):
+            return None
+        if self.val_pairs >= self.max_val:
+            self.capped.add(h)
+            return None
+        self.val[h] = len(self.val)
+        self.val_pairs += 1
+        return self.val[h]
+
+
+def _row(tok: Tokenizer, item: Item, body: int, stride: int, counts: dict[str, int]) -> list[list[int]]:
+    q = tok.encode(item.texts[0])[:body]
+    row = [q]
+    for t in item.texts[1:]:
+        ids = tok.encode(t)
+        if len(row) == 1:  # the positive: what truncation would have cut
+            counts["positive_tokens"] += len(ids)
+            counts["positive_tokens_cut"] += max(0, len(ids) - body)
+            counts["split_positives"] += len(ids) > body
+        row.append(best_window(ids, q, body, stride))
+    return [[tok.bos_id, *r] for r in row]
+
+
 def build_pairs(
     sources: list[str],
     tok: Tokenizer,
@@ -139,33 +193,48 @@ def build_pairs(
     with atomic_path(Path(out_dir)) as tmp:
         tmp.mkdir()
         cols = {(s, c): _Column(tmp, f"{s}.{c}", dtype) for s in ("train", "val") for c in COLUMNS}
-        counts = {"train": 0, "val": 0, "labelled": 0, "spans": 0, "negatives": 0, "skipped_short": 0}
+        counts = {"train": 0, "val": 0, "labelled": 0, "spans": 0, "negatives": 0, "skipped_short": 0,
+                  "positive_tokens": 0, "positive_tokens_cut": 0, "split_positives": 0}  # fmt: skip
         body = max_len - 1  # room for BOS
-        for item in read_items(sources, builtin_bytes, seed):
-            if item.kind == "doc":
-                ids = tok.encode(item.texts[0])
-                got = spans(ids, f"{seed}\x00{item.texts[0][:4096]}", body)
-                if got is None:
-                    counts["skipped_short"] += 1
-                    continue
-                row = [[tok.bos_id, *got[0]], [tok.bos_id, *got[1]]]
-                counts["spans"] += 1
-                key = item.texts[0]
-            else:
-                row = [[tok.bos_id, *tok.encode(t)[:body]] for t in item.texts]
-                counts["labelled"] += 1
-                counts["negatives"] += len(row) == 3
-                key = "\x00".join(item.texts[:2])
-            split = "val" if is_val(key, seed, val_fraction) and counts["val"] < max_val else "train"
-            for c, ids in zip(COLUMNS, [*row, []][:3]):
-                cols[(split, c)].add(ids)
-            counts[split] += 1
+        split = DocumentSplit(seed, val_fraction, max_val)
+        with (
+            open(tmp / HELDOUT, "w", encoding="utf-8") as held,
+            open(tmp / HELDOUT_DOCS, "w", encoding="utf-8") as docs,
+        ):
+            for item in read_items(sources, builtin_bytes, seed):
+                if item.kind == "doc":
+                    ids = tok.encode(item.texts[0])
+                    got = spans(
+                        ids, f"{seed}\x00{item.where}\x00{item.texts[0][:4096]}", body
+                    )  # a repeat: new crops
+                    if got is None:
+                        counts["skipped_short"] += 1
+                        continue
+                    row = [[tok.bos_id, *got[0]], [tok.bos_id, *got[1]]]
+                    counts["spans"] += 1
+                    query = tok.decode(got[0])
+                else:
+                    row = _row(tok, item, body, default_stride(body), counts)
+                    counts["labelled"] += 1
+                    counts["negatives"] += len(row) == 3
+                    query = item.texts[0]
+                n_docs = len(split.val)
+                doc = split(document_key(item))
+                name = "train" if doc is None else "val"
+                if doc is not None:
+                    if doc == n_docs:  # a new held-out document: keep it whole for document-level retrieval
+                        docs.write(json.dumps({"text": document_key(item)}, ensure_ascii=False) + "\n")
+                    held.write(json.dumps({"query": query, "doc": doc}, ensure_ascii=False) + "\n")
+                for c, ids in zip(COLUMNS, [*row, []][:3]):
+                    cols[(name, c)].add(ids)
+                counts[name] += 1
         for col in cols.values():
             col.close()
         if counts["train"] < 2 or counts["val"] < 1:
             raise KititansError(
-                f"too few pairs ({counts['train']} train, {counts['val']} validation): give more data "
-                "(documents need at least 16 tokens for unsupervised spans)"
+                f"too few pairs in a split ({counts['train']} train, {counts['val']} held out, grouped by "
+                f"positive document, {len(split.val)} held-out documents): give pairs over more distinct "
+                "documents or change contrastive.val_fraction (documents need at least 16 tokens for spans)"
             )
         manifest = {
             "dtype": dtype.name,
@@ -173,12 +242,34 @@ def build_pairs(
             "max_len": max_len,
             "val_fraction": val_fraction,
             "seed": seed,
+            "split_rule": SPLIT_RULE,
+            "heldout_documents": len(split.val),
+            "cut_share_without_passages": round(
+                counts["positive_tokens_cut"] / max(counts["positive_tokens"], 1), 4
+            ),
             "sources": sources or [f"builtin:{builtin_bytes}B"],
             **counts,
             "has_negatives": counts["negatives"] == counts["labelled"] > 0 and counts["spans"] == 0,
         }
         write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def read_heldout(folder: str | Path) -> tuple[list[str], list[int], list[str]]:
+    """(queries, their document index, documents) of a pair store's held-out split."""
+    folder = Path(folder)
+    if not (folder / HELDOUT).is_file():
+        raise KititansError(f"{folder} has no {HELDOUT}: it was built before document-level evaluation; "
+                            "delete the pairs folder and train again")  # fmt: skip
+    queries, gold, docs = [], [], []
+    with open(folder / HELDOUT, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            queries.append(rec["query"])
+            gold.append(int(rec["doc"]))
+    with open(folder / HELDOUT_DOCS, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    return queries, gold, docs
 
 
 class PairStore:

@@ -72,7 +72,7 @@ class EncoderLayer(DecoderLayer):
 
 class EncoderModel(nn.Module):
     component = staticmethod(lite_component)
-    init_families = ("lite",)  # --init copies their `model.*` weights: the same blocks under the same names
+    init_families = ("lite", "encoder")  # --init copies their `model.*` weights: the same blocks and names
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()

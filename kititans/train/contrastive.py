@@ -13,6 +13,7 @@ MRR, recall@5 and the mean margin (positive similarity minus the best other cand
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -208,6 +209,19 @@ def embed_rows(model: torch.nn.Module, rows: list[np.ndarray], pad_id: int, devi
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def torch_embedder(model: torch.nn.Module, pad_id: int) -> Any:
+    """rows -> unit vectors (N, dim) as numpy, with the model in eval mode on its own device."""
+    device = next(model.parameters()).device
+
+    def embed(rows: Any) -> np.ndarray:
+        model.eval()
+        return embed_rows(
+            model, [np.asarray(r) for r in rows], pad_id, device, contextlib.nullcontext()
+        ).numpy()
+
+    return embed
+
+
 def retrieval_metrics(q: torch.Tensor, cands: torch.Tensor, temperature: float) -> dict[str, float]:
     """Query i's positive is candidate i; every other candidate is a negative for it (+ the InfoNCE loss)."""
     target = torch.arange(len(q))
@@ -316,6 +330,12 @@ def train_encoder(
     report = {"metrics": result.extra.get("val_metrics", {}), "thresholds": THRESHOLDS, "step": result.step,
               "pairs": str(pairs_dir), "held_out_pairs": len(val)}  # fmt: skip
     if os.environ.get("RANK", "0") == "0":
+        # beside the pair-level metrics: every held-out query against every distinct held-out document, with
+        # the lexical baseline on the same candidates (kititans.retrieval)
+        from kititans.retrieval.heldout import document_report
+
+        embed = torch_embedder(model, pad_id)
+        report["documents"] = document_report(pairs_dir, embed, tok, mcfg.context_length, t.seq_len)
         write_json(run_dir / REPORT, report)
     result.extra["eval_report"] = report
     return result

@@ -6,10 +6,10 @@ Per token:  loss = (1 - a) x CE(student, next token) + a x T^2 x KL(teacher_T ||
 where _T is softmax(logits / T). With stored scores the teacher is its top-k log-probs plus the mass of the
 rest, and the KL is over those k + 1 buckets (T must be 1: the rest cannot be re-tempered).
 
-Memory: the loss walks the (B*T, V) logits in row chunks; each chunk's fp32 log-softmaxes (student, teacher)
-and its gradient are computed there, so no full-vocabulary fp32 log-softmax exists at any time, only the
-model-dtype logits of student and teacher and their gradient. When train/loss.py's chunked losses over hidden
-states land, `kd_loss` is the one function to move onto them (the logits then never exist in full).
+Memory: student and teacher give their final hidden states; train/loss.py's linear_loss runs both heads, the
+loss and its gradient a chunk of rows at a time (`train.loss_chunk`), so neither model's (B, T, V) logits
+exist at any time, let alone their fp32 log-softmaxes; rows outside the mask (prompts, padding) never reach a
+head.
 
 The teacher is frozen (eval, no grad), in bf16/fp16 on GPUs (--teacher-dtype; fp32 on CPUs, where bf16 is
 emulated and slower), on the student's device or its own
@@ -31,10 +31,10 @@ from kititans.checkpoint import load_checkpoint, read_meta
 from kititans.config import RunConfig, apply_overrides, flatten
 from kititans.errors import KititansError
 from kititans.files import sha256_file
+from kititans.train import loss as L
 from kititans.train.loop import Batch, TrainResult, TrainSetup, run_training
 
 log = logging.getLogger("kititans")
-CHUNK_ELEMENTS = 1 << 22  # fp32 elements per chunk tensor (16 MB): rows = CHUNK_ELEMENTS // vocab
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -46,59 +46,47 @@ class TopK:
     logprobs: torch.Tensor
     rest: torch.Tensor
 
+    def rows(self, keep: torch.Tensor | None) -> TopK:
+        """Flattened to (N, ...) rows (fp32 log-probs), the rows where `keep` (N,) is true when given."""
+        ids = self.ids.flatten(0, 1) if self.ids.ndim == 3 else self.ids
+        lps = (self.logprobs.flatten(0, 1) if self.logprobs.ndim == 3 else self.logprobs).float()
+        rest = (self.rest.flatten() if self.rest.ndim == 2 else self.rest).float()
+        return TopK(ids, lps, rest) if keep is None else TopK(ids[keep], lps[keep], rest[keep])
 
-def _chunk_loss(
-    s: torch.Tensor, y: torch.Tensor, w: torch.Tensor, teacher: Any, alpha: float, temp: float
-) -> torch.Tensor:
-    """sum_i w_i [(1-a) CE_i + a T^2 KL_i] over one chunk; s: (c, V) fp32 student logits."""
-    logp = F.log_softmax(s, dim=-1)  # (c, V)
-    loss = (1 - alpha) * -logp.gather(1, y[:, None]).squeeze(1)  # (c,)
-    if alpha > 0 and isinstance(teacher, TopK):
-        valid = teacher.ids >= 0  # (c, k)
-        q = logp.gather(1, teacher.ids.clamp(min=0))  # (c, k) student log-probs of the teacher's top k
-        p = torch.where(valid, teacher.logprobs.exp(), 0.0)
+
+@dataclass
+class TopKKL:
+    """A train/loss.py ChunkTarget: KL(teacher || student) over the teacher's top k tokens plus one bucket for
+    the rest of the vocabulary; the gradient of a chunk comes from autograd on that chunk alone."""
+
+    teacher: TopK
+
+    def kl(self, s: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        ids, lps, rest = self.teacher.ids[a:b], self.teacher.logprobs[a:b], self.teacher.rest[a:b]
+        valid = ids >= 0  # (c, k)
+        q = F.log_softmax(s, dim=-1).gather(1, ids.clamp(min=0))  # student log-probs of the teacher's top k
+        p = torch.where(valid, lps.exp(), 0.0)
         q_rest = torch.log1p(-torch.where(valid, q.exp(), 0.0).sum(1).clamp(max=1 - 1e-6))  # (c,)
-        kl = (p * (torch.where(valid, teacher.logprobs, 0.0) - q)).sum(1)
-        kl = kl + teacher.rest.exp() * (teacher.rest - q_rest)
-        loss = loss + alpha * kl
-    elif alpha > 0 and teacher is not None:
-        ps = F.log_softmax(s / temp, dim=-1) if temp != 1 else logp
-        pt = F.log_softmax(teacher.float() / temp, dim=-1)  # (c, V)
-        loss = loss + alpha * temp**2 * (pt.exp() * (pt - ps)).sum(1)
-    return (loss * w).sum()
+        return (p * (torch.where(valid, lps, 0.0) - q)).sum(1) + rest.exp() * (rest - q_rest)
+
+    def __call__(self, logits: torch.Tensor, a: int, b: int, grad: bool) -> tuple[torch.Tensor, Any]:
+        if not grad:
+            return self.kl(logits, a, b), None
+        with torch.enable_grad():
+            s = logits.detach().requires_grad_(True)
+            loss = self.kl(s, a, b)
+            (g,) = torch.autograd.grad(loss.sum(), s)
+        return loss.detach(), g
 
 
-def _rows(teacher: Any, a: int, b: int) -> Any:
-    if teacher is None:
-        return None
-    if isinstance(teacher, TopK):
-        return TopK(teacher.ids[a:b], teacher.logprobs[a:b].float(), teacher.rest[a:b].float())
-    return teacher[a:b]
-
-
-class _ChunkedKD(torch.autograd.Function):
-    """The loss and its gradient w.r.t. the student logits, chunk by chunk in the forward pass."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                teacher: Any, alpha: float, temp: float, rows: int) -> torch.Tensor:  # fmt: skip
-        grad = torch.empty_like(logits)
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for a in range(0, logits.shape[0], rows):
-            b = min(a + rows, logits.shape[0])
-            with torch.enable_grad():
-                s = logits[a:b].detach().float().requires_grad_(True)  # (c, V)
-                part = _chunk_loss(s, targets[a:b], weights[a:b], _rows(teacher, a, b), alpha, temp)
-                (g,) = torch.autograd.grad(part, s)
-            grad[a:b] = g.to(grad.dtype)
-            total += part.detach()
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, out: torch.Tensor) -> tuple:  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return grad * out.to(grad.dtype), None, None, None, None, None, None
+def kd_target(targets: torch.Tensor, teacher: Any, alpha: float, temperature: float) -> L.ChunkTarget:
+    """(1 - a) CE + a T^2 KL per row as a train/loss.py ChunkTarget; teacher: a callable (a, b) -> teacher
+    logits of rows [a, b) (L.HeadLogits), or TopK rows; alpha 0 (or no teacher) is plain cross entropy."""
+    ce = L.CrossEntropy(targets)
+    if alpha <= 0 or teacher is None:
+        return ce
+    kd = TopKKL(teacher) if isinstance(teacher, TopK) else L.Distill(teacher, temperature)
+    return kd if alpha >= 1 else L.Mixed([(alpha, kd), (1 - alpha, ce)])
 
 
 def kd_loss(
@@ -110,49 +98,62 @@ def kd_loss(
     temperature: float = 1.0,
     rows: int | None = None,
 ) -> torch.Tensor:
-    """Mean over the counted positions of (1-a) CE + a T^2 KL; logits (B, T, V), targets/mask (B, T),
-    teacher: logits (B, T, V) or TopK rows (B, T, k) (flattened alike). alpha 0 ignores the teacher."""
+    """Mean over the counted positions of (1-a) CE + a T^2 KL, from logits a model already made (B, T, V);
+    targets/mask (B, T), teacher: logits (B, T, V) or TopK rows (B, T, k). Training does not use this: it
+    goes from hidden states through the head chunk by chunk (DistillLoss), so no (B, T, V) tensor exists."""
     v = logits.shape[-1]
-    flat = logits.reshape(-1, v)
-    w = torch.ones(flat.shape[0], device=flat.device) if mask is None else mask.reshape(-1).float()
-    w = w / w.sum().clamp(min=1)
+    keep = None if mask is None else mask.reshape(-1).bool()
+    flat, y = logits.reshape(-1, v), targets.reshape(-1)
+    if keep is not None:
+        flat, y = flat[keep], y[keep]
+    t: Any = None
     if isinstance(teacher, TopK):
-        teacher = TopK(
-            *(t.reshape(flat.shape[0], *t.shape[2:]) for t in (teacher.ids, teacher.logprobs, teacher.rest))
-        )
+        t = teacher.rows(keep)
     elif teacher is not None:
-        teacher = teacher.reshape(-1, v)
-    rows = rows or max(1, CHUNK_ELEMENTS // v)
-    return _ChunkedKD.apply(
-        flat, targets.reshape(-1), w, teacher if alpha > 0 else None, alpha, temperature, rows
-    )
+        dense = teacher.reshape(-1, v) if keep is None else teacher.reshape(-1, v)[keep]
+        t = lambda a, b: dense[a:b]  # noqa: E731
+    total = L.logits_loss(flat, kd_target(y, t, alpha, temperature), rows or 0)
+    return total / max(flat.shape[0], 1)
 
 
 class DistillLoss:
-    """TrainSetup.loss_fn: the student's logits against the frozen teacher's (or the batch's stored rows)."""
+    """TrainSetup.loss_fn: the student's hidden states through its head, chunk by chunk (train/loss.py
+    linear_loss), scored against the frozen teacher's logits (made chunk by chunk from its hidden states and
+    head) or the batch's stored top-k rows. Returns the sum over the batch's counted positions (the loop
+    divides by the step's global count). Neither model's (B, T, V) logits exist at any time."""
 
-    def __init__(self, teacher: torch.nn.Module | None, alpha: float, temperature: float, device: str | None):
+    def __init__(
+        self, teacher: torch.nn.Module | None, alpha: float, temperature: float, device: str | None,
+        rows: int = 0,
+    ):  # fmt: skip
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
         self.device = torch.device(device) if device else None
+        self.rows = rows
+
+    def _teacher(self, x: torch.Tensor, keep: torch.Tensor | None, device: torch.device) -> L.HeadLogits:
+        assert self.teacher is not None
+        tdev = self.device or device
+        if next(self.teacher.parameters()).device != tdev:
+            self.teacher.to(tdev)
+        with torch.no_grad():
+            h = self.teacher(x.to(tdev), hidden=True).flatten(0, 1)  # (B*T, D) in the teacher's dtype
+            h = h if keep is None else h[keep.to(tdev)]
+        return L.HeadLogits(h, L.head_weight(self.teacher), device if tdev != device else None)
 
     def __call__(self, model: torch.nn.Module, batch: Batch, device: torch.device, ctx: Any) -> torch.Tensor:
         x, y, *extra = (t.to(device, non_blocking=True) for t in batch)
-        mask = extra[0] if extra else None
+        keep = extra[0].flatten().bool() if extra else None
+        y = y.flatten() if keep is None else y.flatten()[keep]
         teacher: Any = None
         if len(extra) == 4:  # stored scores: (mask, topk_ids, topk_logprobs, rest)
-            teacher = TopK(extra[1], extra[2], extra[3])
+            teacher = TopK(extra[1], extra[2], extra[3]).rows(keep)
         elif self.teacher is not None and self.alpha > 0:
-            tdev = self.device or device
-            if next(self.teacher.parameters()).device != tdev:
-                self.teacher.to(tdev)
-            with torch.no_grad():
-                teacher = self.teacher(x.to(tdev)).to(device)  # (B, T, V) in the teacher's dtype
+            teacher = self._teacher(x, keep, device)
         with ctx:
-            logits = model(x)  # (B, T, V)
-        # the loop reduces by the step's global token count (train/loss.py): a loss_fn returns the SUM over
-        # its counted positions, so the mean kd_loss returns is scaled back by this batch's count
-        count = mask.sum() if mask is not None else y.numel()
-        return kd_loss(logits, y, mask, teacher, self.alpha, self.temperature) * count
+            h = model(x, hidden=True).flatten(0, 1)  # (B*T, D)
+            h = h if keep is None else h[keep]
+            target = kd_target(y, teacher, self.alpha, self.temperature)
+            return L.linear_loss(h, L.head_weight(model), target, self.rows)
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -323,7 +324,7 @@ def build_setup(spec: DistillSpec, cfg: RunConfig, resume: bool, progress: bool)
     return TrainSetup(
         spec=s, model_config=mcfg, model=model, tokenizer=tok, train_batch=train_batch, eval_batches=evals,
         extra_meta=meta, eval_fn=eval_fn, eval_at_start=eval_fn is not None,
-        loss_fn=DistillLoss(teacher, spec.alpha, spec.temperature, spec.teacher_device),
+        loss_fn=DistillLoss(teacher, spec.alpha, spec.temperature, spec.teacher_device, t.loss_chunk),
     )  # fmt: skip
 
 

@@ -73,10 +73,12 @@ class HeadLogits:
 
     hidden: Tensor
     weight: Tensor
+    device: torch.device | None = None  # where the logits go (the student's), when the teacher is elsewhere
 
     def __call__(self, a: int, b: int) -> Tensor:
         with torch.no_grad():
-            return F.linear(self.hidden[a:b], self.weight).float()
+            out = F.linear(self.hidden[a:b], self.weight).float()
+        return out if self.device is None else out.to(self.device)
 
 
 @dataclass
@@ -183,6 +185,37 @@ def linear_loss(hidden: Tensor, weight: Tensor, target: ChunkTarget, rows: int =
     rows = chunk_rows(weight.shape[0], rows)
     need_h, need_w = grad and hidden.requires_grad, grad and weight.requires_grad
     return _LinearLoss.apply(hidden, weight, target, rows, dt, need_h, need_w)
+
+
+class _LogitsLoss(torch.autograd.Function):
+    """sum over rows of target(logits) for logits already made (N, V): each chunk goes to fp32 alone."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: ChunkTarget, rows: int, need: bool) -> Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        grad = torch.empty_like(logits) if need else None
+        for a in range(0, logits.shape[0], rows):
+            b = min(a + rows, logits.shape[0])
+            # a copy even in fp32: targets may overwrite the chunk they are given (CrossEntropy does)
+            loss, g = target(logits[a:b].to(torch.float32, copy=True), a, b, need)
+            total += loss.sum()
+            if grad is not None and g is not None:
+                grad[a:b] = g
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out.to(grad.dtype) if grad is not None else None), None, None, None
+
+
+def logits_loss(logits: Tensor, target: ChunkTarget, rows: int = 0) -> Tensor:
+    """sum_i target_i(logits_i) for logits (N, V) a model already made (a runtime that only gives logits):
+    the same targets as linear_loss, one chunk in fp32 at a time. Differentiable in logits."""
+    need = torch.is_grad_enabled() and logits.requires_grad
+    return _LogitsLoss.apply(logits, target, chunk_rows(logits.shape[-1], rows), need)
 
 
 def resolve_impl(setting: str, device: torch.device) -> str:

@@ -73,6 +73,7 @@ def test_metrics_rows_and_the_report(run):
     train = [r for r in rows if "loss" in r]
     assert all({"time", "tokens", "tokens_per_s", "lr", "grad_norm"} <= set(r) for r in train)
     assert [r["tokens"] for r in train] == sorted(r["tokens"] for r in train)
+    assert all(r["mem_kind"] == "cpu_rss" and r["peak_mem_mb"] > 10 for r in train)  # peak per logged row
     html = (run / "report" / "training.html").read_text()
     assert "<svg" in html and "best val loss" in html
     assert (run / "report" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,7 @@ from kititans.cli import main
 from kititans.data.pairs import PairStore, build_pairs, spans
 from kititans.errors import KititansError
 from kititans.models.spec import get_family
-from kititans.train.contrastive import info_nce, retrieval_metrics
+from kititans.train.contrastive import PairBatches, info_nce, info_nce_sum, retrieval_metrics
 from tests.conftest import enc_config
 
 
@@ -46,6 +46,51 @@ def test_info_nce_and_metrics_are_what_they_say():
     assert m["retrieval_at1"] == 1.0 == m["mrr"] and m["mean_margin"] > 0
     m = retrieval_metrics(q, q.roll(1, 0), 0.05)  # every positive is someone else's: rank > 1 for all
     assert m["retrieval_at1"] == 0.0 and m["mrr"] < 1.0 and m["mean_margin"] < 0
+
+
+def test_false_negatives_are_masked():
+    """Two pairs that share a positive text: neither positive is a negative of the other's query (and a query
+    repeated in the batch is no negative of the positive -> query direction)."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    p = torch.nn.functional.normalize(q + 0.1 * torch.randn(4, 8), dim=-1)  # each positive near its query
+    p[2] = p[1]  # pairs 1 and 2: the same positive text
+    q[3] = q[0]  # pairs 0 and 3: the same query text
+    hashes = torch.tensor([[10, 20], [11, 21], [12, 21], [10, 23]])
+    got = info_nce_sum(q, p, None, 0.05, hashes=hashes)
+    s_q, s_p = q @ p.T / 0.05, p @ q.T / 0.05
+    ref = 0.0
+    for i in range(4):
+        keep_q = [j for j in range(4) if j == i or hashes[j, 1] != hashes[i, 1]]
+        keep_p = [j for j in range(4) if j == i or hashes[j, 0] != hashes[i, 0]]
+        ref += float(torch.logsumexp(s_q[i, keep_q], 0) - s_q[i, i]) / 2
+        ref += float(torch.logsumexp(s_p[i, keep_p], 0) - s_p[i, i]) / 2
+    assert abs(float(got) - ref) <= 1e-5 * ref
+    assert float(info_nce_sum(q, p, None, 0.05)) > float(got) + 0.5  # unmasked: duplicates count as negatives
+
+
+class _Store:
+    """A pair store of n pairs whose token ids say which pair they are."""
+
+    columns = ("query", "positive")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, column: str, i: int) -> np.ndarray:
+        return np.array([i + 4, 1 + (column == "positive")])
+
+
+def test_no_pair_twice_in_a_global_batch_and_too_big_a_batch_is_refused():
+    batches = PairBatches(_Store(30), batch_size=4, seed=0, pad_id=0)
+    for step in range(12):  # 3 steps of 2 x 4 pairs per epoch (6 left over, different every epoch)
+        ids = [int(i) - 4 for k in range(2) for i in batches(step, k, 2)[0][:, 0]]
+        assert len(set(ids)) == 8, (step, ids)
+    with pytest.raises(KititansError, match="exceeds the 30 training pairs"):
+        PairBatches(_Store(30), batch_size=8, seed=0, pad_id=0)(0, 0, 4)
 
 
 def test_pairs_from_every_source(tmp_path, tokenizer_dir):
@@ -109,7 +154,7 @@ def test_init_from_a_lite_run_and_refusals(debug_run, tmp_path):
     titans = tmp_path / "titans-run"  # only its config is read before the refusal
     titans.mkdir()
     (titans / "config.json").write_text(json.dumps({"kititans": {"family": "titans", "model": {}}}))
-    with pytest.raises(KititansError, match="a titans run; a encoder run starts from a lite run"):
+    with pytest.raises(KititansError, match="a titans run; a encoder run starts from a lite or encoder run"):
         train_encoder(enc_config(tmp_path / "t", **{"init": str(titans)}), progress=False)
 
 

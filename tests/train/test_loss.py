@@ -99,3 +99,41 @@ def test_liger_is_chosen_only_where_it_runs():
         resolve_impl("liger", torch.device("cpu"))
     with pytest.raises(KititansError, match="must be one of"):
         resolve_impl("fused", torch.device("cpu"))
+
+
+def test_logit_distillation_runs_through_the_head_chunk_by_chunk(one_thread):
+    """kititans distill's loss (train/distill.py DistillLoss): student and teacher hidden states through their
+    heads a chunk at a time equal the dense formula on full fp32 logits (value and gradients, masked rows,
+    dense teacher and stored top-k rows), and no tensor with the vocabulary as its last dim has more rows than
+    one chunk."""
+    from kititans.train.distill import DistillLoss, TopK, kd_loss
+
+    spec = get_family("lite")
+    torch.manual_seed(0)
+    student = spec.build(spec.make_config("debug", {"vocab_size": 1000}))
+    teacher = spec.build(spec.make_config("debug", {"vocab_size": 1000})).eval().requires_grad_(False)
+    x, y = torch.randint(0, 1000, (3, 40)), torch.randint(0, 1000, (3, 40))
+    mask = torch.rand(3, 40) > 0.4
+    lp_t = F.log_softmax(teacher(x).float(), -1)
+    top = lp_t.topk(5, -1)
+    rest = torch.log1p(-top.values.exp().sum(-1))
+    cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    for alpha, temp, batch in (
+        (0.7, 2.0, (x, y, mask)),
+        (1.0, 1.0, (x, y)),
+        (0.5, 1.0, (x, y, mask, top.indices, top.values, rest)),
+    ):
+        scores = TopK(*batch[3:]) if len(batch) == 6 else teacher(x).float()
+        student.zero_grad()
+        ref = kd_loss(student(x).float(), y, batch[2] if len(batch) > 2 else None, scores, alpha, temp)
+        count = int(mask.sum()) if len(batch) > 2 else y.numel()
+        (ref * count).backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+        student.zero_grad()
+        with LogitRows(1000) as probe:
+            got = DistillLoss(teacher, alpha, temp, None, rows=16)(student, batch, cpu, off)
+        got.backward()
+        assert abs(float(got.detach()) - float(ref.detach()) * count) <= 1e-5 * float(ref.detach()) * count
+        for n, p in student.named_parameters():
+            assert rel(p.grad, grads[n]) <= 1e-5, n
+        assert probe.rows == 16
