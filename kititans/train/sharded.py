@@ -60,6 +60,11 @@ def _options() -> Any:
 def local_states(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[dict[str, Any]]:
     """Each optimizer's state as this rank holds it (no gather, no copy)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():  # FSDP2 leaves the root unsharded after a no-grad forward (an eval): the
+        if isinstance(m, FSDPModule):  # optimizer holds the sharded parameters, so match those
+            m.reshard()
 
     return [get_optimizer_state_dict(model, o, options=_options()) for o in optimizers]
 

@@ -49,9 +49,9 @@ class Snapshotter:
         rank's own part of it, uncopied (write it before the next step)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        local = sharded.local_states(self.model, self.opt.optimizers) if self.shards else []
-        if self.parallel != "fsdp" and not self.dist.main:
-            return Snapshot(step, {}, local, state)  # weights: rank 0's copy, nothing to gather
+        if self.parallel != "fsdp" and not self.dist.main:  # weights: rank 0's copy, nothing to gather
+            local = sharded.local_states(self.model, self.opt.optimizers) if self.shards else []
+            return Snapshot(step, {}, local, state)
         opts = _options(cpu_offload=True)
         weights = (
             get_model_state_dict(self.model, options=opts)
@@ -59,7 +59,7 @@ class Snapshotter:
             else {n: t.detach().cpu() for n, t in self.model.state_dict().items()}
         )
         if self.shards:
-            return Snapshot(step, weights, local, state)
+            return Snapshot(step, weights, sharded.local_states(self.model, self.opt.optimizers), state)
         optimizers = [get_optimizer_state_dict(self.model, o, options=opts) for o in self.opt.optimizers]
         return Snapshot(step, weights, optimizers, state)
 
