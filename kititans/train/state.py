@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kititans.checkpoint import aliases
+from kititans.checkpoint import alias_pairs, aliases
 from kititans.errors import KititansError
 from kititans.train import sharded
 from kititans.train.checkpoints import Restored, Snapshot
@@ -70,7 +70,9 @@ class Snapshotter:
 
         if not self.dist.enabled:
             return
-        weights = restored.weights if self.dist.main else {}
+        weights = dict(restored.weights) if self.dist.main else {}
+        for alias, original in alias_pairs(self.model) if self.dist.main else []:
+            weights.setdefault(alias, weights[original])  # a tied head: saved once, under its first name
         set_model_state_dict(self.model, weights, options=_options(broadcast_from_rank0=True))
 
     def load_optimizer(self, restored: Restored, parallel: str) -> None:

@@ -43,7 +43,7 @@ def test_train_sft_and_eval_make_no_float64_tensor(tmp_path, preset, debug_run):
             "train.seq_len": 64, "train.batch_size": 4, "train.eval_batches": 2, "optim.warmup_steps": 1,
             "data.sources": [str(debug_run / "data")]}  # fmt: skip
     cfg = make_config(base, **over)
-    cfg.preset = preset
+    cfg.preset, cfg.family = preset, "titans" if preset.startswith("titans") else cfg.family
     with Float64Spy() as spy:
         pretrain(cfg, progress=False)
     assert not spy.seen, sorted(set(spy.seen))
