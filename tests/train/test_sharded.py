@@ -52,7 +52,20 @@ def test_one_process_and_old_format_resume_on_two_fsdp_ranks(data, one_rank, tmp
     args = ("--steps", "4", "--grad-accum", "2", "--set", "train.checkpoint_shards=false")
     assert kititans(*train_args(data, out, *args)).returncode == 0
     assert (find_latest(out) / "optimizer.safetensors").is_file() and not _shards(find_latest(out))
-    r = kititans("train", "--resume", out, "--steps", "7", "--nproc", "2", "--parallel", "fsdp", "-q")
+    r = kititans(
+        "train",
+        "--resume",
+        out,
+        "--steps",
+        "7",
+        "--nproc",
+        "2",
+        "--parallel",
+        "fsdp",
+        "--set",
+        "train.checkpoint_shards=true",
+        "-q",
+    )  # fmt: skip  (the saved run said false)
     assert r.returncode == 0, r.stderr
     assert _shards(find_latest(out)) == [sharded.shard_name(0, 2), sharded.shard_name(1, 2)]
     r = kititans("train", "--resume", out, "--steps", "10", "--nproc", "2", "--parallel", "ddp", "-q")
