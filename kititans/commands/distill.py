@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kititans.commands.common import add_reset_schedule
 from kititans.errors import KititansError
 
 HELP = "distillation: teacher-written chats (gen), teacher log-probs (score), logit distillation (RUN)"
@@ -212,7 +213,7 @@ TRAIN_EXAMPLES = """  kititans distill runs/student --teacher runs/big --steps 2
   kititans distill runs/new --preset tiny --teacher runs/big --alpha 0.5 --temperature 2   # from scratch
   kititans distill runs/student --teacher runs/big --chat chats.jsonl  # on SFT data (assistant tokens)
   kititans distill runs/student --teacher-scores scored/               # stored teacher log-probs
-  kititans distill runs/student-distill --resume --steps 4000
+  kititans distill runs/student-distill --resume --steps 4000 --reset-schedule   # longer: a new schedule
 
 RUN is the student: an existing run (read only; the result goes to --out, default RUN-distill), or a new
 directory with --preset (a student trained from scratch with the teacher's tokenizer). The teacher must share
@@ -220,7 +221,7 @@ the student's tokenizer; for any other teacher use sequence-level distillation (
 
 TRAIN_FLAGS = {"optimizer": "optim.name", "lr": "optim.lr", "muon_lr": "optim.muon_lr", "steps": "train.steps",
                "batch_size": "train.batch_size", "seq_len": "train.seq_len", "device": "train.device",
-               "dtype": "train.dtype", "compile": "train.compile"}  # fmt: skip
+               "dtype": "train.dtype", "compile": "train.compile", "reset_schedule": "train.reset_schedule"}  # fmt: skip
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -255,6 +256,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue the distillation run (RUN-distill, --out or RUN)"
     )
+    add_reset_schedule(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 

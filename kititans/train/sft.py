@@ -66,7 +66,8 @@ def default_out(base: str | Path) -> Path:
 
 def sft_config(base: str | Path, layers: list[tuple[str, Any]]) -> RunConfig:
     """The SFT run config: the base run's model settings < SFT_DEFAULTS (and seq_len = the model's
-    context) < `layers` (recipe, --set, flags)."""
+    context) < `layers` (recipe, --set, flags). A run shorter than the default warmup gets half its steps as
+    warmup (a warmup the run never finishes is refused, train/schedule.py); one the user sets is kept."""
     base = Path(base)
     meta = read_meta(base)
     cfg = RunConfig(family=meta["family"])
@@ -74,7 +75,11 @@ def sft_config(base: str | Path, layers: list[tuple[str, Any]]) -> RunConfig:
         apply_overrides(cfg, flatten(meta["run"]), source="base run")
     context = int(meta["model"].get("context_length", cfg.train.seq_len))
     defaults = [*SFT_DEFAULTS.items(), ("train.seq_len", context), ("sft.base", str(base))]
-    return apply_overrides(cfg, [*defaults, ("out", str(default_out(base))), *layers])
+    cfg = apply_overrides(cfg, [*defaults, ("out", str(default_out(base))), *layers])
+    t, o = cfg.train, cfg.optim
+    if o.warmup_steps >= t.steps and not any(k == "optim.warmup_steps" for k, _ in layers):
+        o.warmup_steps = t.steps // 2  # SFT's default warmup, shortened for a run shorter than it
+    return cfg
 
 
 def resume_config(run_dir: str | Path, layers: list[tuple[str, Any]]) -> RunConfig:

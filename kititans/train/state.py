@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kititans.checkpoint import alias_pairs, aliases
+from kititans.checkpoint import aliases
 from kititans.errors import KititansError
 from kititans.train import sharded
 from kititans.train.checkpoints import Restored, Snapshot
@@ -70,9 +70,7 @@ class Snapshotter:
 
         if not self.dist.enabled:
             return
-        weights = dict(restored.weights) if self.dist.main else {}
-        for alias, original in alias_pairs(self.model) if self.dist.main else []:
-            weights.setdefault(alias, weights[original])  # a tied head: saved once, under its first name
+        weights = _with_tied_names(self.model, restored.weights) if self.dist.main else {}
         set_model_state_dict(self.model, weights, options=_options(broadcast_from_rank0=True))
 
     def load_optimizer(self, restored: Restored, parallel: str) -> None:
@@ -114,3 +112,20 @@ class Snapshotter:
                     ) from None
         for g, lr in zip(self.opt.param_groups, base):
             g["base_lr"] = lr
+
+
+def _with_tied_names(model: nn.Module, weights: dict[str, Any]) -> dict[str, Any]:
+    """The saved weights under every name the model has for them: a tied head is saved once (safetensors keeps
+    one name per tensor), and the broadcast loads strictly, by every parameter name."""
+    from kititans.train.loss import unwrap
+
+    names: dict[int, list[str]] = {}
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    out = dict(weights)
+    for group in names.values():
+        have = next((n for n in group if n in out), None)
+        for n in group:
+            if have is not None and n not in out:
+                out[n] = out[have]
+    return out

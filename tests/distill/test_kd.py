@@ -113,7 +113,7 @@ def test_distill_cli_bf16_teacher_and_resume(student, teacher_run, tmp_path, cap
         and cfg["distill"]["alpha"] == 0.7
         and cfg["distill"]["teacher_dtype"] == "bf16"
     )
-    assert main(["distill", str(out), "--resume", "--steps", "6", "-q"]) == 0
+    assert main(["distill", str(out), "--resume", "--steps", "6", "-q", "--reset-schedule"]) == 0
     assert len(losses(out)) == 6 and all(x == x for x in losses(out))
 
 

@@ -242,3 +242,18 @@ def test_compile_and_activation_checkpointing_compose(data, tmp_path, parallel):
     )
     assert r.returncode == 0, r.stderr
     close(losses(out), losses(ref), 1e-4)  # inductor fuses differently: fp32 agreement to 1e-4
+
+
+def test_a_tied_head_is_broadcast_under_every_name():
+    """A multi-rank resume loads strictly by every parameter name; a tied head is saved once, so rank 0 adds
+    its other name before the broadcast (an FSDP2 resume of lite-42m failed on `lm_head.weight`)."""
+    from kititans.models.spec import get_family
+    from kititans.train.state import _with_tied_names
+
+    spec = get_family("lite")
+    model = spec.build(spec.make_config("debug", {"tie_embeddings": True}))
+    saved = {n: t for n, t in model.state_dict().items() if n != "lm_head.weight"}
+    full = _with_tied_names(model, saved)
+    assert (
+        set(full) == set(model.state_dict()) and full["lm_head.weight"] is saved["model.embed_tokens.weight"]
+    )

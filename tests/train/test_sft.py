@@ -90,6 +90,15 @@ def test_loss_mask_covers_exactly_the_assistant_turns(debug_run):
     assert not m[0, n:].any() and (x[0, n:] == tok.pad_id).all()
 
 
+def test_a_short_run_gets_a_warmup_it_finishes(debug_run):
+    """SFT's default warmup (20) shrinks to half of a shorter run; a warmup the user sets is kept (and then
+    refused by the schedule if the run never finishes it)."""
+    assert sft_config(debug_run, [("train.steps", 3)]).optim.warmup_steps == 1
+    assert sft_config(debug_run, [("train.steps", 600)]).optim.warmup_steps == 20
+    cfg = sft_config(debug_run, [("train.steps", 3), ("optim.warmup_steps", 5)])
+    assert cfg.optim.warmup_steps == 5
+
+
 def test_overlong_conversations_are_truncated_or_skipped_and_counted(debug_run):
     tok = Tokenizer.load(debug_run)
     convs = [Conversation(MULTI_TURN, "a"), Conversation(MULTI_TURN[1:3], "b")]
