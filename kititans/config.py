@@ -106,7 +106,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | mps
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     compile: str = "auto"  # auto | on | off
-    activation_checkpointing: bool = False
+    # recompute each block's activations in backward: auto = on for models from 300M parameters
+    activation_checkpointing: str = "auto"  # auto | on | off
     threads: int = 0  # CPU threads, 0 = all cores (divided among the ranks on one machine)
     # several devices (torchrun): sequences per optimizer step over all ranks; 0 = batch_size x grad_accum x
     # ranks. Set, it fixes grad_accum = global_batch / (batch_size x ranks), so a resume on another number of
@@ -114,8 +115,13 @@ class TrainConfig:
     global_batch: int = 0
     parallel: str = "auto"  # auto (FSDP2 from 300M parameters, else DDP) | none | ddp | fsdp
     dist_timeout: int = 1800  # seconds a collective may wait for a peer before the job stops
+    prefetch: bool = True  # draw the next step's batches on a background thread (pinned on CUDA)
+    stop_check_every: int = 10  # steps between the ranks' agreement on a stop (SIGTERM, Ctrl-C): 1 sync
     keep: int = 2  # committed checkpoints kept (the newest)
     keep_best: bool = False  # also keep the checkpoint with the best val loss
+    # optimizer state in checkpoints: every rank writes its own shard in parallel (train/sharded.py); false:
+    # gathered to rank 0 and written as one file (the format before sharding; both resume anywhere)
+    checkpoint_shards: bool = True
     log: str = "none"  # none | tensorboard | wandb | trackio (same scalars as metrics.jsonl)
     report: bool = True  # write RUN/report/training.{png,html} at the end (needs matplotlib)
     # the LM loss (train/loss.py): head + loss chunk by chunk, never full fp32 logits; auto = Liger's fused
@@ -129,11 +135,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("train.compile", str(self.compile).lower(), ("auto", "on", "off", "true", "false"))
+        if isinstance(self.activation_checkpointing, bool):  # a run config written before "auto"
+            self.activation_checkpointing = "on" if self.activation_checkpointing else "off"
+        ac = str(self.activation_checkpointing).lower()
+        _choice("train.activation_checkpointing", ac, ("auto", "on", "off", "true", "false"))
         _choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))
         _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
         _choice("train.log", self.log, ("none", "tensorboard", "wandb", "trackio"))
         _choice("train.loss_impl", self.loss_impl, ("auto", "chunked", "liger"))
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "keep"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "keep",
+                     "stop_check_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise KititansError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.global_batch < 0 or self.dist_timeout < 1 or self.threads < 0 or self.loss_chunk < 0:

@@ -56,19 +56,31 @@ def model_file(path: Path) -> Path:
     return found[0]
 
 
-def providers_for(device: str) -> list[str]:
-    """CPU, or CUDA (with CPU fallback for the ops it lacks) when asked or, for "auto", when available."""
-    import onnxruntime as ort
+def device_index(device: str) -> int:
+    """N of "cuda:N" (0 for "cuda", "gpu", "auto", "cpu")."""
+    if device.startswith("cuda:"):
+        index = device.split(":", 1)[1]
+        if not index.isdigit():
+            raise KititansError(f"--device {device}: expected cuda:N with N a GPU index (0, 1, ...)")
+        return int(index)
+    return 0
 
-    have = ort.get_available_providers()
+
+def providers_for(device: str, have: list[str] | None = None) -> list[Any]:
+    """CPU, or CUDA (with CPU fallback for the ops it lacks) when asked or, for "auto", when available;
+    `cuda:N` runs on GPU N (the CUDA provider's device_id)."""
+    if have is None:
+        import onnxruntime as ort
+
+        have = ort.get_available_providers()
     if device in ("cuda", "gpu") or device.startswith("cuda:"):
         if "CUDAExecutionProvider" not in have:
             raise KititansError(
                 "this onnxruntime has no CUDA provider: pip install onnxruntime-gpu (or use --device cpu)"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": device_index(device)}), "CPUExecutionProvider"]
     if device == "auto" and "CUDAExecutionProvider" in have:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     if device not in ("cpu", "auto"):
         raise KititansError(f"the onnx runtime runs on cpu or cuda, not {device!r}")
     return ["CPUExecutionProvider"]
@@ -88,7 +100,7 @@ def session_options(ort: Any, threads: int, spin: bool, stop_spinning: bool = Fa
     return so
 
 
-def _session(ort: Any, file: Path, so: Any, providers: list[str]) -> Any:
+def _session(ort: Any, file: Path, so: Any, providers: list[Any]) -> Any:
     try:
         return ort.InferenceSession(str(file), so, providers=providers)
     except Exception as e:
@@ -169,6 +181,9 @@ class OnnxRuntime:
         if self.steps is not None:
             self.prefill_tokens = self.steps.max_tokens
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.device_id = device_index(device) if self.device == "cuda" else 0  # where state OrtValues live
+        if self.steps is not None:
+            self.steps.device_id = self.device_id
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.states = self._states(info)
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
@@ -250,7 +265,9 @@ class OnnxRuntime:
             self._n = 0
             return
         start = self._initial or self.zero_state(1)
-        self._past = [ort.OrtValue.ortvalue_from_numpy(start[s.input], self.device, 0) for s in self.states]
+        self._past = [
+            ort.OrtValue.ortvalue_from_numpy(start[s.input], self.device, self.device_id) for s in self.states
+        ]
         self._n = 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
@@ -304,7 +321,7 @@ class OnnxRuntime:
         else:
             io.bind_output("logits", "cpu")
         for s in self.states:  # the new state stays on the provider's device and comes back as the next past
-            io.bind_output(s.output, self.device)
+            io.bind_output(s.output, self.device, self.device_id)
         session.run_with_iobinding(io)
         outs = io.get_outputs()
         self._past = list(outs[1:])
@@ -403,9 +420,10 @@ class StepGraphs:
     A state tensor a graph does not write keeps its value; only the logits come back to the host."""
 
     def __init__(
-        self, ort: Any, folder: Path, info: dict[str, Any], so: tuple, providers: list[str], first: Any
+        self, ort: Any, folder: Path, info: dict[str, Any], so: tuple, providers: list[Any], first: Any
     ):
         """so: the session options of (prefill graphs, single-token graphs)."""
+        self.device_id = 0  # the GPU index of cuda:N (OnnxRuntime sets it)
         self.table = list(info["steps"])
 
         def session(row: dict[str, Any]) -> Any:
@@ -430,7 +448,8 @@ class StepGraphs:
 
         # copies: a ring written in place must not write into the initial state
         self.state = {
-            n: ort.OrtValue.ortvalue_from_numpy(np.array(a, copy=True), device, 0) for n, a in start.items()
+            n: ort.OrtValue.ortvalue_from_numpy(np.array(a, copy=True), device, self.device_id)
+            for n, a in start.items()
         }
 
     def run(self, ids: Sequence[int], pos: int, device: str, out: np.ndarray) -> np.ndarray:
@@ -453,9 +472,11 @@ class StepGraphs:
         for name in row["outputs"][1:]:
             if name in inplace:  # written where it lies: bound to the input's own buffer
                 v = self.state[self.past[name]]
-                io.bind_output(name, device, 0, self.types[self.past[name]], v.shape(), v.data_ptr())
+                io.bind_output(
+                    name, device, self.device_id, self.types[self.past[name]], v.shape(), v.data_ptr()
+                )
             else:
-                io.bind_output(name, device)
+                io.bind_output(name, device, self.device_id)
         session.run_with_iobinding(io)
         outs = io.get_outputs()
         for name, v in zip(row["outputs"][1:], outs[1:]):
@@ -489,6 +510,8 @@ class GenaiRuntime:
         if device.startswith("cuda"):
             config.clear_providers()
             config.append_provider("cuda")
+            if device_index(device):  # cuda:N
+                config.set_provider_option("cuda", "device_id", str(device_index(device)))
         session: dict[str, Any] = {"intra_op_num_threads": threads} if threads else {}
         if not spin:  # unknown session_options keys are passed to onnxruntime as config entries
             session["session.intra_op.allow_spinning"] = "0"

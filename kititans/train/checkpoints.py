@@ -4,8 +4,12 @@ export, generate and bench read) refreshed.
 
 RUN/checkpoints/
   step-00001000/       model.safetensors, config.json, tokenizer files, generation_config.json (a complete model
-                       directory), optimizer.{safetensors,json} (FQN-keyed full state: any world size or
-                       parallelism resumes it), state.json (step, tokens, wall time, data position, RNG, val loss)
+                       directory: the consolidated weights), the optimizer state (FQN-keyed, any world size or
+                       parallelism resumes it) either sharded, every rank writing its own piece in parallel
+                       (optimizer.index.json + optimizer-RRRRR-of-WWWWW.safetensors, train/sharded.py; the
+                       default) or gathered to rank 0 (optimizer.{safetensors,json}; train.checkpoint_shards=
+                       false, and every run before the sharded format), state.json (step, tokens, wall time,
+                       data position, val loss), rng.{safetensors,json}
   latest               "step-00001000", written after the rename
   best                 the best validation loss so far (with --keep-best)
 A crash while writing leaves a hidden `.step-N.tmp-PID` folder (ignored, removed next time) and the previous
@@ -37,12 +41,14 @@ from kititans.files import (
     write_json,
     write_text,
 )
+from kititans.train import sharded
 
 log = logging.getLogger("kititans")
 DIRNAME = "checkpoints"
 STEP_RE = re.compile(r"^step-(\d{8,})$")
-REQUIRED = (WEIGHTS, "config.json", "optimizer.safetensors", "optimizer.json", "state.json")
-NOT_MIRRORED = {"optimizer.safetensors", "optimizer.json", "state.json", "rng.safetensors", "rng.json"}
+REQUIRED = (WEIGHTS, "config.json", "state.json")
+FULL_OPTIMIZER = ("optimizer.safetensors", "optimizer.json")
+NOT_MIRRORED = {*FULL_OPTIMIZER, "state.json", "rng.safetensors", "rng.json"}
 
 
 def step_name(step: int) -> str:
@@ -50,7 +56,15 @@ def step_name(step: int) -> str:
 
 
 def complete(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / f).is_file() for f in REQUIRED)
+    if not (folder.is_dir() and all((folder / f).is_file() for f in REQUIRED)):
+        return False
+    return all((folder / f).is_file() for f in FULL_OPTIMIZER) or sharded.shards_complete(folder)
+
+
+def mirrored(folder: Path, path: Path) -> bool:
+    """Whether a step folder's file is part of the model directory the run's top level shows."""
+    rel = path.relative_to(folder).as_posix()
+    return rel not in NOT_MIRRORED and rel != sharded.INDEX and not rel.startswith("optimizer-")
 
 
 def committed(root: Path) -> list[Path]:
@@ -91,8 +105,9 @@ class Snapshot:
 
     step: int
     weights: dict[str, torch.Tensor]
-    optimizers: list[dict[str, Any]]
+    optimizers: list[dict[str, Any]]  # gathered full state (empty when sharded)
     state: dict[str, Any]  # JSON-able: step, tokens, seconds, val_loss, data position, world, parallel, ...
+    shards: dict[str, Any] | None = None  # the sharded optimizer's index: its shards are in the tmp folder
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -108,17 +123,31 @@ def set_rng_state(rng: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def commit(
-    run_dir: Path, snap: Snapshot, setup: Any, extra: dict[str, Any], keep: int, keep_best: bool
-) -> Path:
-    """Write the snapshot whole, rename it into place, point `latest` at it, prune, refresh the top level."""
+def prepare(run_dir: Path, step: int, suffix: str) -> Path:
+    """The hidden folder a checkpoint is written into (stale ones from a crash removed first)."""
     root = run_dir / DIRNAME
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".step-*"):  # a crash while writing or deleting
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / step_name(snap.step)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    tmp = root / f".{step_name(step)}.tmp-{suffix}"
     tmp.mkdir()
+    return tmp
+
+
+def commit(
+    run_dir: Path,
+    snap: Snapshot,
+    setup: Any,
+    extra: dict[str, Any],
+    keep: int,
+    keep_best: bool,
+    tmp: Path | None = None,
+) -> Path:
+    """Write the snapshot whole, rename it into place, point `latest` at it, prune, refresh the top level.
+    `tmp`: the folder from prepare() that every rank has already written its optimizer shard into."""
+    root = run_dir / DIRNAME
+    final = root / step_name(snap.step)
+    tmp = tmp or prepare(run_dir, snap.step, str(os.getpid()))
     try:
         save_checkpoint(
             tmp,
@@ -129,7 +158,10 @@ def commit(
             extra=extra,
             weights=snap.weights,
         )
-        write_tree(tmp, "optimizer", {"optimizers": snap.optimizers})
+        if snap.shards is not None:
+            sharded.write_index(tmp, snap.shards)
+        else:
+            write_tree(tmp, "optimizer", {"optimizers": snap.optimizers})
         write_tree(tmp, "rng", rng_state())
         write_json(
             tmp / "state.json",
@@ -179,9 +211,7 @@ def refresh_top_level(run_dir: Path, folder: Path) -> None:
     """Make the run directory's model files those of `folder` (hard links where the filesystem allows, else
     copies; subfolders too, e.g. sentence-transformers' 1_Pooling/), each replaced atomically, config.json
     last."""
-    files = [
-        p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in NOT_MIRRORED
-    ]
+    files = [p for p in folder.rglob("*") if p.is_file() and mirrored(folder, p)]
     for src in sorted(files, key=lambda p: p.relative_to(folder).as_posix() == "config.json"):
         dst = run_dir / src.relative_to(folder)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +236,7 @@ class Restored:
     weights: dict[str, torch.Tensor]
     optimizers: list[dict[str, Any]] | None  # None: a format-1 run (index-keyed state in `legacy`)
     state: dict[str, Any]
+    shards: Path | None = None  # a sharded checkpoint: every rank reads its pieces of the optimizer from here
     legacy: dict[str, Any] | None = None
     rng: dict[str, torch.Tensor] | None = None
 
@@ -235,9 +266,10 @@ def load_for_resume(run_dir: str | Path, tensors: bool = True) -> Restored:
         )
     state = read_json(folder / "state.json")
     weights = load_file(str(folder / WEIGHTS)) if tensors else {}
-    optim = read_tree(folder, "optimizer")["optimizers"] if tensors else []
+    shards = folder if sharded.is_sharded(folder) else None
+    optim = read_tree(folder, "optimizer")["optimizers"] if tensors and shards is None else []
     rng = read_tree(folder, "rng") if (folder / "rng.json").is_file() else None
-    return Restored(int(state["step"]), weights, optim, state, rng=rng)
+    return Restored(int(state["step"]), weights, optim, state, rng=rng, shards=shards)
 
 
 def check_same_model(run_dir: Path, model_config: dict[str, Any]) -> None:

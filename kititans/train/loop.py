@@ -26,11 +26,13 @@ from tqdm import tqdm
 
 from kititans.config import RunConfig
 from kititans.data.tokenizer import Tokenizer
-from kititans.device import resolve_compile, resolve_device, resolve_dtype, set_threads
+from kititans.device import is_out_of_memory, resolve_compile, resolve_device, resolve_dtype, set_threads
 from kititans.errors import KititansError
 from kititans.models.spec import FamilySpec, autocast_dtype, count_params, find_preset
 from kititans.train import checkpoints as ckpts
 from kititans.train import distributed as D
+from kititans.train.feed import Prefetcher
+from kititans.train.guard import out_of_memory, resolve_activation_checkpointing
 from kititans.train.loss import LMLoss, LossFn, StepEnv, TokenObjective, resolve_impl
 from kititans.train.memory import PeakMemory
 from kititans.train.metrics import Window, open_metrics
@@ -160,14 +162,17 @@ class Trainer:
             if restored.rng is not None:
                 ckpts.set_rng_state(restored.rng)
         self.model = setup.model.to(self.device)
-        self.model.activation_checkpointing = t.activation_checkpointing
+        self.model.activation_checkpointing = resolve_activation_checkpointing(
+            t.activation_checkpointing, n_params
+        )
         self.model.train()
         self.wrapped = D.wrap(self.model, self.parallel, self.dist, self.device, self.dtype, setup.spec)
         self.grad_factor = D.grad_factor(self.parallel, self.dist.world)
         fused = self.device.type == "cuda" and self.parallel != "fsdp"
         self.opt = build_optimizer(self.model, setup.spec, cfg.optim, fused=fused)
-        self.snap = Snapshotter(self.model, self.opt, self.parallel, self.dist)
+        self.snap = Snapshotter(self.model, self.opt, self.parallel, self.dist, t.checkpoint_shards)
         self.start = self.step = 0
+        self.updating = False  # inside clip + optimizer step: the parameters are half-updated
         self.tokens_seen, self.seconds_before = 0, 0.0
         self.scaler = make_scaler(self.dtype, self.device)
         self.schedule = self._schedule(restored)
@@ -185,7 +190,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         impl = resolve_impl(t.loss_impl, self.device)
         self.objective = setup.objective or TokenObjective(setup.loss_fn or LMLoss(impl, t.loss_chunk))
-        self.eval_fn = setup.eval_fn or TokenObjective(LMLoss(impl, t.loss_chunk)).evaluate
+        self.eval_objective = TokenObjective(LMLoss(impl, t.loss_chunk))
+        self.eval_fn = setup.eval_fn or self.eval_objective.evaluate
         self.val_loss: float | None = None
         self.val_metrics: dict[str, Any] = {}
         self.stop_requested = False
@@ -198,6 +204,12 @@ class Trainer:
         self.memory = PeakMemory(self.device)
         self.resume_peak = self.memory.read() if restored is not None else None  # host/device peak so far
         self.row_extra: dict[str, Any] = {}  # added to the next logged row
+        self.feed = Prefetcher(self._draw, self.device, t.steps, t.prefetch)
+
+    def _draw(self, step: int) -> list[Batch]:
+        """This rank's micro-batches of `step` (global index i = micro * world + rank)."""
+        world, rank, count = self.dist.world, self.dist.rank, self.accum * self.dist.world
+        return [self.setup.train_batch(step, m * world + rank, count) for m in range(self.accum)]
 
     def _schedule(self, restored: Any) -> Schedule:
         """The run's lr schedule: the saved one on a resume (train/schedule.py says when it may change)."""
@@ -230,12 +242,10 @@ class Trainer:
     def optimizer_step(self) -> tuple[torch.Tensor, int, torch.Tensor | None, int]:
         """lr -> this rank's micro-batches -> forward/backward -> clip -> step. Returns (this rank's summed loss,
         the step's supervised count over all ranks, grad norm, non-padding tokens over all ranks)."""
-        world, rank = self.dist.world, self.dist.rank
         mult = self.schedule.multiplier(self.step)
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        count = self.accum * world
-        batches = [self.setup.train_batch(self.step, m * world + rank, count) for m in range(self.accum)]
+        batches = self.feed.get(self.step)
         local = [sum(c) for c in zip(*(self.objective.counts(b) for b in batches))]
         supervised, tokens = self.dist.sum_ints(local, self.device)  # the step's one all-reduce of counts
         env = StepEnv(
@@ -247,6 +257,7 @@ class Trainer:
             self.dist,
         )
         loss_sum = self.objective.step(self.fwd, batches, env)
+        self.updating = True
         if self.scaler:
             for opt in self.opt.optimizers:
                 self.scaler.unscale_(opt)
@@ -260,6 +271,7 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
+        self.updating = False
         return loss_sum, supervised, None if grad_norm is None else D.full_value(grad_norm), tokens
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -271,9 +283,13 @@ class Trainer:
             self.tracker.log(row)
 
     def evaluate(self) -> float:
-        """Every rank evaluates the same batches (FSDP needs them in lockstep); rank 0 records it. An eval_fn
-        returns the val loss, or a dict of metrics with a "loss" (e.g. retrieval@1 for an encoder)."""
-        out = self.eval_fn(self.model, self.setup.eval_batches, self.device, self.ctx)
+        """The val loss (the default eval: each rank evaluates its share of the batches, reduced once; a
+        family's eval_fn: every rank evaluates all of them); rank 0 records it. An eval_fn returns the val
+        loss, or a dict of metrics with a "loss" (e.g. retrieval@1 for an encoder)."""
+        if self.setup.eval_fn is None and self.dist.enabled:
+            out: Any = self._sharded_eval()
+        else:
+            out = self.eval_fn(self.model, self.setup.eval_batches, self.device, self.ctx)
         metrics = out if isinstance(out, dict) else {"loss": out}
         self.val_loss, self.val_metrics = float(metrics["loss"]), metrics
         row: dict[str, Any] = {"step": self.step, "val_loss": round(self.val_loss, 6)}
@@ -289,6 +305,28 @@ class Trainer:
         self.write(row)
         return self.val_loss
 
+    @torch.no_grad()
+    def _sharded_eval(self) -> float:
+        """Rank r evaluates batches r, r + world, ...: summed losses and supervised counts, all-reduced once.
+        Every rank runs the same number of forwards (FSDP2 gathers parameters in lockstep): a rank short of
+        batches runs its first one again and does not count it."""
+        batches, world, rank = self.setup.eval_batches, self.dist.world, self.dist.rank
+        mine = batches[rank::world]
+        rounds = -(-len(batches) // world)
+        obj, total, count = self.eval_objective, 0.0, 0
+        was = self.model.training
+        self.model.eval()
+        try:
+            for i in range(rounds):
+                b = mine[i] if i < len(mine) else batches[0]
+                loss = float(obj.loss_fn(self.model, b, self.device, self.ctx))
+                if i < len(mine):
+                    total, count = total + loss, count + obj.counts(b)[0]
+        finally:
+            self.model.train(was)
+        summed = self.dist.sum(torch.tensor(total, dtype=torch.float32, device=self.device)).item()
+        return summed / max(self.dist.sum_ints([count], self.device)[0], 1)
+
     def save(self, seconds: float) -> None:
         state = {
             "step": self.step,
@@ -301,7 +339,9 @@ class Trainer:
             "schedule": self.schedule.to_dict(),
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
+        self.saved_step = self.step
         snap = self.snap.take(self.step, state)  # a collective under FSDP2
+        tmp = self._write_shards(snap) if self.t.checkpoint_shards else None
         if self.dist.main:
             extra = {
                 "run": self.cfg.to_dict(),
@@ -309,10 +349,31 @@ class Trainer:
                 "val_loss": self.val_loss,
                 **self.setup.extra_meta,
             }
-            ckpts.commit(self.run_dir, snap, self.setup, extra, self.t.keep, self.t.keep_best)
+            ckpts.commit(self.run_dir, snap, self.setup, extra, self.t.keep, self.t.keep_best, tmp)
         self.dist.barrier()  # no rank runs ahead (or exits) before the checkpoint is committed
 
+    def _write_shards(self, snap: ckpts.Snapshot) -> Path:
+        """Every rank writes its optimizer shard into the step's hidden folder (rank 0 made it); rank 0
+        commits once all have."""
+        from kititans.train import sharded
+
+        tmp = self.run_dir / ckpts.DIRNAME / f".{ckpts.step_name(snap.step)}.tmp-shards"
+        if self.dist.main:
+            ckpts.prepare(self.run_dir, snap.step, "shards")
+        self.dist.barrier()
+        try:
+            snap.shards = sharded.write_shard(tmp, snap.optimizers, self.dist.rank, self.dist.world)
+        except OSError as e:
+            raise KititansError(
+                f"could not write checkpoint shard in {tmp} ({e.strerror or e}): free disk space and resume; "
+                "the previous checkpoint is intact"
+            ) from None
+        snap.optimizers = []
+        self.dist.barrier()
+        return tmp
+
     def close(self) -> None:
+        self.feed.close()
         if self.metrics is not None:
             self.metrics.close()
         self.tracker.close()
@@ -365,6 +426,7 @@ def _log_row(tr: Trainer, loss: torch.Tensor, supervised: int, grad_norm: Any, w
         row["mfu"] = round(tps * tr.flops_per_token / (tr.peak * tr.dist.world), 4)
     row["peak_mem_mb"] = round(tr.memory.read() / 2**20, 1)
     row["mem_kind"] = tr.memory.kind
+    row.update(tr.memory.extra())
     row.update(tr.row_extra)
     tr.row_extra.clear()
     tr.write(row)
@@ -388,6 +450,7 @@ def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainRes
         say(f"step 0: val loss {tr.val_loss:.4f}")
     tr.memory.reset()
     handlers = _catch_stop_signals(tr)
+    tr.saved_step = tr.start
     try:
         while tr.step < t.steps:
             loss, supervised, grad_norm, n = tr.optimizer_step()
@@ -405,7 +468,9 @@ def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainRes
                 say(f"step {step}: val loss {tr.evaluate():.4f}")
             if tr.metrics is not None:
                 tr.metrics.flush()
-            stop = tr.dist.any(tr.stop_requested, tr.device)
+            # the ranks agree on a stop every stop_check_every steps (one all-reduce), and at the last step
+            check = not tr.dist.enabled or step % t.stop_check_every == 0 or step == t.steps
+            stop = tr.dist.any(tr.stop_requested, tr.device) if check else False
             if (t.save_every and step % t.save_every == 0) or step == t.steps or stop:
                 tr.save(time.perf_counter() - w.t0)
             if on_step is not None:
@@ -414,6 +479,10 @@ def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainRes
                 log.warning("stopped at step %d on a signal; continue with: kititans train --resume %s",
                             step, tr.run_dir)  # fmt: skip
                 break
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        out_of_memory(tr, time.perf_counter() - w.t0)
     finally:
         bar.close()
         for sig, old in handlers.items():

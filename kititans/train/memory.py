@@ -2,7 +2,7 @@
 
 cuda   torch.cuda.max_memory_allocated (tensors), reset after each reading
 mps    torch.mps.driver_allocated_memory (what Metal holds; MPS keeps no peak, so this is the value at the
-       reading)
+       reading), and `mps_allocated_mb`: torch.mps.current_allocated_memory (what tensors hold)
 cpu    the process's peak resident set (VmHWM), reset after each reading through /proc/self/clear_refs
        (Linux); elsewhere the lifetime peak (ru_maxrss), which cannot be reset
 """
@@ -65,6 +65,13 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.device.type == "cpu":
             reset_rss_peak()
+
+    def extra(self) -> dict[str, float]:
+        """Figures a logged row carries besides the peak: on MPS the memory held by tensors
+        (torch.mps.current_allocated_memory; the peak reading is what the Metal driver holds)."""
+        if self.device.type == "mps":
+            return {"mps_allocated_mb": round(torch.mps.current_allocated_memory() / 2**20, 1)}
+        return {}
 
     def read(self, reset: bool = True) -> int:
         """Peak bytes since the last reset (then reset, by default)."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from kititans.checkpoint import aliases
 from kititans.errors import KititansError
+from kititans.train import sharded
 from kititans.train.checkpoints import Restored, Snapshot
 from kititans.train.optim import CombinedOptimizer
 
@@ -37,20 +38,28 @@ def restore_into(model: nn.Module, weights: dict[str, torch.Tensor], where: Path
 class Snapshotter:
     """Gathers (and restores) a full, name-keyed state; under FSDP2 every rank must call take()."""
 
-    def __init__(self, model: nn.Module, opt: CombinedOptimizer, parallel: str, dist: Any):
+    def __init__(
+        self, model: nn.Module, opt: CombinedOptimizer, parallel: str, dist: Any, shards: bool = False
+    ):
         self.model, self.opt, self.parallel, self.dist = model, opt, parallel, dist
+        self.shards = shards  # the optimizer state written by every rank (train/sharded.py)
 
     def take(self, step: int, state: dict[str, Any]) -> Snapshot:
+        """The consolidated weights on rank 0; the optimizer state gathered on rank 0 too, or (sharded) each
+        rank's own part of it, uncopied (write it before the next step)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        if self.parallel != "fsdp" and not self.dist.main:
-            return Snapshot(step, {}, [], state)  # only rank 0 writes, and nothing needs gathering
+        if self.parallel != "fsdp" and not self.dist.main:  # weights: rank 0's copy, nothing to gather
+            local = sharded.local_states(self.model, self.opt.optimizers) if self.shards else []
+            return Snapshot(step, {}, local, state)
         opts = _options(cpu_offload=True)
         weights = (
             get_model_state_dict(self.model, options=opts)
             if self.parallel == "fsdp"
             else {n: t.detach().cpu() for n, t in self.model.state_dict().items()}
         )
+        if self.shards:
+            return Snapshot(step, weights, sharded.local_states(self.model, self.opt.optimizers), state)
         optimizers = [get_optimizer_state_dict(self.model, o, options=opts) for o in self.opt.optimizers]
         return Snapshot(step, weights, optimizers, state)
 
@@ -82,6 +91,8 @@ class Snapshotter:
                 raise KititansError(
                     f"optimizer state does not fit (was the optimizer changed?): {e}"
                 ) from None
+        elif restored.shards is not None:  # every rank reads its own pieces
+            sharded.load_optimizers(self.model, self.opt.optimizers, restored.shards)
         else:
             device = next(self.model.parameters()).device
             n = self.dist.gather_ints([len(restored.optimizers)], device)[0]  # rank 0 read the file
