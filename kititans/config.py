@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -375,4 +376,13 @@ def resolve_run_config(layers: list[tuple[str, Any]], preset_hints: Any = None) 
         cfg.family = fam
         apply_overrides(cfg, hints, source="preset")
     apply_overrides(cfg, [(k, v) for k, v in layers if k not in ("family", "preset")])
+    o, t = cfg.optim, cfg.train
+    if o.warmup_steps >= t.steps > 0 and not any(k == "optim.warmup_steps" for k, _ in layers):
+        # a preset's warmup longer than a short run: a tenth of the run instead (a warmup the user set and the
+        # run never finishes is refused in train/schedule.py)
+        logging.getLogger("kititans").warning(
+            "optim.warmup_steps %d >= train.steps %d: warming up for %d steps instead",
+            o.warmup_steps, t.steps, t.steps // 10,
+        )  # fmt: skip
+        o.warmup_steps = t.steps // 10
     return cfg

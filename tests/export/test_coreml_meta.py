@@ -14,7 +14,7 @@ from kititans.data.tokenizer import Tokenizer  # noqa: E402
 from kititans.errors import KititansError  # noqa: E402
 from kititans.export import ExportOptions, export_model  # noqa: E402
 from kititans.export.coreml_meta import read_package_metadata  # noqa: E402
-from kititans.files import _UMASK  # noqa: E402
+from kititans.files import process_umask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_tokenizer_json_beside_and_files_readable(package, debug_run):
     assert hf.encode("Lily saw a cat.", add_special_tokens=False).ids == tok.encode("Lily saw a cat.")
     assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 256
     files = [p for p in [*package.path.rglob("*"), *folder.iterdir(), package.manifest_path] if p.is_file()]
-    assert files and {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~_UMASK}
+    assert files and {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~process_umask()}
 
 
 def test_export_fails_in_one_line_without_tokenizer_json(debug_run, tmp_path, monkeypatch):

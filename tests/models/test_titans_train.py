@@ -155,15 +155,21 @@ def test_resume_is_exact(tmp_path, optimizer, block, extra, titans_run):
 
 
 def test_a_run_saved_before_blocks_loads_as_mal(titans_run, tmp_path):
-    """config.json written before `block` and the memory options existed: the model is today's mal with the
-    legacy options, and gives the same logits."""
-    old = tmp_path / "old"
-    shutil.copytree(titans_run, old)
-    cfg = json.loads((old / "config.json").read_text())
-    for key in ("block", "mem_conv", "mem_norm_v", "mem_forget_bias"):
-        del cfg["kititans"]["model"][key]
+    """config.json written before `block`, the memory options and `revision` existed: the model is today's mal
+    with the legacy options (the same logits as those options spelled out)."""
+    from kititans.models.titans.config import LEGACY
+
+    cfg = json.loads((titans_run / "config.json").read_text())
+    old, spelled = tmp_path / "old", tmp_path / "spelled"
+    for folder in (old, spelled):
+        shutil.copytree(titans_run, folder)
+    model = cfg["kititans"]["model"]
+    for key in ("block", "mem_conv", "mem_norm_v", "mem_forget_bias", "revision"):
+        model.pop(key, None)
     (old / "config.json").write_text(json.dumps(cfg))
-    a, b = load_checkpoint(titans_run), load_checkpoint(old)
+    model.update({**LEGACY[1], "block": "mal", "mem_conv": 0, "revision": 1})
+    (spelled / "config.json").write_text(json.dumps(cfg))
+    a, b = load_checkpoint(spelled), load_checkpoint(old)
     assert (b.config.block, b.config.mem_conv, b.config.mem_norm_v) == ("mal", 0, True)
     ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -194,4 +200,4 @@ def test_dry_run_prints_the_component_table():
         "persistent memory",
     ):
         assert part in r.stdout, part
-    assert "(500.74M)" in r.stdout
+    assert "(500.75M)" in r.stdout

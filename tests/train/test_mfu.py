@@ -82,10 +82,16 @@ def test_titans_counts_its_memory(block):
     memory = 3 * len(cfg.memory_set) * cfg.n_heads * (4 * reads + 10) * d * h
     attention = total - 6 * linear_params(model) - memory
     assert attention > 0
-    if block == "mac":  # memory layers see [persistent ; h ; segment], the others [persistent ; segment]
-        seg = causal_keys(cfg.window)
+    if block == "mac":  # memory layers see [persistent ; h ; segment], the others a sliding window (default)
+        assert cfg.mac_attention == "sliding" and cfg.mac_h_rows
+        seg, others = causal_keys(cfg.window), cfg.n_layers - len(cfg.memory_set)
         want = (
-            12 * cfg.dim * (len(cfg.memory_set) * (cfg.n_persistent + 2 * seg) + 1 * (cfg.n_persistent + seg))
+            12
+            * cfg.dim
+            * (
+                len(cfg.memory_set) * (cfg.n_persistent + 2 * seg)
+                + others * (cfg.n_persistent + causal_keys(t, cfg.window))
+            )
         )
     else:
         want = 12 * cfg.n_layers * cfg.dim * (cfg.n_persistent + causal_keys(t, cfg.window))

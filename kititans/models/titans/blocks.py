@@ -85,7 +85,10 @@ class TitansLayer(nn.Module):
         # the open MAC gate y * (1 + g * tanh(N(y))), per channel, g = 0 at init (init_weights)
         # MAC: where the memory's keys (and gates, queries) and its values come from, "y" or "u"
         self.mac_sources = (cfg.mac_keys, cfg.mac_values)
-        self.gate_scale = nn.Parameter(torch.zeros(cfg.dim)) if mac and cfg.mac_gate == "tanh" else None
+        # (only where the gate is used: a layer without memory has no MAC gate, and an unused parameter would
+        # have no optimizer state to checkpoint)
+        has_gate = mac and self.memory is not None and cfg.mac_gate == "tanh"
+        self.gate_scale = nn.Parameter(torch.zeros(cfg.dim)) if has_gate else None
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
         self.hc: nn.ModuleList | None = None
