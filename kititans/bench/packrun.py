@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import kititans
+from kititans.argtypes import int_list
 from kititans.bench.board import thermal_state
 from kititans.bench.device import copy_bandwidth, default_threads, device_record, peak_rss_bytes, ram_bytes
 from kititans.bench.rows import (
@@ -57,6 +58,7 @@ RUNTIME_PACKAGES = {
 # the torch-free modules the zipapp is built from (bench/pack.py); tests import each with torch blocked
 RUNNER_MODULES = (
     "kititans",
+    "kititans.argtypes",
     "kititans.errors",
     "kititans.files",
     "kititans.generate",
@@ -336,16 +338,6 @@ def run(args: argparse.Namespace, pack: Path) -> int:
 # ------------------------------------------------------------------------------------------ the command
 
 
-def _ints(value: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
-    return out
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python PACK/run.py",
@@ -364,7 +356,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="onnx rows: cpu or cuda (default cpu)")
     p.add_argument("--rows", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], metavar="KEYS",
                    help="only these rows: keys, pairs or runtimes, e.g. llamacpp:q4_0,coreml")  # fmt: skip
-    p.add_argument("--prompt-tokens", type=_ints, metavar="N,N", help="prefill lengths (default: the pack's)")
+    p.add_argument(
+        "--prompt-tokens", type=int_list, metavar="N,N", help="prefill lengths (default: the pack's)"
+    )
     p.add_argument(
         "--gen-tokens", type=int, default=0, metavar="N", help="decode length (default: the pack's)"
     )

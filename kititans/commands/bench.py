@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kititans.argtypes import int_list, positive_int
 from kititans.bench.rows import RowOptions, add_row_options
 
 HELP = "measure speed, memory and quality of every runtime and quantization level of a run"
@@ -32,23 +33,6 @@ quantization names per runtime (`--quants` applies each to the runtimes that hav
   aliases: f16=fp16, f32=fp32, q8 = q8_0/int8, q4 = q4_k_m/int4"""
 
 
-def _ints(value: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
-    return out
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
-
-
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "targets", nargs="+", metavar="RUN", help="a run directory, or `compare` and bench.json files"
@@ -63,15 +47,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prompt-tokens",
-        type=_ints,
+        type=int_list,
         default=(128, 512),
         metavar="N,N",
         help="prefill lengths (default 128,512)",
     )
     p.add_argument(
-        "--gen-tokens", type=_positive, default=128, metavar="N", help="decode length (default 128)"
+        "--gen-tokens", type=positive_int, default=128, metavar="N", help="decode length (default 128)"
     )
-    p.add_argument("--trials", type=_positive, default=5, help="timed repetitions per test (default 5)")
+    p.add_argument("--trials", type=positive_int, default=5, help="timed repetitions per test (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each test (default 1)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: the performance cores)")
     p.add_argument("--device", default="cpu", help="torch/onnx device: cpu or cuda (default cpu)")
@@ -82,7 +66,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--ppl-ctx", type=int, default=0, metavar="N", help="chunk length (default min(512, context))"
     )
-    q.add_argument("--ppl-chunks", type=_positive, default=16, metavar="N", help="chunks scored (default 16)")
+    q.add_argument(
+        "--ppl-chunks", type=positive_int, default=16, metavar="N", help="chunks scored (default 16)"
+    )
     q.add_argument("--no-quality", dest="quality", action="store_false", help="speed and memory only")
     q.add_argument("--keep-reference", action="store_true", help="keep OUT/reference.npz (float16 log-probs)")
     a = p.add_argument_group("accuracy (lm-eval tasks, pip install 'kititans[eval]'; see kititans eval)")

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kititans.argtypes import nonneg_int, positive_int
+
 HELP = "score lm-eval tasks (English, Japanese, your own YAMLs) on a run and every export of it"
 EXAMPLES = """  kititans eval runs/my-run --tasks hellaswag,arc_easy,piqa --limit 500          # the float model (torch)
   kititans eval runs/my-run --tasks ja_leaderboard_jcommonsenseqa --artifacts all # fp32 + every export here
@@ -68,20 +70,6 @@ def _limit(value: str) -> float:
     return int(x) if x >= 1 else x
 
 
-def _nonneg(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return n
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
-
-
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run directory, or one artifact (.gguf, ONNX folder, .mlpackage)")
     p.add_argument("--tasks", required=True, help="lm-eval task, group or tag names, comma-separated")
@@ -91,7 +79,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="also score exports of the run: `all`, or e.g. gguf:q8_0,gguf:q4_k_m,onnx:int4,coreml:int8",
     )
     p.add_argument("--limit", type=_limit, help="items per task (a fraction < 1 takes that share)")
-    p.add_argument("--num-fewshot", type=_nonneg, help="few-shot examples (default: the task's own)")
+    p.add_argument("--num-fewshot", type=nonneg_int, help="few-shot examples (default: the task's own)")
     p.add_argument(
         "--include-path", action="append", type=Path, default=[], metavar="DIR", help="folder of task YAMLs"
     )
@@ -106,8 +94,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--fewshot-as-multiturn", action="store_true", help="with a chat template: examples as earlier turns"
     )
     p.add_argument("--gen-kwargs", help="generation settings for generate tasks, e.g. max_gen_toks=64")
-    p.add_argument("--batch-size", type=_positive, default=8, help="sequences per batched call (default 8)")
-    p.add_argument("--max-length", type=_positive, help="context length used (default: the model's)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="sequences per batched call (default 8)"
+    )
+    p.add_argument("--max-length", type=positive_int, help="context length used (default: the model's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: the runtime's)")
     p.add_argument("--device", default="cpu", help="torch/onnx device: cpu or cuda (default cpu)")
     p.add_argument(

@@ -231,3 +231,16 @@ class InTurn(Handles):
 
     def length(self, seq: int) -> int:
         return self.lengths[seq]
+
+
+def export_session_identity(runtime: Any, layout: dict[str, Any]) -> dict[str, Any]:
+    """What a session file records of an exported Titans runtime (ONNX, CoreML): the weights it came from (the
+    manifest's source hash), the runtime, the level and the state layout by its torch names."""
+    source = runtime.manifest.get("source", {})
+    return {
+        "family": source.get("family"),
+        "weights_sha256": source.get("weights_sha256"),
+        "runtime": runtime.name,
+        "quant": runtime.manifest.get("quant"),
+        "layout": layout,
+    }

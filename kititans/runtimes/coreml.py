@@ -22,7 +22,7 @@ import numpy as np
 
 from kititans.errors import KititansError
 from kititans.quantize.coreml import coremltools
-from kititans.runtimes.base import pick_step, plan_chunks
+from kititans.runtimes.base import export_session_identity, pick_step, plan_chunks
 from kititans.runtimes.onnx import find_codec
 
 MASK_FILL = -1e4  # as the export documents: exp underflows to 0 in fp16, no row can become NaN
@@ -169,14 +169,7 @@ class CoreMLRuntime:
                 f"{self.path}: this package keeps no session layout (a KV cache, or exported before "
                 "sessions): re-export a Titans run"
             )
-        source = self.manifest.get("source", {})
-        return {
-            "family": source.get("family"),
-            "weights_sha256": source.get("weights_sha256"),
-            "runtime": self.name,
-            "quant": self.manifest.get("quant"),
-            "layout": self.session_info["layout"],
-        }
+        return export_session_identity(self, self.session_info["layout"])
 
     def _base(self) -> dict[str, np.ndarray]:
         if self._memory_base is None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kititans.errors import KititansError, require
-from kititans.runtimes.base import pick_step, plan_chunks
+from kititans.runtimes.base import export_session_identity, pick_step, plan_chunks
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 MODEL_FILE = "model.onnx"
@@ -387,14 +387,8 @@ class OnnxRuntime:
                 f"{self.file}: this export keeps a KV cache that grows with the text: sessions save the "
                 "fixed-size state of a Titans export"
             )
-        source = self.manifest.get("source", {})
-        return {
-            "family": source.get("family"),
-            "weights_sha256": source.get("weights_sha256"),
-            "runtime": self.name,
-            "quant": self.manifest.get("quant"),
-            "layout": {"pos": [1], **{s.input.removeprefix("past_"): list(s.shape) for s in self.states}},
-        }
+        layout = {"pos": [1], **{s.input.removeprefix("past_"): list(s.shape) for s in self.states}}
+        return export_session_identity(self, layout)
 
     def get_state(self) -> dict[str, np.ndarray]:
         """The state by name, "pos" included (arrays may share the runtime's memory: valid until its next
