@@ -15,17 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kititans.runtimes.host import cpu_list, read_text, sysctl
-
-
-def run(cmd: list[str], timeout: float = 5.0) -> str:
-    if not shutil.which(cmd[0]):
-        return ""
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
+from kititans.runtimes.host import cpu_list, read_text, run_tool, sysctl
 
 ANDROID_PROPS = {
     "model": "ro.product.model",
@@ -51,14 +41,14 @@ def board(root: str | Path = "/") -> dict[str, Any]:
     tegra = read_text(root / "etc/nv_tegra_release")
     if tegra:
         out["jetson_l4t"] = tegra.splitlines()[0]
-        mode = run(["nvpmodel", "-q"]) if str(root) == "/" else ""
+        mode = run_tool(["nvpmodel", "-q"]) if str(root) == "/" else ""
         if mode:
             out["jetson_power_mode"] = " ".join(mode.split())
     soc = read_text(root / "sys/devices/soc0/soc_id") or read_text(root / "sys/devices/soc0/machine")
     if soc:
         out["soc"] = soc
     if str(root) == "/" and shutil.which("getprop"):
-        props = {k: run(["getprop", v]) for k, v in ANDROID_PROPS.items()}
+        props = {k: run_tool(["getprop", v]) for k, v in ANDROID_PROPS.items()}
         props = {k: v for k, v in props.items() if v}
         if props:
             out["android"] = props
@@ -122,7 +112,7 @@ THROTTLE_BITS = {
 
 def pi_throttled() -> dict[str, Any] | None:
     """The Raspberry Pi firmware's throttle flags, or None where vcgencmd is absent."""
-    out = run(["vcgencmd", "get_throttled"])
+    out = run_tool(["vcgencmd", "get_throttled"])
     m = re.search(r"throttled=(0x[0-9a-fA-F]+)", out)
     if not m:
         return None

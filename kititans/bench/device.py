@@ -14,8 +14,6 @@ import importlib.metadata
 import os
 import platform
 import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kititans.runtimes.host import core_types, performance_threads, sysctl
+from kititans.runtimes.host import core_types, performance_threads, run_tool, sysctl
 
 PACKAGES = (
     "kititans",
@@ -39,15 +37,6 @@ PACKAGES = (
 )
 
 
-def _run(cmd: list[str], timeout: float = 10.0) -> str:
-    if not shutil.which(cmd[0]):
-        return ""
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def _read(path: str) -> str:
     try:
         return Path(path).read_text(errors="replace").strip("\x00\n ")
@@ -57,7 +46,7 @@ def _read(path: str) -> str:
 
 def cpu_model() -> str:
     if sys.platform == "darwin":
-        return _run(["sysctl", "-n", "machdep.cpu.brand_string"]) or platform.processor()
+        return run_tool(["sysctl", "-n", "machdep.cpu.brand_string"], 10.0) or platform.processor()
     info = _read("/proc/cpuinfo")
     for key in ("model name", "Model", "Hardware", "cpu model"):
         m = re.search(rf"^{key}\s*:\s*(.+)$", info, re.M)
@@ -71,7 +60,7 @@ def caches() -> dict[str, int]:
     found: dict[str, int] = {}
     if sys.platform == "darwin":
         for name, key in (("L1d", "hw.l1dcachesize"), ("L2", "hw.l2cachesize"), ("L3", "hw.l3cachesize")):
-            v = _run(["sysctl", "-n", key])
+            v = run_tool(["sysctl", "-n", key], 10.0)
             if v.isdigit() and int(v):
                 found[name] = int(v)
         return found
@@ -87,8 +76,8 @@ def caches() -> dict[str, int]:
 
 def gpus() -> list[dict[str, Any]]:
     """NVIDIA GPUs as nvidia-smi lists them (name, driver, memory)."""
-    out = _run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"]
+    out = run_tool(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"], 10.0
     )
     found = []
     for line in out.splitlines():
@@ -149,8 +138,8 @@ def device_record(threads: int, label: str | None = None) -> dict[str, Any]:
         **runtime_info(),
     }
     if sys.platform == "darwin":
-        rec["apple_chip"] = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
-        rec["mac_model"] = _run(["sysctl", "-n", "hw.model"])
+        rec["apple_chip"] = run_tool(["sysctl", "-n", "machdep.cpu.brand_string"], 10.0)
+        rec["mac_model"] = run_tool(["sysctl", "-n", "hw.model"], 10.0)
     model = rec["soc"].get("model") or rec["soc"].get("android", {}).get("model")
     if model:
         rec["board"] = model
@@ -257,7 +246,9 @@ def reset_peak_rss() -> bool:
 
 def gpu_memory_of(pid: int) -> int | None:
     """GPU memory nvidia-smi attributes to a process now (bytes), for runtimes that are not torch."""
-    out = _run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+    out = run_tool(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"], 10.0
+    )
     for line in out.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():

@@ -59,14 +59,19 @@ def read_text(path: str | Path) -> str:
         return ""
 
 
-def sysctl(key: str) -> str:
-    """A macOS sysctl value ('' elsewhere or when unknown)."""
-    if sys.platform != "darwin" or not shutil.which("sysctl"):
+def run_tool(cmd: list[str], timeout: float = 5.0) -> str:
+    """A system tool's stripped stdout ('' when the tool is absent, fails to start or times out)."""
+    if not shutil.which(cmd[0]):
         return ""
     try:
-        return subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5).stdout.strip()
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def sysctl(key: str) -> str:
+    """A macOS sysctl value ('' elsewhere or when unknown)."""
+    return run_tool(["sysctl", "-n", key]) if sys.platform == "darwin" else ""
 
 
 def cpu_list(text: str) -> list[int]:
