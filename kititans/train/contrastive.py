@@ -34,6 +34,7 @@ from kititans.files import write_json
 from kititans.models.spec import find_preset, get_family
 from kititans.train.loop import Batch, TrainResult, TrainSetup, batch_generator, default_run_dir, run_training
 from kititans.train.loss import StepEnv
+from kititans.train.schedule import schedule_for
 
 log = logging.getLogger("kititans")
 THRESHOLDS = {"retrieval_at1": 0.7, "mrr": 0.5, "mean_margin": 0.05}  # TanAILite's acceptance
@@ -291,6 +292,7 @@ def train_encoder(
         raise KititansError(
             f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out"
         )
+    schedule_for(cfg.optim, cfg.train.steps)  # a bad schedule is refused before any data is prepared
     spec, preset = find_preset(cfg.preset, cfg.family)
     init_weights, overrides, tok_path = None, dict(cfg.model), cfg.tokenizer.path
     if cfg.init and not resume:

@@ -33,6 +33,7 @@ from kititans.errors import KititansError
 from kititans.files import sha256_file
 from kititans.train import loss as L
 from kititans.train.loop import Batch, TrainResult, TrainSetup, run_training
+from kititans.train.schedule import schedule_for
 
 log = logging.getLogger("kititans")
 
@@ -281,6 +282,7 @@ def build_setup(spec: DistillSpec, cfg: RunConfig, resume: bool, progress: bool)
     from kititans.train.sft import LengthGroupedBatches, evaluate_assistant, prepare_sft_data
 
     t, out = cfg.train, spec.out
+    schedule_for(cfg.optim, t.steps)  # a bad schedule is refused before any data is prepared
     if spec.fresh:
         from kititans.data.tokenizer import Tokenizer
 

@@ -38,7 +38,7 @@ from kititans.train.memory import PeakMemory
 from kititans.train.metrics import Window, open_metrics
 from kititans.train.mfu import flops_per_token, peak_flops
 from kititans.train.optim import build_optimizer
-from kititans.train.schedule import Schedule, make_schedule, resumed_schedule
+from kititans.train.schedule import Schedule, resumed_schedule, schedule_for
 from kititans.train.state import Snapshotter, restore_into
 from kititans.train.tracking import Tracker, check_available, open_tracker
 
@@ -213,8 +213,8 @@ class Trainer:
 
     def _schedule(self, restored: Any) -> Schedule:
         """The run's lr schedule: the saved one on a resume (train/schedule.py says when it may change)."""
-        o, t = self.cfg.optim, self.t
-        wanted = make_schedule(o.schedule, t.steps, o.warmup_steps, o.min_lr_ratio, o.decay_fraction)
+        t = self.t
+        wanted = schedule_for(self.cfg.optim, t.steps)
         saved = restored.state.get("schedule") if restored is not None else None
         schedule, note = resumed_schedule(
             Schedule.from_dict(saved) if saved else None,

@@ -29,6 +29,7 @@ from kititans.train.loop import (
     model_for_run,
     run_training,
 )
+from kititans.train.schedule import schedule_for
 
 
 class StepWindows:
@@ -77,6 +78,7 @@ def pretrain(
         raise KititansError(
             f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out"
         )
+    schedule_for(cfg.optim, cfg.train.steps)  # a bad schedule is refused before any data is prepared
     _, preset = find_preset(cfg.preset, cfg.family)
     vocab = cfg.tokenizer.vocab_size or int(cfg.model.get("vocab_size", preset.model["vocab_size"]))
     t = cfg.train

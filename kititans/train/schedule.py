@@ -80,6 +80,12 @@ def make_schedule(
     return Schedule(kind, total, warmup, min_ratio, decay)
 
 
+def schedule_for(optim: Any, steps: int) -> Schedule:
+    """The schedule a run config asks for (optim section + train.steps). Every training entry point calls it
+    before it prepares data or builds a model, so a warmup the run never finishes is refused first."""
+    return make_schedule(optim.schedule, steps, optim.warmup_steps, optim.min_lr_ratio, optim.decay_fraction)
+
+
 def lr_multiplier(step: int, total: int, warmup: int, kind: str = "cosine", min_ratio: float = 0.1,
                   decay_fraction: float = 0.2) -> float:  # fmt: skip
     """Multiplier of the base lr for 0-based `step` of `total` (make_schedule(...).multiplier(step))."""

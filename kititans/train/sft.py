@@ -39,6 +39,7 @@ from kititans.train.loop import (
 )
 from kititans.train.loss import IGNORE
 from kititans.train.metrics import initial_val_loss
+from kititans.train.schedule import schedule_for
 
 log = logging.getLogger("kititans")
 
@@ -273,6 +274,7 @@ def sft(
         raise KititansError(
             f"{out} already holds a run: pass --resume to continue it, or choose another --out"
         )
+    schedule_for(cfg.optim, cfg.train.steps)  # a bad schedule is refused before any data is prepared
     ckpt = load_checkpoint(out if resume else base)
     tok = ckpt.tokenizer
     _check_tokenizer(tok, base)

@@ -212,7 +212,8 @@ def test_runtime_feeding_drives_the_wrapper_to_the_model(packages, titans_dir):
     assert torch.equal(run_like_the_runtime(stored, info, calls), got)
 
 
-@pytest.mark.parametrize("block", ["mac", "mag"])
+# mal is the packages fixture; mag differs from it only in how the branches combine (slow: -m slow)
+@pytest.mark.parametrize("block", ["mac", pytest.param("mag", marks=pytest.mark.slow)])
 def test_every_block_converts_and_validates(block, tokenizer, tmp_path):
     """mac (the paper's conv and qk-only norms: conv states, segment functions) and mag, fp16."""
     over = {"block": block, "mem_conv": 4, "mem_norm_v": False} if block == "mac" else {"block": block}

@@ -121,7 +121,12 @@ def losses(run):
 
 @pytest.mark.parametrize(
     "optimizer, block, extra",
-    [("adamw", "mal", {}), ("muon", "mal", {}), ("adamw", "mac", {"mem_conv": 4}), ("muon", "mag", {})],
+    [  # every block and both optimizers in the default run; Muon on mal (the same update as on mag) is slow
+        ("adamw", "mal", {}),
+        pytest.param("muon", "mal", {}, marks=pytest.mark.slow),
+        ("adamw", "mac", {"mem_conv": 4}),
+        ("muon", "mag", {}),
+    ],
 )
 def test_resume_is_exact(tmp_path, optimizer, block, extra, titans_run):
     over = {

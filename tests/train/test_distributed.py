@@ -79,7 +79,12 @@ def one_rank(data, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "parallel, opt, rel",
-    [("ddp", "adamw", 1e-5), ("fsdp", "adamw", 1e-5), ("ddp", "muon", 1e-5), ("fsdp", "muon", 2e-3)],
+    [  # the default run keeps one of each wrapper and each optimizer; the other two pairs are slow
+        ("ddp", "adamw", 1e-5),
+        pytest.param("fsdp", "adamw", 1e-5, marks=pytest.mark.slow),
+        pytest.param("ddp", "muon", 1e-5, marks=pytest.mark.slow),
+        ("fsdp", "muon", 2e-3),
+    ],
 )
 def test_two_ranks_equal_one_rank_at_every_step(data, one_rank, tmp_path, parallel, opt, rel):
     out = tmp_path / parallel
