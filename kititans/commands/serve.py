@@ -15,6 +15,7 @@ HELP = (
 EXAMPLES = """  kititans serve runs/tiny-sft                      # http://127.0.0.1:8000/ (chat page), /v1 (API)
   kititans serve runs/tiny-sft/export/model.q4_k_m.gguf --port 8080 --parallel 8
   kititans serve runs/my-titans/export/onnx/int4 --api-key "$KEY" --host 0.0.0.0
+  kititans serve runs/my-titans --sessions sessions/ # Titans: "session": "me" continues a saved state
   kititans serve runs/my-encoder                    # an encoder: POST /v1/embeddings
   kititans serve runs/my-encoder --index idx/       # ... and POST /v1/search over a `kititans index` folder
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -37,6 +38,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model-name", help="the model id clients send (default: from the path, see /v1/models)")
     p.add_argument("--index", help="an encoder's `kititans index` folder: serve POST /v1/search over it")
+    p.add_argument(
+        "--sessions",
+        metavar="DIR",
+        help='Titans: keep conversations\' states in DIR; requests name one with "session": "NAME" '
+        "(per API key; see docs/serve.md)",
+    )
     g = p.add_argument_group("batching and limits")
     g.add_argument("--parallel", type=int, default=d.parallel,
                    help=f"sequences decoded together (default {d.parallel})")  # fmt: skip
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         cache_slots=args.cache_slots, max_queue=args.max_queue, max_connections=args.max_connections,
         max_body_bytes=int(args.max_body_mb * (1 << 20)), request_timeout=args.request_timeout,
         header_timeout=args.header_timeout, shutdown_grace=args.shutdown_grace, index=args.index,
+        sessions=args.sessions,
     ).check()  # fmt: skip
     if args.max_body_mb <= 0:
         raise KititansError(f"--max-body-mb must be above 0, got {args.max_body_mb}")
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         )
     what = "embeddings" if info.task == "embed" else f"up to {cfg.parallel} sequences in one batch"
     what += f", search over {args.index}" if args.index else ""
+    what += f", sessions in {args.sessions}" if args.sessions else ""
     print(f"serving {info.id} ({rt.name}, context {info.context_length}, {what}) at {server.url}/v1",
           file=sys.stderr)  # fmt: skip
     print(f"  chat page: {server.url}/   try: curl {server.url}/v1/models   (Ctrl-C stops)", file=sys.stderr)

@@ -229,6 +229,19 @@ class InTurn(Handles):
     def truncate(self, seq: int, n: int) -> bool:
         return n == self.lengths.get(seq)  # one sequence's state only moves forward
 
+    # sessions (kititans serve --sessions): a saved state becomes a sequence, a sequence's state is saved
+    def adopt(self, tokens: Sequence[int]) -> int:
+        """A new sequence holding the runtime's current state (just loaded by its `set_state`), which has
+        consumed `tokens`."""
+        h = self.new(len(tokens))
+        self.states[h], self.history[h] = self.rt.save_state(), list(tokens)
+        return h
+
+    def select(self, seq: int) -> None:
+        """Put the sequence's state in the runtime (for its `get_state`, until the next call)."""
+        self.check(seq)
+        self.rt.load_state(self.states[seq])
+
     def length(self, seq: int) -> int:
         return self.lengths[seq]
 

@@ -8,6 +8,7 @@ kititans/runtimes, beside bench/).
     engine.py      continuous batching over the runtime's multi-sequence interface
     sequence.py    one choice: sampler, text stream, stop strings, log-probs
     cache.py       prompt caching per client conversation
+    sessions.py    --sessions: Titans states kept in files per API key, continued by a request's `session`
     metrics.py     /metrics (Prometheus text)
     page.py        the chat page at / (chat.html)
     config.py      ServeConfig: every setting and limit

@@ -62,12 +62,27 @@ class Request:
     skip_first: list[bool] = field(default_factory=list)  # per prompt: its first id is the BOS we added
     ignore_eos: bool = False  # llama-server's extension: generate max_tokens even past end-of-turn
     cache_key: str | None = None  # prompt caching within one client's conversation (tenant-scoped)
+    session: str | None = None  # --sessions: the saved Titans state it continues (serve/sessions.py)
     id: str = ""
     created: int = 0
 
     @property
     def choices(self) -> int:
         return len(self.prompts) * self.n
+
+    def _check_session(self) -> Request:
+        """A session is one state: one prompt, one choice, and no log-probs of the tokens it already holds."""
+        if self.session is None:
+            return self
+        for bad, message, param in (
+            (self.n > 1, "`n` must be 1 with `session`: one saved state continues one reply", "n"),
+            (len(self.prompts) > 1, "`session` takes one prompt per request", "prompt"),
+            (self.prompt_logprobs, "`echo` with `logprobs` cannot use a `session`: the tokens the session "
+             "holds are not fed again, so they have no log-probabilities", "echo"),
+        ):  # fmt: skip
+            if bad:
+                raise ApiError(400, message, param=param)
+        return self
 
 
 @dataclass
@@ -240,6 +255,13 @@ def _cache_key(data: dict[str, Any]) -> str | None:
     return None
 
 
+def _session(data: dict[str, Any]) -> str | None:
+    value = data.get("session")
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, "`session` must be a string: the name of a session", param="session")
+    return value
+
+
 def _n(data: dict[str, Any]) -> int:
     n = _number(data, "n", 1, int)
     if not 1 <= n <= MAX_N:
@@ -268,8 +290,9 @@ def chat_request(data: dict[str, Any], model: ModelInfo, codec: Any) -> Request:
     return Request(
         "chat", [ids], sampling(data, model), _n(data), stops(data), stream, usage,
         logprobs=logprobs, skip_first=[False], ignore_eos=_flag(data, "ignore_eos"),
-        token_ids=_flag(data, "return_tokens_as_token_ids"), cache_key=_cache_key(data), **_ids("chatcmpl"),
-    )  # fmt: skip
+        token_ids=_flag(data, "return_tokens_as_token_ids"), cache_key=_cache_key(data),
+        session=_session(data), **_ids("chatcmpl"),
+    )._check_session()  # fmt: skip
 
 
 def _token_list(value: Any, model: ModelInfo) -> list[int] | None:
@@ -337,8 +360,8 @@ def completion_request(data: dict[str, Any], model: ModelInfo, codec: Any) -> Re
         "completion", ids, cfg, _n(data), stops(data), stream, usage, echo=texts if echo else [],
         logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, skip_first=bos,
         ignore_eos=_flag(data, "ignore_eos"), token_ids=_flag(data, "return_tokens_as_token_ids"),
-        cache_key=_cache_key(data), **_ids("cmpl"),
-    )  # fmt: skip
+        cache_key=_cache_key(data), session=_session(data), **_ids("cmpl"),
+    )._check_session()  # fmt: skip
 
 
 @dataclass

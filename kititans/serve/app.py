@@ -57,6 +57,7 @@ class Routes:
         searcher: Any = None,
     ):  # fmt: skip
         self.engine, self.info, self.limits = engine, info, limits
+        self.sessions = engine.sessions  # serve/sessions.py SessionStore of --sessions, or None
         self.searcher = searcher  # kititans.retrieval.search.Searcher of --index, for /v1/search
         self.codec = engine.codec
         self.api_key = api_key
@@ -223,17 +224,42 @@ class Routes:
             raise ApiError(400, f"`{self.info.id}` is an encoder: it serves /v1/embeddings only",
                            code="not_a_language_model")  # fmt: skip
         req = await self._prepare(lambda: parse(api.parse_json(body), self.info, self.codec))
-        tenant = tenant_key(self._token(request), req.cache_key)
+        ticket = await self._session(request, req)
+        tenant = None if ticket else tenant_key(self._token(request), req.cache_key)
         job = Job(req, tenant, self.limits.request_timeout)
+        job.session = ticket
         if req.stream:
             queue = self._attach(job)
-            self.engine.submit(job)
+            self._submit(job)
             return StreamingResponse(self._sse(job, queue), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         await self._run(request, job)
         return _json(200, shapes.response(req, self.info, job, self.engine.token_text))
 
+    async def _session(self, request: Request, req: api.Request) -> Any:
+        """The request's hold on its session (serve/sessions.py), its file read and its prompt checked."""
+        if req.session is None:
+            return None
+        if self.sessions is None:
+            raise ApiError(400, "This server keeps no sessions: start it with --sessions DIR (Titans models)",
+                           param="session", code="sessions_off")  # fmt: skip
+        ticket = self.sessions.open(self._token(request), req.session)
+        try:
+            await self._prepare(self.sessions.read, ticket, req.prompts[0])
+        except BaseException:
+            ticket.release()
+            raise
+        return ticket
+
     # -- the engine hand-over
+
+    def _submit(self, job: Job) -> None:
+        try:
+            self.engine.submit(job)
+        except BaseException:
+            if job.session is not None:
+                job.session.release()
+            raise
 
     def _attach(self, job: Job) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
@@ -243,7 +269,7 @@ class Routes:
     async def _run(self, request: Request, job: Job) -> Job:
         """Submit and wait for the end, cancelling the job if the client disconnects first."""
         queue = self._attach(job)
-        self.engine.submit(job)
+        self._submit(job)
 
         async def finished() -> None:
             while True:

@@ -27,6 +27,7 @@ class ServeConfig:
     shutdown_grace: float = 10.0  # s in-flight requests get to finish after SIGTERM
     prefill_budget: int = 512  # prompt tokens started per engine turn while others decode
     index: str | None = None  # an encoder's `kititans index` folder: POST /v1/search
+    sessions: str | None = None  # a folder of Titans sessions: the `session` field (serve/sessions.py)
 
     def check(self) -> ServeConfig:
         for name in ("parallel", "max_queue", "max_body_bytes", "max_header_bytes", "max_connections",

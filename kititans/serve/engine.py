@@ -74,6 +74,7 @@ class Job:
         self.first_token_at: float | None = None
         self.vectors: np.ndarray | None = None  # embeddings
         self.result: Any = None  # a Call's value
+        self.session: Any = None  # serve/sessions.py Ticket: the saved state this request continues
 
     @property
     def embed(self) -> bool:
@@ -98,8 +99,11 @@ def _internal(where: str) -> ApiError:
 
 
 class Engine:
-    def __init__(self, rt: Any, cfg: EngineConfig | None = None, metrics: Metrics | None = None):
+    def __init__(
+        self, rt: Any, cfg: EngineConfig | None = None, metrics: Metrics | None = None, sessions: Any = None
+    ):
         self.rt, self.codec = rt, rt.codec
+        self.sessions = sessions  # serve/sessions.py SessionStore (--sessions), or None
         self.cfg = cfg or EngineConfig()
         self.metrics = metrics or Metrics()
         self.task = getattr(rt, "task", "lm")
@@ -229,6 +233,8 @@ class Engine:
             if job in self.waiting:
                 self.waiting.remove(job)
         job.next_prompt = len(getattr(job.req, "prompts", [])) or 1
+        if job.session is not None:  # the session file stays as it was: the client may resend the turn
+            job.session.release()
         if err is not None:
             self._post(job, ("error", err))
         else:
@@ -285,7 +291,10 @@ class Engine:
         """Prefill prompt p of the job and give each of its n choices its first token; the tokens fed."""
         req, prompt = job.req, job.req.prompts[p]
         seq, shared = None, 0
-        if job.tenant and req.choices == 1 and not req.prompt_logprobs:
+        if job.session is not None:  # its saved state, or the empty state for a new session
+            seq = self.sessions.resume(job.session, self.rt, self.seqs)
+            shared = len(job.session.tokens) if seq is not None else 0
+        elif job.tenant and req.choices == 1 and not req.prompt_logprobs:
             entry, shared = self.cache.take(job.tenant, prompt)
             if entry is not None and shared and self.seqs.truncate(entry.seq, shared):
                 seq = entry.seq
@@ -293,7 +302,11 @@ class Engine:
             elif entry is not None:
                 self.seqs.drop(entry.seq)
         if seq is not None:
-            logits = self.seqs.extend(seq, prompt[shared:])
+            try:
+                logits = self.seqs.extend(seq, prompt[shared:])
+            except BaseException:  # no choice holds the sequence yet: it would never be dropped
+                self.seqs.drop(seq)
+                raise
             fed = len(prompt) - shared
             job.cached_tokens += shared
         else:
@@ -352,10 +365,24 @@ class Engine:
             self.active.append(c)
 
     def _finish(self, job: Job, c: Choice) -> None:
+        err = self._save(job, c) if job.session is not None else None
         self._release(c, keep=True)
         job.finished += 1
-        if job.finished == job.req.choices:
+        if err is not None:
+            self._post(job, ("error", err))
+        elif job.finished == job.req.choices:
             self._post(job, ("end", None))
+
+    def _save(self, job: Job, c: Choice) -> ApiError | None:
+        """A finished session request: its state (prompt + the reply tokens fed back) over the file, before
+        the client hears the end, so its next turn finds it."""
+        try:
+            self.sessions.save(job.session, self.rt, self.seqs, c.seq, c.chooser.context)
+        except Exception:
+            return _internal("saving the session")
+        finally:
+            job.session.release()
+        return None
 
     def _embed(self) -> None:
         """Every waiting embedding request in one batched call of the encoder."""

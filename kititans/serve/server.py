@@ -82,6 +82,11 @@ class Server:
         self.info = info
         c = self.cfg
         searcher = self._searcher(rt, info) if c.index else None  # before the engine: it embeds probes
+        store = None
+        if c.sessions:  # Titans only: refused before the socket and the engine exist
+            from kititans.serve.sessions import SessionStore
+
+            store = SessionStore(c.sessions, rt)
         try:
             self.socket = listen(c.host, c.port)
         except OSError as e:
@@ -89,7 +94,14 @@ class Server:
                 f"cannot listen on {c.host}:{c.port} ({e.strerror or e}): pick another --port"
             ) from None
         ecfg = EngineConfig(c.parallel, c.cache_slots, c.max_queue, c.request_timeout, c.prefill_budget)
-        self.engine = Engine(rt, ecfg)
+        self.engine = Engine(rt, ecfg, sessions=store)
+        if store is not None:
+            try:
+                store.check_sequences(self.engine.seqs)
+            except KititansError:
+                self.engine.close()
+                self.socket.close()
+                raise
         limits = Limits(c.max_body_bytes, c.body_timeout, c.request_timeout)
         self.routes = Routes(self.engine, info, c.api_key, limits, chat_page(info), searcher)
         tl = TransportLimits(c.max_connections, c.header_timeout, c.keep_alive, c.max_header_bytes)
