@@ -75,6 +75,7 @@ RUNNER_MODULES = (
     "kititans.bench",
     "kititans.bench.artifact",
     "kititans.bench.board",
+    "kititans.bench.cells",
     "kititans.bench.device",
     "kititans.bench.embed",
     "kititans.bench.packrun",
@@ -226,7 +227,7 @@ def _quiet(event: dict[str, Any]) -> None:
 
 
 def summary(r: dict[str, Any]) -> str:
-    from kititans.bench.report import fmt
+    from kititans.bench.cells import fmt
 
     name = f"{r['runtime']} {r['quant']}" + (f" @{r['key'].partition('@')[2]}" if "@" in r["key"] else "")
     if r["status"] != "ok":
