@@ -67,6 +67,7 @@ RUNNER_MODULES = (
     "kititans.runtimes.base",
     "kititans.runtimes.host",
     "kititans.runtimes.llamacpp",
+    "kititans.runtimes.llamacpp_lib",
     "kititans.runtimes.onnx",
     "kititans.runtimes.coreml",
     "kititans.quantize",
