@@ -69,6 +69,7 @@ RUNNER_MODULES = (
     "kititans.runtimes.llamacpp",
     "kititans.runtimes.llamacpp_lib",
     "kititans.runtimes.onnx",
+    "kititans.runtimes.onnx_steps",
     "kititans.runtimes.coreml",
     "kititans.quantize",
     "kititans.quantize.coreml",
