@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kititans.bench.report import SCHEMA_VERSION, get, quant_label
+from kititans.bench.cells import compare_cells, compare_headers, get, md_table, quant_label, report_lines
+from kititans.bench.report import SCHEMA_VERSION, write_formats
 from kititans.errors import KititansError
 
 
@@ -256,68 +257,7 @@ def report_names(reports: list[dict[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------------ rendering
 
 
-def compare_headers(cmp: dict[str, Any]) -> list[str]:
-    pp = cmp.get("prompt_tokens")
-    return [
-        "device",
-        "run",
-        "runtime",
-        "quant",
-        "ran on",
-        "size MiB",
-        f"pp{pp} t/s" if pp else "pp t/s",
-        "tg t/s",
-        "peak RSS MiB",
-        "drift %",
-        "KLD",
-        "roofline %",
-        "check",
-    ]
-
-
-def compare_cells(row: dict[str, Any]) -> list[str]:
-    from kititans.bench.report import MiB, drift, fmt, kld
-
-    return [
-        row["device"],
-        row["run"],
-        row["runtime"],
-        row["quant"],
-        str(row.get("ran_on") or "–"),
-        fmt(row["size_bytes"] / MiB) if row.get("size_bytes") else "–",
-        fmt(row.get("prefill_tps")),
-        fmt(row.get("decode_tps")),
-        fmt(row["peak_rss_bytes"] / MiB) if row.get("peak_rss_bytes") else "–",
-        drift(row.get("ppl_drift_pct")),
-        kld(row.get("kld_mean")),
-        f"{100 * row['roofline_fraction']:.1f}" if row.get("roofline_fraction") is not None else "–",
-        row.get("check", "–"),
-    ]
-
-
-def report_lines(rep: dict[str, Any]) -> list[str]:
-    """The device and settings lines of one compared report."""
-    from kititans.bench.report import bandwidth_line, device_lines
-
-    if rep.get("imported"):
-        dev = rep["device"]
-        return [f"imported from {rep['imported']}: speed columns only"] + [
-            f"{k}: {v}" for k, v in dev.items() if v and k != "label"
-        ]
-    lines = device_lines(rep["device"])
-    if rep.get("bandwidth"):
-        lines.append(bandwidth_line(rep["bandwidth"]))
-    s = rep.get("settings") or {}
-    lines.append(
-        f"{s.get('trials', '?')} trials, {s.get('threads', '?')} threads, device {s.get('device', '?')}, "
-        f"OpenMP wait {s.get('omp_wait_policy', '?')}, {rep.get('created') or '?'}"
-    )
-    return lines
-
-
 def render_compare_markdown(cmp: dict[str, Any]) -> str:
-    from kititans.bench.report import md_table
-
     lines = ["# kititans bench: comparison", ""]
     lines += md_table(compare_headers(cmp), [compare_cells(r) for r in cmp["rows"]], numeric_from=5)
     if cmp.get("forced"):
@@ -331,12 +271,7 @@ def render_compare_markdown(cmp: dict[str, Any]) -> str:
 
 
 def write_compare(cmp: dict[str, Any], out: Path) -> dict[str, Path]:
+    """compare.json, compare.md and compare.html in `out`; their paths."""
     from kititans.bench.html import render_compare_html
-    from kititans.files import write_json, write_text
 
-    out = Path(out)
-    paths = {"json": out / "compare.json", "md": out / "compare.md", "html": out / "compare.html"}
-    write_json(paths["json"], cmp)
-    write_text(paths["md"], render_compare_markdown(cmp))
-    write_text(paths["html"], render_compare_html(cmp))
-    return paths
+    return write_formats(cmp, out, "compare", render_compare_markdown, render_compare_html)

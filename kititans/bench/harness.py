@@ -23,11 +23,12 @@ import kititans
 from kititans.bench import artifact as art
 from kititans.bench import embed as embed_bench
 from kititans.bench.board import thermal_state
+from kititans.bench.cells import get
 from kititans.bench.device import copy_bandwidth, cuda_copy_bandwidth, default_threads, device_record
 from kititans.bench.evaldata import eval_chunks
 from kititans.bench.exports import manifest_of, manifest_summary, plan_artifacts, run_exports
 from kititans.bench.pairs import REFERENCE, Pair, artifact_path, select_pairs, unavailable
-from kititans.bench.report import SCHEMA_VERSION, get
+from kititans.bench.report import SCHEMA_VERSION
 from kititans.bench.rows import UNITS, Row, RowOptions, check_options, placement, rows_for
 from kititans.bench.rows import roofline as row_roofline
 from kititans.bench.withruns import (

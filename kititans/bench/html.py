@@ -6,16 +6,19 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from kititans.bench.compare import compare_cells, compare_headers, report_lines
-from kititans.bench.report import (
+from kititans.bench.cells import (
     MiB,
+    compare_cells,
+    compare_headers,
     device_lines,
     get,
     headers,
     notes,
     quant_label,
+    report_lines,
     result_cells,
     text_columns,
+    unmeasured_rows,
 )
 from kititans.htmlpage import esc, page, svg
 from kititans.htmlpage import pyplot as _plt
@@ -247,7 +250,6 @@ def _plots_or_note(make: Any) -> str:
 def render_html(report: dict[str, Any]) -> str:
     run, dev = report["run"], report["device"]
     ok = [r for r in report["results"] if r["status"] == "ok"]
-    bad = [r for r in report["results"] if r["status"] != "ok"]
     title = f"kititans bench: {run['name']} on {dev['label']}"
     parts = [
         f"<h1>{esc(title)}</h1>",
@@ -258,13 +260,11 @@ def render_html(report: dict[str, Any]) -> str:
         "<ul class='notes'>" + "".join(f"<li>{esc(n)}</li>" for n in notes(report)) + "</ul>",
         _plots_or_note(lambda: figures(report)),
     ]
-    partial = [r for r in ok if r.get("quality_error")]
-    if bad or partial:
-        rows = [[r["runtime"], quant_label(r), r.get("reason", "")] for r in bad]
-        rows += [[r["runtime"], quant_label(r), f"quality: {r['quality_error']}"] for r in partial]
+    unmeasured = unmeasured_rows(report)
+    if unmeasured:
         parts += [
             "<h2>Not measured</h2>",
-            table(["runtime", "quant", "reason"], rows, numeric_from=3, wrap_last=True),
+            table(["runtime", "quant", "reason"], unmeasured, numeric_from=3, wrap_last=True),
         ]
     parts += [
         "<h2>Device</h2>",

@@ -67,7 +67,9 @@ RUNNER_MODULES = (
     "kititans.runtimes.base",
     "kititans.runtimes.host",
     "kititans.runtimes.llamacpp",
+    "kititans.runtimes.llamacpp_lib",
     "kititans.runtimes.onnx",
+    "kititans.runtimes.onnx_steps",
     "kititans.runtimes.coreml",
     "kititans.quantize",
     "kititans.quantize.coreml",
@@ -75,6 +77,7 @@ RUNNER_MODULES = (
     "kititans.bench",
     "kititans.bench.artifact",
     "kititans.bench.board",
+    "kititans.bench.cells",
     "kititans.bench.device",
     "kititans.bench.embed",
     "kititans.bench.packrun",
@@ -226,7 +229,7 @@ def _quiet(event: dict[str, Any]) -> None:
 
 
 def summary(r: dict[str, Any]) -> str:
-    from kititans.bench.report import fmt
+    from kititans.bench.cells import fmt
 
     name = f"{r['runtime']} {r['quant']}" + (f" @{r['key'].partition('@')[2]}" if "@" in r["key"] else "")
     if r["status"] != "ok":

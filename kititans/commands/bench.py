@@ -309,7 +309,7 @@ class Progress:
 
 def summary(r: dict[str, Any]) -> str:
     """One line per pair for the terminal."""
-    from kititans.bench.report import drift, fmt, get, kld, quant_label
+    from kititans.bench.cells import drift, fmt, get, kld, quant_label
 
     name = f"{r['runtime']} {quant_label(r)}"
     if r["status"] != "ok":

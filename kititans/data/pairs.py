@@ -35,9 +35,9 @@ from kititans.data.shards import is_val, token_dtype
 from kititans.data.streams import formats as file_formats
 from kititans.data.streams import json_records, open_stream, parquet_values, text_documents
 from kititans.data.tokenizer import Tokenizer
+from kititans.data.windows import best_window, default_stride
 from kititans.errors import KititansError
 from kititans.files import atomic_path, read_json, write_json
-from kititans.retrieval.passages import best_window, default_stride
 
 COLUMNS = ("query", "positive", "negative")
 MANIFEST = "pairs.json"

@@ -19,6 +19,8 @@ from typing import Any
 
 import sentencepiece as spm
 
+from kititans.data.pieces import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
+from kititans.data.tokenizer_json import TOKENIZER_JSON, write_tokenizer_json
 from kititans.errors import KititansError
 from kititans.files import atomic_path, read_json, write_json
 
@@ -47,9 +49,6 @@ LEGACY_CHAT_TEMPLATE = (
     "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-# sentencepiece piece types == GGUF token types
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -138,8 +137,6 @@ class Tokenizer:
     def save(self, out_dir: str | Path, context_length: int | None = None) -> None:
         """tokenizer.model, tokenizer_config.json (model_max_length = `context_length` when given: the
         model's context) and tokenizer.json (written with the `tokenizers` library) into out_dir."""
-        from kititans.data.tokenizer_json import TOKENIZER_JSON, write_tokenizer_json
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if (out_dir / "tokenizer.model").resolve() != self.model_path.resolve():

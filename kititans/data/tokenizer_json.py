@@ -13,16 +13,26 @@ matched in text before BPE (as llama.cpp does when it tokenizes a rendered chat 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from kititans.data.pieces import BYTE, CONTROL, NORMAL, UNKNOWN
 from kititans.errors import KititansError
 from kititans.files import atomic_path
 
-if TYPE_CHECKING:
-    from kititans.data.tokenizer import Tokenizer
-
 SPACE = "▁"
 TOKENIZER_JSON = "tokenizer.json"
+
+
+class PieceModel(Protocol):
+    """What tokenizer.json is built from: data/tokenizer.py's Tokenizer."""
+
+    model_path: Path
+    config: dict[str, Any]
+    chat_tokens: list[str]
+    bos_id: int
+    unk_id: int
+
+    def pieces(self) -> list[tuple[str, float, int]]: ...
 
 
 def sentencepiece_merges(pieces: list[tuple[str, float, int]], normal: int = 1) -> list[tuple[str, str]]:
@@ -40,10 +50,8 @@ def sentencepiece_merges(pieces: list[tuple[str, float, int]], normal: int = 1) 
     return [(left, right) for _, _, _, left, right in ranked]
 
 
-def build(tok: Tokenizer) -> Any:
+def build(tok: PieceModel) -> Any:
     """A `tokenizers.Tokenizer` that encodes and decodes like `tok` (ids, added tokens, BOS on request)."""
-    from kititans.data.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN
-
     try:
         from tokenizers import AddedToken, decoders, models, normalizers, processors
         from tokenizers import Tokenizer as HFTokenizer
@@ -80,7 +88,7 @@ def build(tok: Tokenizer) -> Any:
     return hf
 
 
-def write_tokenizer_json(tok: Tokenizer, path: str | Path) -> Path:
+def write_tokenizer_json(tok: PieceModel, path: str | Path) -> Path:
     """Write tokenizer.json atomically; one clear error if it cannot be written."""
     path = Path(path)
     hf = build(tok)

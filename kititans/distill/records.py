@@ -40,24 +40,29 @@ def repair(path: Path) -> int:
     return size - keep
 
 
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a JSONL file this module wrote (call repair() first); a bad line is one error."""
-    if not path.is_file():
-        return
+def json_lines(path: Path, hint: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSONL file; a line that is not JSON is one error
+    naming the file and line, with `hint` after the parser's message."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise KititansError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg}); is it a file `kititans distill` wrote? "
-                    "(use another --out)"
-                ) from None
-            if not isinstance(rec, dict):
-                raise KititansError(f"{path}:{lineno}: a record must be a JSON object (use another --out)")
-            yield rec
+                raise KititansError(f"{path}:{lineno}: not valid JSON ({e.msg}){hint}") from None
+            yield lineno, value
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file this module wrote (call repair() first); a bad line is one error."""
+    if not path.is_file():
+        return
+    hint = "; is it a file `kititans distill` wrote? (use another --out)"
+    for lineno, rec in json_lines(path, hint):
+        if not isinstance(rec, dict):
+            raise KititansError(f"{path}:{lineno}: a record must be a JSON object (use another --out)")
+        yield rec
 
 
 class Appender:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kititans.distill.records import json_lines
 from kititans.errors import KititansError
 
 TOPIC_CHARS = 400
@@ -88,15 +89,8 @@ def _opening(rec: Any, where: str) -> Seed:
 
 
 def _jsonl_seeds(path: Path) -> Iterator[Seed]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise KititansError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            yield _opening(rec, f"{path}:{lineno}")
+    for lineno, rec in json_lines(path):
+        yield _opening(rec, f"{path}:{lineno}")
 
 
 def _corpus_seeds(sources: list[str], every: int) -> Iterator[Seed]:

@@ -24,6 +24,7 @@ import torch
 from kititans.errors import KititansError, UnsupportedExport
 from kititans.export import ExportOptions, ExportResult, base_manifest, write_manifest
 from kititans.export import coreml as base
+from kititans.export.coreml_check import SPEC_DTYPES, weight_report
 from kititans.export.coreml_meta import stamp_package, write_coreml_tokenizer
 from kititans.files import atomic_path, dir_size
 from kititans.quantize import coreml as cq
@@ -96,7 +97,7 @@ def validate(package: Path, ckpt: Any, quant: str, graph: Any, target: Any) -> d
         spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
         prog = load(spec, spec.specificationVersion, str(package / "Data/com.apple.CoreML/weights"))
     problems: list[str] = []
-    inputs = {i.name: base.SPEC_DTYPES.get(i.type.multiArrayType.dataType) for i in spec.description.input}
+    inputs = {i.name: SPEC_DTYPES.get(i.type.multiArrayType.dataType) for i in spec.description.input}
     outputs = [o.name for o in spec.description.output]
     if list(inputs) != list(graph.input_names) or any(d != "int32" for d in inputs.values()):
         problems.append(f"inputs {inputs} != int32 {list(graph.input_names)}")
@@ -112,7 +113,7 @@ def validate(package: Path, ckpt: Any, quant: str, graph: Any, target: Any) -> d
     if needed and not any(needed in h for h in ops.values()):
         problems.append(f"missing op {needed}")
     function = next(iter(prog.functions.values()))
-    weights = base.weight_report([function], graph, quant)
+    weights = weight_report([function], graph, quant)
     if weights["max_relative_error"] > cq.ERROR_BOUND[quant]:
         problems.append(f"weight error {weights['max_relative_error']:.4f} > {cq.ERROR_BOUND[quant]}")
     if weights["missing"]:

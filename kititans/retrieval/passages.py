@@ -7,14 +7,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kititans.data.windows import DEFAULT_OVERLAP, best_window, default_stride, windows
 from kititans.errors import KititansError
 
+# the token windows themselves are data/windows.py (the pair builder picks a positive's window with them)
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "DEFAULT_PASSAGE_TOKENS",
+    "Passages",
+    "best_window",
+    "check_passages",
+    "default_stride",
+    "split_documents",
+    "split_ids",
+    "windows",
+]
+
 DEFAULT_PASSAGE_TOKENS = 127  # + BOS = 128, the encoder presets' train.seq_len
-DEFAULT_OVERLAP = 0.25  # stride = 3/4 of a passage unless given
-
-
-def default_stride(passage_tokens: int) -> int:
-    return max(1, round(passage_tokens * (1 - DEFAULT_OVERLAP)))
 
 
 def check_passages(passage_tokens: int, stride: int | None, context: int) -> tuple[int, int]:
@@ -30,14 +39,6 @@ def check_passages(passage_tokens: int, stride: int | None, context: int) -> tup
     if not 1 <= stride <= passage_tokens:
         raise KititansError(f"--stride must be in 1..{passage_tokens} (--passage-tokens), got {stride}")
     return passage_tokens, stride
-
-
-def windows(n: int, size: int, stride: int) -> list[tuple[int, int]]:
-    """[start, end) token windows covering n tokens; the last one ends at n (one empty window if n == 0)."""
-    if n <= size:
-        return [(0, n)]
-    starts = [*range(0, n - size, stride), n - size]
-    return [(s, s + size) for s in starts]
 
 
 @dataclass
@@ -77,14 +78,3 @@ def split_ids(
 def split_documents(codec: Any, texts: Sequence[str], passage_tokens: int, stride: int) -> Passages:
     """Every text as overlapping [BOS] + window rows (texts tokenized once)."""
     return split_ids([codec.encode(t) for t in texts], codec.bos_id, passage_tokens, stride)
-
-
-def best_window(ids: Sequence[int], query_ids: Sequence[int], passage_tokens: int, stride: int) -> list[int]:
-    """The window of a long positive that shares the most distinct tokens with its query (training pairs:
-    the passage a question is about, rather than the first `passage_tokens` of the document)."""
-    ws = windows(len(ids), passage_tokens, stride)
-    if len(ws) == 1:
-        return list(ids)
-    q = set(query_ids)
-    s, e = max(ws, key=lambda w: len(q.intersection(ids[w[0] : w[1]])))
-    return list(ids[s:e])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -25,57 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from kititans.errors import KititansError, require
+from kititans.errors import KititansError
 from kititans.runtimes.host import performance_threads, repack_default
-
-_BACKEND = threading.Lock()
-_backend_ready = False
-
-
-def _lib() -> Any:
-    global _backend_ready
-    llama_cpp = require("llama_cpp", "llamacpp", "the llama.cpp runtime")
-    with _BACKEND:
-        if not _backend_ready:
-            llama_cpp.llama_backend_init()
-            _backend_ready = True
-    return llama_cpp
-
-
-def set_verbose(verbose: bool) -> None:
-    """llama.cpp's log: everything (verbose) or errors only."""
-    from llama_cpp._logger import set_verbose as _set
-
-    _set(verbose)
-
-
-@contextlib.contextmanager
-def captured_stderr(enabled: bool = True) -> Iterator[list[str]]:
-    """Collect what native code writes to fd 2 (llama.cpp's load log) instead of showing it; the lines are
-    in the yielded list afterwards, so a failure can quote them."""
-    lines: list[str] = []
-    if not enabled:
-        yield lines
-        return
-    import sys
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            f.seek(0)
-            lines += f.read().decode("utf-8", errors="replace").splitlines()
-
-
-def _last_error(lines: list[str]) -> str:
-    errs = [ln.strip() for ln in lines if "error" in ln.lower() or "fail" in ln.lower()]
-    return errs[-1] if errs else (lines[-1].strip() if lines else "no log")
+from kititans.runtimes.llamacpp_lib import captured_stderr, last_error, library, set_verbose
 
 
 def _free(lib: Any, batch: Any, ctx: Any, model: Any) -> None:
@@ -100,7 +51,7 @@ def _meta(lib: Any, model: Any, key: str) -> str | None:
 
 def system_info() -> str:
     """llama.cpp's build features (`llama_print_system_info`: SIMD, REPACK, OpenMP, GPU backends)."""
-    return _lib().llama_print_system_info().decode("utf-8", errors="replace").strip()
+    return library().llama_print_system_info().decode("utf-8", errors="replace").strip()
 
 
 def repack_setting(repack: bool | None) -> tuple[bool, str]:
@@ -149,7 +100,7 @@ class LlamaCppRuntime:
         **_: Any,
     ):
         """`repack` None = on where safe (see repack_setting); `codec` replaces the tokenizer lookup."""
-        lib = _lib()
+        lib = library()
         self.path = Path(path)
         if not self.path.is_file():
             raise KititansError(f"no such GGUF file: {self.path}")
@@ -158,7 +109,7 @@ class LlamaCppRuntime:
         with captured_stderr(not verbose) as log:
             model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
         if not model:
-            raise KititansError(f"llama.cpp could not load {self.path}: {_last_error(log)}")
+            raise KititansError(f"llama.cpp could not load {self.path}: {last_error(log)}")
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(model))
         arch = _meta(lib, model, "general.architecture") or "llama"
         # a pooling GGUF (an encoder) gives vectors, not logits: "embed" (what the CLI verbs ask)
@@ -188,7 +139,7 @@ class LlamaCppRuntime:
             ctx = lib.llama_init_from_model(model, cp)
         if not ctx:
             lib.llama_model_free(model)
-            raise KititansError(f"llama.cpp could not create a context for {self.path}: {_last_error(log)}")
+            raise KititansError(f"llama.cpp could not create a context for {self.path}: {last_error(log)}")
         self.n_batch = int(cp.n_batch)
         batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._lib, self._model, self._ctx, self._batch = lib, model, ctx, batch
@@ -417,7 +368,7 @@ def _model_defaults(repack: bool) -> Iterator[None]:
 def open_llama(path: str | Path, repack: bool | None = None, verbose: bool = False, **kwargs: Any) -> Any:
     """A llama_cpp.Llama for `path` with the runtime's defaults (n_ctx = the model's context, repacking on
     where it is safe)."""
-    llama_cpp = _lib()
+    llama_cpp = library()
     repack = repack_setting(repack)[0]
     kwargs.setdefault("n_ctx", 0)
     with _model_defaults(repack):

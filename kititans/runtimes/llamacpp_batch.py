@@ -21,6 +21,7 @@ import numpy as np
 
 from kititans.errors import KititansError
 from kititans.runtimes.base import Handles
+from kititans.runtimes.llamacpp_lib import captured_stderr, last_error
 
 
 def _free(lib: Any, batch: Any, ctx: Any) -> None:
@@ -54,13 +55,11 @@ class LlamaCppSequences(Handles):
         if rt.settings["flash_attn"] is not None:
             on = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
             cp.flash_attn_type = on if rt.settings["flash_attn"] else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        from kititans.runtimes.llamacpp import _last_error, captured_stderr
-
         with captured_stderr(True) as log:
             ctx = lib.llama_init_from_model(rt._model, cp)
         if not ctx:
             raise KititansError(
-                f"llama.cpp could not create a context for {max_sequences} sequences: {_last_error(log)}"
+                f"llama.cpp could not create a context for {max_sequences} sequences: {last_error(log)}"
             )
         self.n_batch = int(cp.n_batch)
         batch = lib.llama_batch_init(self.n_batch, 0, 1)

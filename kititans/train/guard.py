@@ -1,14 +1,20 @@
-"""The loop's care for device memory: activation checkpointing on by default for large models, and a CUDA or
-MPS out-of-memory error turned into one line that says what to lower, after saving what can be saved."""
+"""The loop's guards: activation checkpointing on by default for large models; a CUDA or MPS out-of-memory
+error turned into one line that says what to lower, after saving what can be saved; SIGTERM and Ctrl-C turned
+into a save and a stop."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
 from typing import Any
 
 import torch
 
 from kititans.device import OOM_ADVICE
 from kititans.errors import KititansError
+
+log = logging.getLogger("kititans")
 
 AC_MIN_PARAMS = 300_000_000  # auto: activation checkpointing from lite-350m / titans-500m up
 
@@ -40,3 +46,20 @@ def _empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+
+
+def catch_stop_signals(tr: Any) -> dict[int, Any]:
+    """SIGTERM (preemption, torchrun stopping the job) and a first Ctrl-C finish the step, save and stop;
+    a second Ctrl-C aborts at once."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        if tr.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        tr.stop_requested = True
+        log.warning("%s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread (a test runner thread): leave them alone
+            handlers[sig] = signal.signal(sig, stop)
+    return handlers

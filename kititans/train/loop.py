@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -32,10 +31,10 @@ from kititans.models.spec import FamilySpec, autocast_dtype, count_params, find_
 from kititans.train import checkpoints as ckpts
 from kititans.train import distributed as D
 from kititans.train.feed import Prefetcher
-from kititans.train.guard import out_of_memory, resolve_activation_checkpointing
+from kititans.train.guard import catch_stop_signals, out_of_memory, resolve_activation_checkpointing
 from kititans.train.loss import LMLoss, LossFn, StepEnv, TokenObjective, resolve_impl
 from kititans.train.memory import PeakMemory
-from kititans.train.metrics import Window, open_metrics
+from kititans.train.metrics import Window, open_metrics, step_row, val_row
 from kititans.train.mfu import flops_per_token, peak_flops
 from kititans.train.optim import build_optimizer
 from kititans.train.schedule import Schedule, resumed_schedule, schedule_for
@@ -290,18 +289,8 @@ class Trainer:
             out: Any = self._sharded_eval()
         else:
             out = self.eval_fn(self.model, self.setup.eval_batches, self.device, self.ctx)
-        metrics = out if isinstance(out, dict) else {"loss": out}
-        self.val_loss, self.val_metrics = float(metrics["loss"]), metrics
-        row: dict[str, Any] = {"step": self.step, "val_loss": round(self.val_loss, 6)}
-        if not isinstance(out, dict):
-            row["val_ppl"] = round(math.exp(min(self.val_loss, 50)), 4)
-        row.update(
-            {
-                f"val_{k}": round(v, 6) if isinstance(v, float) else v
-                for k, v in metrics.items()
-                if k != "loss"
-            }
-        )
+        row, self.val_metrics = val_row(self.step, out)
+        self.val_loss = float(self.val_metrics["loss"])
         self.write(row)
         return self.val_loss
 
@@ -403,36 +392,6 @@ def run_training(
         tr.close()
 
 
-def _log_row(tr: Trainer, loss: torch.Tensor, supervised: int, grad_norm: Any, w: Window) -> dict[str, Any]:
-    """The logged row of this step: the token-weighted loss of the step over all ranks, lr, tokens/s and MFU
-    counted in non-padding tokens, the peak memory since the last row."""
-    loss_val = tr.dist.sum(loss).item() / max(supervised, 1)
-    step = tr.step
-    if not math.isfinite(loss_val):
-        raise KititansError(f"training diverged at step {step} (loss {loss_val}): lower the learning rate")
-    tps = w.rate()
-    lr = tr.opt.param_groups[0]["lr"]
-    row: dict[str, Any] = {
-        "step": step,
-        "loss": round(loss_val, 6),
-        "lr": lr,
-        "tokens_per_s": round(tps, 1),
-        "tokens": tr.tokens_seen,
-        "time": round(tr.seconds_before + time.perf_counter() - w.t0, 3),
-    }
-    if grad_norm is not None:
-        row["grad_norm"] = round(float(grad_norm), 4)
-    if tr.peak:
-        row["mfu"] = round(tps * tr.flops_per_token / (tr.peak * tr.dist.world), 4)
-    row["peak_mem_mb"] = round(tr.memory.read() / 2**20, 1)
-    row["mem_kind"] = tr.memory.kind
-    row.update(tr.memory.extra())
-    row.update(tr.row_extra)
-    tr.row_extra.clear()
-    tr.write(row)
-    return row
-
-
 def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainResult:
     t = tr.t
     log.info("%s", tr.describe())
@@ -449,7 +408,7 @@ def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainRes
         extra["initial_val_loss"] = tr.evaluate()
         say(f"step 0: val loss {tr.val_loss:.4f}")
     tr.memory.reset()
-    handlers = _catch_stop_signals(tr)
+    handlers = catch_stop_signals(tr)
     tr.saved_step = tr.start
     try:
         while tr.step < t.steps:
@@ -459,7 +418,7 @@ def _loop(tr: Trainer, on_step: Callable[[int, float], None] | None) -> TrainRes
             bar.update(1)
             step = tr.step
             if step % t.log_every == 0 or step == t.steps:
-                row = _log_row(tr, loss, supervised, grad_norm, w)
+                row = step_row(tr, loss, supervised, grad_norm, w)
                 loss_val = row["loss"]
                 bar.set_postfix(
                     loss=f"{loss_val:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}", lr=f"{row['lr']:.2e}"
@@ -503,20 +462,3 @@ def _write_report(run_dir: Path) -> None:
         log.info("training curves: %s", paths["html"])
     except KititansError as e:  # matplotlib missing: the run itself succeeded
         log.info("no training report (%s)", e)
-
-
-def _catch_stop_signals(tr: Trainer) -> dict[int, Any]:
-    """SIGTERM (preemption, torchrun stopping the job) and a first Ctrl-C finish the step, save and stop;
-    a second Ctrl-C aborts at once."""
-
-    def stop(signum: int, _frame: Any) -> None:
-        if tr.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        tr.stop_requested = True
-        log.warning("%s: saving a checkpoint after this step", signal.Signals(signum).name)
-
-    handlers = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(ValueError):  # not the main thread (a test runner thread): leave them alone
-            handlers[sig] = signal.signal(sig, stop)
-    return handlers
