@@ -66,7 +66,9 @@ def test_bad_corpus_leaves_nothing_behind(tmp_path):
 
 def test_a_warmup_the_run_never_finishes_is_refused_before_any_data_is_prepared(tmp_path):
     run = tmp_path / "run"
-    r = kititans("train", "--preset", "debug", "--set", "optim.warmup_steps=20", "--steps", "2", "--out", str(run))
+    r = kititans(
+        "train", "--preset", "debug", "--set", "optim.warmup_steps=20", "--steps", "2", "--out", str(run)
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.warmup_steps 20 >= train.steps 2" in lines[0], r.stderr
