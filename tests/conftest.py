@@ -12,7 +12,9 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one intra-op thread per xdist worker (`pytest -n N` runs N of them): N workers x 2 threads on N cores spin-wait
+# on each other; a lone run keeps two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)

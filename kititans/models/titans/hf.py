@@ -6,8 +6,8 @@ names it (`auto_map`), so
     model = transformers.AutoModelForCausalLM.from_pretrained(run, trust_remote_code=True)
 
 loads the run with no kititans installed: the file imports torch and transformers only. It is generated from
-this package's own model code (layers.py, memory.py, state.py, windowed.py, attention.py,
-blocks.py, config.py, model.py, with their kititans imports taken out) plus the transformers
+this package's own model code (layers.py, memory_math.py, memory_step.py, memory.py, state.py, windowed.py,
+attention.py, blocks.py, config.py, model.py, with their kititans imports taken out) plus the transformers
 classes of hf_model.py, so it computes exactly what `kititans` computes: the same logits, the same
 greedy text. transformers' generate() recomputes the whole sequence per token (the file brings no HF cache
 class); decoding over the fixed-size state is TitansForCausalLM.titans_generate, or kititans itself.
@@ -26,6 +26,7 @@ MODELING_FILE = "modeling_titans.py"
 SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kititans.models.layers", ()),
     ("kititans.models.titans.memory_math", ()),
+    ("kititans.models.titans.memory_step", ()),
     ("kititans.models.titans.memory", ()),
     ("kititans.models.titans.state", ()),
     ("kititans.models.titans.windowed", ()),
