@@ -149,13 +149,16 @@ def check_compatible(
         )
 
 
-def load_session(rt: Any, path: str | Path) -> Session:
-    """Check the file belongs to this runtime's model, then load its state into `rt`; its tokens and extra."""
+def read_session(
+    path: str | Path, ident: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], list[int], dict[str, Any]]:
+    """A session file checked against a runtime's `session_identity()`: its state tensors (the layout's names),
+    the tokens it has consumed and its header; nothing is loaded into a runtime (`kititans serve` reads in one
+    thread and loads in another)."""
     from safetensors.numpy import load_file
 
     path = Path(path)
     header = read_header(path)
-    ident = _identity(rt)
     check_compatible(header, ident, ident["layout"], path)
     try:
         tensors = load_file(str(path))
@@ -164,5 +167,11 @@ def load_session(rt: Any, path: str | Path) -> Session:
     tokens = tensors.pop(TOKENS, np.zeros(0, np.int64)).astype(np.int64).tolist()
     if set(tensors) != set(ident["layout"]) or int(tensors["pos"].reshape(-1)[0]) != len(tokens):
         raise KititansError(f"{path}: the session file is damaged (its tensors do not match its header)")
+    return tensors, tokens, header
+
+
+def load_session(rt: Any, path: str | Path) -> Session:
+    """Check the file belongs to this runtime's model, then load its state into `rt`; its tokens and extra."""
+    tensors, tokens, header = read_session(path, _identity(rt))
     rt.set_state(tensors)
     return Session(tokens=tokens, extra=dict(header.get("extra") or {}), header=header)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from kititans.errors import KititansError
-from kititans.runtimes.session import TOKENS, check_compatible, read_header, save_session, session_path
+from kititans.runtimes.session import read_session, save_session, session_path
 from kititans.serve.api import ApiError
 
 
@@ -116,22 +116,9 @@ class SessionStore:
             raise
 
     def _load(self, ticket: Ticket) -> tuple[dict[str, np.ndarray], list[int]]:
-        from safetensors.numpy import load_file
-
-        layout, path = self.ident["layout"], ticket.path
+        path = ticket.path
         try:
-            check_compatible(read_header(path), self.ident, layout, path)
-            try:
-                tensors = load_file(str(path))
-            except Exception as e:
-                raise KititansError(
-                    f"{path}: the session file is damaged ({str(e).splitlines()[0]})"
-                ) from None
-            tokens = tensors.pop(TOKENS, np.zeros(0, np.int64)).astype(np.int64).tolist()
-            if set(tensors) != set(layout) or int(tensors["pos"].reshape(-1)[0]) != len(tokens):
-                raise KititansError(
-                    f"{path}: the session file is damaged (its tensors do not match its header)"
-                )
+            tensors, tokens, _ = read_session(path, self.ident)
         except KititansError as e:  # the client sees its session's name, never the server's paths
             message = str(e).replace(str(path), f"Session {ticket.name!r}").replace("session file", "session")
             raise ApiError(409, message, param="session", code="session_unusable") from None
