@@ -6,7 +6,9 @@ llama.cpp's arch=llama rotates interleaved pairs, so the GGUF exporter permutes 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +74,51 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return apply_linear(self.down_proj, F.silu(gate) * up)
+        return apply_linear(
+            self.down_proj, F.silu(apply_linear(self.gate_proj, x)) * apply_linear(self.up_proj, x)
+        )
+
+
+# ----------------------------------------------------------------------------- row-by-row matrix products
+# A BLAS picks its GEMM kernel by the number of rows (MKL: one for 1 row, another for 2-3, another from 4; rows
+# 6e-5 apart between them), so a row multiplied among others can get other bits than the same row alone. Under
+# `row_gemms()`, `linear` and `apply_linear` multiply each batch row on its own (torch.bmm over the expanded
+# weight: per row the kernel of a one-row call, whatever the batch), so a decode step of one sequence and a
+# batched step of several (models/titans/rows.py, which probes this on the model) give each sequence the same
+# bits. Padding the rows to a multiple of 4 instead (one GEMM for all rows, as models/lite_batch.py does) keeps
+# them exact too, but made a lone Titans decode 0.5x as fast here (MKL's 4-row GEMM on AVX2 vs its GEMV).
+# Outside row_gemms(): F.linear and module(x).
+
+_ROW_GEMMS: ContextVar[bool] = ContextVar("kititans_row_gemms", default=False)
+
+
+@contextmanager
+def row_gemms() -> Iterator[None]:
+    token = _ROW_GEMMS.set(True)
+    try:
+        yield
+    finally:
+        _ROW_GEMMS.reset(token)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear; under row_gemms() and for x (B, T, K): each of the B rows' product on its own."""
+    if not _ROW_GEMMS.get() or x.dim() != 3:
+        return F.linear(x, weight, bias)
+    wt = weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)
+    if bias is None:
+        return torch.bmm(x, wt)
+    return torch.baddbmm(bias.expand(x.shape[0], x.shape[1], -1), x, wt)
+
+
+def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x); under row_gemms() a plain nn.Linear's product row by row (other modules, e.g. QAT's, run
+    as they are)."""
+    if _ROW_GEMMS.get() and type(module) is nn.Linear:
+        return linear(x, module.weight, module.bias)
+    return module(x)
 
 
 def causal_offset_mask(t_q: int, t_k: int, device: torch.device) -> Tensor:

@@ -56,6 +56,12 @@ class TorchRuntime:
         self._weights_sha256: str | None = None
 
     @property
+    def batched_decode(self) -> bool:
+        """The family decodes several sequences in one pass (`decode_rows`: Lite, Titans); a compiled Titans
+        decode keeps its compiled one-sequence steps."""
+        return hasattr(self.model, "decode_rows") and not self.compiled
+
+    @property
     def n_past(self) -> int:
         return self.state.pos if self.state is not None else 0
 
@@ -66,9 +72,9 @@ class TorchRuntime:
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         if self.state is None:
             self.reset()
-        if len(ids) == 1 and hasattr(self.model, "decode_rows"):
+        if len(ids) == 1 and self.batched_decode:
             # one token: the multi-sequence decode with one row, so `kititans generate` and a batched server
-            # compute each token the same way (models/lite_batch.py)
+            # compute each token the same way (models/lite_batch.py, models/titans/rows.py)
             logits = self.model.decode_rows([int(ids[0])], [self.state], [self.state.pos])  # (1, V)
         else:
             x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
@@ -88,9 +94,9 @@ class TorchRuntime:
         return _clone(state)
 
     def sequences(self, max_sequences: int = 16) -> Any:
-        """Batched decode where the family has one (Lite: `decode_rows`, batch-invariant), else the
-        sequences step in turn (Titans: its state advances all rows at one position)."""
-        if hasattr(self.model, "decode_rows"):
+        """Batched decode where the family has one (`decode_rows`, batch-invariant: Lite, Titans), else the
+        sequences step in turn (a compiled Titans decode, families without one)."""
+        if self.batched_decode:
             return TorchSequences(self, max_sequences)
         return InTurn(self, max_sequences)
 
@@ -157,8 +163,9 @@ def _clone(state: Any) -> Any:
 
 
 class TorchSequences(Handles):
-    """Several sequences over a model with `decode_rows`: each keeps its own batch-1 cache; a prompt goes
-    in alone (the very call `kititans generate` makes), decode steps run every listed sequence in one pass."""
+    """Several sequences over a model with `decode_rows`: each keeps its own batch-1 cache (Lite) or state
+    (Titans); a prompt goes in alone (the very call `kititans generate` makes), decode steps run every listed
+    sequence in one pass."""
 
     batched = True
 
@@ -167,11 +174,15 @@ class TorchSequences(Handles):
         self.rt, self.model = rt, rt.model
         self.context_length = int(rt.context_length)
         self.states: dict[int, Any] = {}
+        self.recurrent = hasattr(self.model, "state_to_tensors")  # Titans: a state cannot go back
 
     @torch.inference_mode()
     def _forward(self, state: Any, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        x = torch.tensor([list(ids)], dtype=torch.long, device=self.rt.device)
-        logits = self.model(x, state=state)[0]  # (T, V)
+        if len(ids) == 1:  # the call TorchRuntime.forward makes for one token
+            logits = self.model.decode_rows([int(ids[0])], [state], [state.pos])
+        else:
+            x = torch.tensor([list(ids)], dtype=torch.long, device=self.rt.device)
+            logits = self.model(x, state=state)[0]  # (T, V)
         return (logits if all_logits else logits[-1]).float().cpu().numpy()
 
     def add(self, ids: Sequence[int], all_logits: bool = False) -> tuple[int, np.ndarray]:
@@ -214,8 +225,11 @@ class TorchSequences(Handles):
         self.states.pop(seq, None)
 
     def truncate(self, seq: int, n: int) -> bool:
-        """A KV cache goes back by moving its position: the rows past it are overwritten as it advances."""
+        """A KV cache goes back by moving its position: the rows past it are overwritten as it advances (a
+        Titans state cannot go back)."""
         self.check(seq)
+        if self.recurrent:
+            return n == self.lengths[seq]
         if not 0 < n <= self.lengths[seq]:
             return False
         self.states[seq].pos = self.lengths[seq] = n
@@ -223,3 +237,15 @@ class TorchSequences(Handles):
 
     def length(self, seq: int) -> int:
         return self.lengths[seq]
+
+    # sessions (kititans serve --sessions), as InTurn has them
+    def adopt(self, tokens: Sequence[int]) -> int:
+        """A new sequence holding the runtime's current state (just loaded by its `set_state`)."""
+        h = self.new(len(tokens))
+        self.states[h], self.rt.state = self.rt.state, None
+        return h
+
+    def select(self, seq: int) -> None:
+        """Put the sequence's state in the runtime (for its `get_state`, until the next call)."""
+        self.check(seq)
+        self.rt.state = self.states[seq]

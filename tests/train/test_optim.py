@@ -76,10 +76,40 @@ def test_muon_is_torch_muon_on_plain_matrices(scale):
     ref = [p.clone() for p in ours]
     grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
     kw = dict(lr=0.02, weight_decay=0.01, momentum=0.95, nesterov=True, adjust_lr_fn=scale)
-    _steps(Muon(ours, **kw), ours, grads)
+    _steps(Muon(ours, ns_dtype=torch.bfloat16, **kw), ours, grads)  # torch's Newton-Schulz runs in bf16
     _steps(torch.optim.Muon(ref, **kw), ref, grads)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)  # one rounding of lr x scale apart at most
+
+
+def test_newton_schulz_runs_in_fp32_on_cpus_without_fast_bf16(monkeypatch):
+    """bf16 products are 8-100x slower than fp32 on AVX2 CPUs: Muon orthogonalises in fp32 there, in bf16 on
+    CUDA and AVX512-BF16/AMX CPUs; the fp32 update is the bf16 one to bf16's rounding, and more orthogonal."""
+    import kititans.device as dev
+    from kititans.train import muon as muon_mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: False)
+    assert muon_mod.ns_dtype(cpu) == torch.float32
+    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: True)
+    assert muon_mod.ns_dtype(cpu) == torch.bfloat16
+    assert muon_mod.ns_dtype(torch.device("cuda")) == torch.bfloat16
+    assert muon_mod.ns_dtype(torch.device("meta")) == torch.float32
+    torch.manual_seed(0)
+    g = torch.randn(64, 192)
+    g0 = g.clone()
+    o32 = muon_mod.newton_schulz(g, dtype=torch.float32)
+    o16 = muon_mod.newton_schulz(g, dtype=torch.bfloat16).float()
+    assert torch.equal(g, g0)  # the update is not modified in place, whatever the dtype
+    assert o32.dtype == torch.float32 and (o32 - o16).abs().max() < 0.05
+    s32, s16 = torch.linalg.svdvals(o32), torch.linalg.svdvals(o16)
+    assert s32.min() > 0.6 and s32.max() < 1.25  # quintic NS: singular values in about [0.7, 1.2]
+    assert (s32 - 1).abs().mean() <= (s16 - 1).abs().mean() + 1e-3
+    p32, p16 = [g.clone() * 0.02], [g.clone() * 0.02]
+    grads = [[torch.randn(64, 192)] for _ in range(2)]
+    _steps(Muon(p32, ns_dtype=torch.float32), p32, grads)
+    _steps(Muon(p16, ns_dtype=torch.bfloat16), p16, grads)
+    torch.testing.assert_close(p32[0], p16[0], rtol=0, atol=2e-3)
 
 
 def test_fused_matrices_get_exactly_the_updates_of_separate_ones():

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kititans.models.layers import apply_linear
 from kititans.models.titans.state import StateIO, StepCtx
 from kititans.models.titans.windowed import local_attention, segment_h_attention
 
@@ -58,7 +59,7 @@ class TitansAttention(nn.Module):
         """Attention of layers without MAC's h rows: u (B,T,D) normalised -> (B,T,D)."""
         B, T, _ = u.shape
         if ctx.stateful and T == 1:
-            return self.o_proj(self.step_one(u, ctx, io))
+            return apply_linear(self.o_proj, self.step_one(u, ctx, io))
         q, k, v = self.project(u, ctx)
         if not ctx.stateful:  # the whole sequence: no (T, T) mask (windowed.py)
             pk, pv = self.persistent(B, k.dtype)
@@ -83,7 +84,7 @@ class TitansAttention(nn.Module):
         matmul and one RoPE for every row (each row's q and k ride as heads of one row; the h row's query is
         computed and unused), the ring write, the token's attention -> (B,1,D) before o_proj."""
         B, streams, D = rows.shape
-        qkv = self.qkv(rows)  # (B, streams, 3D)
+        qkv = apply_linear(self.qkv, rows)  # (B, streams, 3D)
         qk = qkv[..., : 2 * D] if streams == 1 else qkv[..., : 2 * D].reshape(B, 1, streams * 2 * D)
         qk = ctx.rope(qk, heads=streams * 2 * self.n_heads).view(B, streams, 2 * D)
         idx = ctx.ring_slots(self.window, streams, 1)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from kititans.models.layers import HyperConnection, RMSNorm, SwiGLU
+from kititans.models.layers import HyperConnection, RMSNorm, SwiGLU, apply_linear
 from kititans.models.titans.attention import TitansAttention
 from kititans.models.titans.memory import NeuralMemory
 from kititans.models.titans.state import StateIO, StepCtx
@@ -212,7 +212,7 @@ class TitansLayer(nn.Module):
             y = attn(self.attn_norm(u), ctx, io)
         elif u.shape[1] == 1:  # [h ; token] normalised together, one q/k/v matmul, one attention call
             rows = self.attn_norm(torch.cat([_like(h, u), u], 1))
-            y = attn.o_proj(attn.step_one(rows, ctx, io))
+            y = apply_linear(attn.o_proj, attn.step_one(rows, ctx, io))
         else:
             hn = self.attn_norm(_like(h, u))
             q, k, v = attn.project(self.attn_norm(u), ctx)

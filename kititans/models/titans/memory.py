@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kititans.models.layers import RMSNorm
+from kititans.models.layers import RMSNorm, linear
 from kititans.models.titans.memory_math import (
     QK_EPS,
     Weights,
@@ -229,11 +229,11 @@ class NeuralMemory(MemoryStep, nn.Module):
         """Only what a read needs: normalised inputs h (B,T,D) -> [raw queries | output-gate logits]
         (B,T,Hd+H), one matmul after fuse()."""
         if self._fused_q is not None:
-            return F.linear(h, as_fp32(self._fused_q[0]), as_fp32(self._fused_q[1]))
+            return linear(h, as_fp32(self._fused_q[0]), as_fp32(self._fused_q[1]))
         Hd, H = self.n_heads * self.head_dim, self.n_heads
-        q = F.linear(h, self.proj.weight[2 * Hd :].float())
+        q = linear(h, self.proj.weight[2 * Hd :].float())
         return torch.cat(
-            [q, F.linear(h, self.gates.weight[3 * H :].float(), self.gates.bias[3 * H :].float())], -1
+            [q, linear(h, self.gates.weight[3 * H :].float(), self.gates.bias[3 * H :].float())], -1
         )
 
     def query_conv(self, qg: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor | None]:

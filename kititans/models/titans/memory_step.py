@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kititans.models.layers import linear
 from kititans.models.titans.memory_math import ACT_ONLY, LN_EPS, QK_EPS, Weights, as_fp32, causal_conv
 
 
@@ -103,4 +104,4 @@ class MemoryStep:
         if len(w) == 3:
             y = F.layer_norm(y, (d,), eps=LN_EPS) * (1 + w[2].unsqueeze(-2)) + q
         gate = torch.sigmoid(qg[..., H * d :]).view(B, H, 1, 1)
-        return F.linear((y * gate).view(B, 1, H * d), as_fp32(self.out.weight))
+        return linear((y * gate).view(B, 1, H * d), as_fp32(self.out.weight))

@@ -30,9 +30,10 @@ RoPE angles past the precomputed table are computed from positions on the fly, s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kititans.errors import KititansError
-from kititans.models.layers import RMSNorm
+from kititans.models.layers import RMSNorm, apply_linear, row_gemms
 from kititans.models.spec import FamilySpec, Unsupported, register
+from kititans.models.titans import rows
 from kititans.models.titans.blocks import TitansLayer
 from kititans.models.titans.config import (
     PRESETS,
@@ -232,7 +234,7 @@ class TitansModel(nn.Module):
             else:
                 h = layer(h, ctx, io)
         x = self.norm(h.sum(-2) if n > 1 else h)
-        return self.lm_head(x) if head else x
+        return apply_linear(self.lm_head, x) if head else x
 
     def forward(self, input_ids: Tensor, state: TitansState | None = None, hidden: bool = False) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). With `state`, continues the sequence in place.
@@ -248,9 +250,19 @@ class TitansModel(nn.Module):
                 parts.append(self._compiled_step(kind)(ids, torch.tensor([state.pos]), state.layers))
             else:
                 ctx = self.ctx(state.pos, n, kind, cache=self._step_cache)
-                parts.append(self._run(ids, ctx, [StateIO(st, in_place=True) for st in state.layers]))
+                ios = [StateIO(st, in_place=True) for st in state.layers]
+                # a decode step multiplies row by row, as a batched step of several sequences does (rows.py)
+                with row_gemms() if n == 1 else contextlib.nullcontext():
+                    parts.append(self._run(ids, ctx, ios))
             state.pos += n
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def decode_rows(
+        self, ids: Sequence[int], states: Sequence[TitansState], positions: Sequence[int]
+    ) -> Tensor:
+        """One token for each of several sequences (each its own batch-1 state), batched where the rows allow
+        (rows.py): logits (B, V)."""
+        return rows.decode_rows(self, ids, states, positions)
 
     def compile_decode(self, **options: object) -> TitansModel:
         """Decode single tokens in place through torch.compile'd fixed-shape steps, one per kind of call
