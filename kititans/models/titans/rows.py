@@ -2,7 +2,8 @@
 own state, in one pass through the layers (the server's continuous batching; models/lite_batch.py is Lite's).
 
 - A token that closes a memory chunk (or a MAC segment) runs alone through the model's own stateful call: its
-  memory update takes the whole chunk, which the other rows are in the middle of. So does a lone row.
+  memory update takes the whole chunk, which the other rows are in the middle of. So does a lone row. It still
+  rides along in the stacked call (its writes undone), so that it keeps its place in the stacked state.
 - The other tokens run together. Their states are stacked along the batch axis, `RowsCtx` gives every row its
   own position (its RoPE row, ring slot, attention mask and memory-buffer row), the layers run once over all
   rows (one op per step instead of one per sequence), and what the call wrote (ring rows, buffer rows, conv
@@ -45,8 +46,11 @@ class RowsCtx(StepCtx):
 
     @property
     def chunk_slots(self) -> Tensor:
-        """(B, 1): each row's memory-buffer row."""
-        return self._memoized(("chunk",), lambda: torch.remainder(self.rows, self.chunk)[:, None])
+        """(B, 1): each row's memory-buffer row (a row that closes its chunk rides along in a stacked call with
+        its writes undone, rows.py `_together`: it writes the buffer's last row, which its close has read)."""
+        return self._memoized(
+            ("chunk",), lambda: torch.remainder(self.rows, self.chunk).clamp(max=self.chunk - 2)[:, None]
+        )
 
     def ring_slots(self, size: int, streams: int, last: int) -> Tensor:
         """(B, streams): each row's ring rows, one per stream."""
@@ -121,11 +125,12 @@ def rows_ctx(model: Any, positions: Tensor) -> RowsCtx:
     )
 
 
-def _together(model: Any, ids: Sequence[int], states: Sequence[Any]) -> Tensor:
-    """One stacked call for rows none of which closes a chunk: logits (B, V); each state advances by one.
-    Afterwards every row's state tensors are row views of the stacked ones, so the next step of the same rows
-    finds them stacked already (no copy while the batch stays the same; a row that ran alone in between, or a
-    row that joined, costs one copy of that tensor)."""
+def _together(model: Any, ids: Sequence[int], states: Sequence[Any], closing: Sequence[int] = ()) -> Tensor:
+    """One stacked call for the rows: logits (B, V). The rows in `closing` (indices; they close a memory chunk)
+    ride along: their writes are undone and each then runs alone on its rows of the stacked tensors, so every
+    row keeps its place in them. Afterwards every row's state tensors are row views of the stacked ones, so the
+    next step of the same rows finds them stacked already (no copy while the batch stays the same; a row that
+    joined costs one copy)."""
     dev = model.embed.weight.device
     stacked: dict = model.__dict__.setdefault("_rows_stacked", {})  # (layer, name) -> (row pointers, tensor)
     layers = []
@@ -137,11 +142,17 @@ def _together(model: Any, ids: Sequence[int], states: Sequence[Any]) -> Tensor:
             hit = stacked.get((li, name))
             st[name] = hit[1] if hit is not None and hit[0] == ptrs else torch.cat(rows)
         layers.append(st)
+    written: list[set[str]] = model.__dict__.get("_rows_written") or []
+    idx = torch.tensor(list(closing), dtype=torch.long, device=dev)
+    undo = {(li, n): layers[li][n].index_select(0, idx) for li, names in enumerate(written) for n in names}
     positions = torch.tensor([s.pos for s in states], dtype=torch.long, device=dev)
     ios = [StateIO(st, in_place=True) for st in layers]
     x = torch.tensor([[int(t)] for t in ids], dtype=torch.long, device=dev)
     with row_gemms():
         logits = model._run(x, rows_ctx(model, positions), ios)[:, -1]
+    model._rows_written = [set(io.written) for io in ios]
+    for (li, name), rows in undo.items():
+        ios[li].tensors[name].index_copy_(0, idx, rows)
     stacked.clear()
     for li, io in enumerate(ios):
         for name, t in io.tensors.items():
@@ -149,8 +160,17 @@ def _together(model: Any, ids: Sequence[int], states: Sequence[Any]) -> Tensor:
             for s, v in zip(states, views):
                 s.layers[li][name] = v
             stacked[(li, name)] = (tuple(v.data_ptr() for v in views), t)
-    for s in states:
-        s.pos += 1
+    for i, s in enumerate(states):
+        if i not in closing:
+            s.pos += 1
+    for i in closing:  # alone, on its rows of the stacked tensors (what the call replaces is copied back)
+        own = [dict(layer) for layer in states[i].layers]
+        logits[i] = _alone(model, ids[i], states[i])
+        for view, layer in zip(own, states[i].layers):
+            for name, t in layer.items():
+                if t is not view[name]:
+                    view[name].copy_(t)
+                    layer[name] = view[name]
     return logits
 
 
@@ -192,17 +212,16 @@ def decode_rows(model: Any, ids: Sequence[int], states: Sequence[Any], positions
         if st.pos != pos:
             raise ValueError(f"a sequence at position {pos} cannot take a token (its state holds {st.pos})")
     kinds = model.kinds()
-    rest = [i for i, p in enumerate(positions) if not pick_kind(kinds, int(p), 1).closes_chunk]
+    closing = [i for i, p in enumerate(positions) if pick_kind(kinds, int(p), 1).closes_chunk]
+    rest = [i for i in range(len(ids)) if i not in closing]
     if len(rest) > 1 and getattr(model, "_rows_independent", None) is None:
         model._rows_independent = rows_are_independent(model)
     if len(rest) < 2 or not model._rows_independent:
-        rest = []
-    out: list[Tensor | None] = [None] * len(ids)
-    if rest:
+        return torch.stack([_alone(model, t, st) for t, st in zip(ids, states)])
+    if closing and not getattr(model, "_rows_written", None):  # what a stacked call writes is not known yet
         logits = _together(model, [ids[i] for i in rest], [states[i] for i in rest])
-        for j, i in enumerate(rest):
-            out[i] = logits[j]
-    for i in range(len(ids)):
-        if out[i] is None:
-            out[i] = _alone(model, ids[i], states[i])
-    return torch.stack(out)  # type: ignore[arg-type]
+        out = {i: logits[j] for j, i in enumerate(rest)} | {
+            i: _alone(model, ids[i], states[i]) for i in closing
+        }
+        return torch.stack([out[i] for i in range(len(ids))])
+    return _together(model, ids, states, closing)
