@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -156,10 +157,20 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def _clone(state: Any) -> Any:
-    """A deep copy of a state object's tensors (KVCache, TitansState: dataclasses of tensors and ints)."""
-    import copy
-
-    return copy.deepcopy(state)
+    """A copy of a state object (KVCache, TitansState: dataclasses of tensors, lists, dicts and ints) whose
+    tensors are their own (a tensor that is a row of a batched decode's stacked state copies that row only;
+    copy.deepcopy would copy the whole stack it views)."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, list):
+        return [_clone(x) for x in state]
+    if isinstance(state, dict):
+        return {k: _clone(v) for k, v in state.items()}
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return dataclasses.replace(
+            state, **{f.name: _clone(getattr(state, f.name)) for f in dataclasses.fields(state) if f.init}
+        )
+    return state
 
 
 class TorchSequences(Handles):

@@ -17,9 +17,9 @@ from kititans.models.titans.state import StepCtx
 LENGTHS = [3, 6, 16, 21, 1, 33, 9, 12, 40]  # after these prompts the next 30 tokens cross chunks and segments
 
 
-def model(block: str):
+def model(block: str, **over):
     torch.manual_seed(0)
-    return TITANS.build(TITANS.make_config("titans-debug", {"block": block})).eval()
+    return TITANS.build(TITANS.make_config("titans-debug", {"block": block, **over})).eval()
 
 
 def states(m, g):
@@ -31,9 +31,20 @@ def states(m, g):
     return out
 
 
-@pytest.mark.parametrize("block", ["mac", "mal", "mag"])
-def test_rows_decode_together_as_alone_and_as_the_model_call(block):
-    m = model(block)
+@pytest.mark.parametrize(
+    "block,over",
+    [
+        ("mac", {}),
+        ("mal", {}),
+        ("mag", {}),
+        ("mac", {"mem_conv": 4}),  # conv histories: written by every token, undone for a row that closes
+        ("mal", {"global_layers": [1]}),  # a full-context layer beside the windowed one
+        ("mag", {"hyper_streams": 2}),  # hyper-connections
+    ],
+    ids=["mac", "mal", "mag", "mac-conv", "mal-global", "mag-hyper"],
+)
+def test_rows_decode_together_as_alone_and_as_the_model_call(block, over):
+    m = model(block, **over)
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         base = states(m, g)
@@ -44,9 +55,10 @@ def test_rows_decode_together_as_alone_and_as_the_model_call(block):
             for i, (tok, a, p) in enumerate(zip(step, alone, plain)):
                 one = m.decode_rows([tok], [a], [a.pos])[0]
                 ref = m(torch.tensor([[tok]]), state=p)[0, -1]  # the in-place one-sequence call
-                assert torch.equal(got[i], one), (block, i, a.pos)
+                assert torch.equal(got[i], one), (block, over, i, a.pos)
                 torch.testing.assert_close(one, ref, rtol=0, atol=1e-5)
-    assert m._rows_independent
+    if "hyper_streams" not in over:  # their mixing products fold the batch into one GEMM: may run one by one
+        assert m._rows_independent
     for a, b in zip(together, plain):  # the states moved the same way (positions, memory, rings)
         assert a.pos == b.pos
         for la, lb in zip(a.layers, b.layers):
