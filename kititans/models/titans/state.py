@@ -227,8 +227,6 @@ class StepCtx:
         H = self.n_heads
         if self.fused:
             return torch.onnx.ops.attention(q, k, v, mask[None, None], q_num_heads=H, kv_num_heads=H)[0]
-        if self.eager_decode and self.T == 1:  # the op a batched decode step runs for each row (rows.py)
-            return attend_one(q, k, v, mask, H)
         return attend(q, k, v, mask, H)
 
 
@@ -243,25 +241,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n_heads: int) -
         attn_mask=mask,
     )  # (B,H,T,hd)
     return y.transpose(1, 2).reshape(B, T, D)
-
-
-def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n_heads: int) -> Tensor:
-    """attend() for one query row per sequence, q (B,1,D), as explicit products per (row, head): the same bits
-    for a row whatever the rows beside it (SDPA's CPU kernel gives a row other bits when the batch changes).
-    mask (1,S), or (B,1,1,S) with a row's own mask per sequence."""
-    B, T, D = q.shape
-    S, H = k.shape[1], n_heads
-    hd = D // H
-    # (B*H) batches of one-row products over contiguous copies: a BLAS picks its kernel by the operands'
-    # layout, and for B = 1 the reshapes below are strided views where for B > 1 they are copies
-    qh = (q.view(B, T, H, hd).transpose(1, 2) * hd**-0.5).reshape(B * H, T, hd).contiguous()
-    kh = k.view(B, S, H, hd).permute(0, 2, 3, 1).reshape(B * H, hd, S).contiguous()
-    att = torch.bmm(qh, kh).view(B, H, T, S)
-    if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
-    vh = v.view(B, S, H, hd).transpose(1, 2).reshape(B * H, S, hd).contiguous()
-    y = torch.bmm(att.softmax(-1).view(B * H, T, S), vh)  # (B*H, 1, hd)
-    return y.view(B, H, T, hd).transpose(1, 2).reshape(B, T, D)
 
 
 @dataclass(frozen=True)
