@@ -103,9 +103,15 @@ def row_gemms() -> Iterator[None]:
         _ROW_GEMMS.reset(token)
 
 
+def _rows_mode() -> bool:
+    """Inside row_gemms(); never while torch.compile or torch.export traces (they cannot read a ContextVar, and
+    a compiled or exported step is never a batched decode step)."""
+    return not torch.compiler.is_compiling() and _ROW_GEMMS.get()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear; under row_gemms() and for x (B, T, K): each of the B rows' product on its own."""
-    if not _ROW_GEMMS.get() or x.dim() != 3:
+    if x.dim() != 3 or not _rows_mode():
         return F.linear(x, weight, bias)
     wt = weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)
     if bias is None:
@@ -116,7 +122,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def apply_linear(module: nn.Module, x: Tensor) -> Tensor:
     """module(x); under row_gemms() a plain nn.Linear's product row by row (other modules, e.g. QAT's, run
     as they are)."""
-    if _ROW_GEMMS.get() and type(module) is nn.Linear:
+    if type(module) is nn.Linear and _rows_mode():
         return linear(x, module.weight, module.bias)
     return module(x)
 
