@@ -12,7 +12,6 @@ import torch
 
 from kititans.models.titans import rows as rows_mod
 from kititans.models.titans.model import SPEC as TITANS
-from kititans.models.titans.state import StepCtx
 
 LENGTHS = [3, 6, 16, 21, 1, 33, 9, 12, 40]  # after these prompts the next 30 tokens cross chunks and segments
 
@@ -67,9 +66,16 @@ def test_rows_decode_together_as_alone_and_as_the_model_call(block, over):
 
 
 def test_a_failed_probe_runs_the_rows_one_at_a_time(monkeypatch):
-    """SDPA's CPU kernel gives a row other bits when the batch around it changes: with it the probe must fail,
-    and decode_rows must then answer with the model's own call for every row."""
-    monkeypatch.setattr(rows_mod.RowsCtx, "attend", StepCtx.attend)
+    """A kernel that gives a row other bits when other rows run beside it (SDPA over the whole batch does on
+    this CPU at 2 threads; here made certain: one ulp-sized change whenever more than one row runs): the probe
+    must fail, and decode_rows must then answer with the model's own call for every row."""
+    per_row = rows_mod.RowsCtx.attend
+
+    def batch_dependent(self, q, k, v, mask):
+        y = per_row(self, q, k, v, mask)
+        return y * (1 + 1e-6) if q.shape[0] > 1 else y
+
+    monkeypatch.setattr(rows_mod.RowsCtx, "attend", batch_dependent)
     m = model("mal")
     assert not rows_mod.rows_are_independent(m)
     g = torch.Generator().manual_seed(2)
