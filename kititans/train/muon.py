@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kititans.device import cpu_has_fast_bf16
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 SCALES = ("original", "match_rms_adamw")
 
 
 def ns_dtype(device: torch.device) -> torch.dtype:
     """The dtype Newton-Schulz runs in on `device`: bf16 where its matrix products are fast, else fp32."""
-    from kititans.device import cpu_has_fast_bf16
-
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
         return torch.bfloat16
     return torch.float32

@@ -85,13 +85,12 @@ def test_muon_is_torch_muon_on_plain_matrices(scale):
 def test_newton_schulz_runs_in_fp32_on_cpus_without_fast_bf16(monkeypatch):
     """bf16 products are 8-100x slower than fp32 on AVX2 CPUs: Muon orthogonalises in fp32 there, in bf16 on
     CUDA and AVX512-BF16/AMX CPUs; the fp32 update is the bf16 one to bf16's rounding, and more orthogonal."""
-    import kititans.device as dev
     from kititans.train import muon as muon_mod
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(muon_mod, "cpu_has_fast_bf16", lambda: False)
     assert muon_mod.ns_dtype(cpu) == torch.float32
-    monkeypatch.setattr(dev, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(muon_mod, "cpu_has_fast_bf16", lambda: True)
     assert muon_mod.ns_dtype(cpu) == torch.bfloat16
     assert muon_mod.ns_dtype(torch.device("cuda")) == torch.bfloat16
     assert muon_mod.ns_dtype(torch.device("meta")) == torch.float32

@@ -34,8 +34,8 @@ from kititans.models.titans.state import StateIO, StepCtx, attend, pick_kind, ro
 
 @dataclass
 class RowsCtx(StepCtx):
-    """A one-token call of B rows, row b at position rows[b] (B,) int64; cos/sin are (B, hd). None of the rows
-    closes a chunk or a segment."""
+    """A one-token call of B rows, row b at position rows[b] (B,) int64; cos/sin are (B, hd). The call computes
+    every row as a token inside its chunk; a row that closes its chunk rides along and is undone (`_together`)."""
 
     rows: Tensor | None = None
 
