@@ -70,7 +70,9 @@ def model_config(memory: bool, window: int, **over: object) -> TitansConfig:
         mem_chunk=16,
         memory_layers=None if memory else [],
     )
-    return TitansConfig(**{**base, **over})
+    cfg = {**base, **over}
+    # `--set revision=1`: that revision's defaults for the keys not given (as a run saved then would load)
+    return TitansConfig(**(upgrade_config(cfg) if "revision" in over else cfg))
 
 
 def make_batch(

@@ -14,7 +14,7 @@ EXAMPLES = """  kititans eval-retrieval runs/ret --pairs qa.jsonl               
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from kititans.commands.index import add_passage_args
+    from kititans.commands.index import add_fusion_args, add_passage_args
 
     add_runtime_args(p)
     p.add_argument(
@@ -29,12 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--analyzer", choices=["auto", "pieces", "words", "chars"], default="auto", help="BM25 terms"
     )
-    p.add_argument(
-        "--lexical-weight",
-        type=float,
-        default=None,
-        help="BM25's weight in hybrid (default: the run's, else 1)",
-    )
+    add_fusion_args(p)
     p.add_argument(
         "--lexical-only", action="store_true", help="BM25 only (the encoder just tokenizes passages)"
     )
@@ -58,12 +53,14 @@ def _run_split(model: str) -> tuple[float | None, int | None]:
 
 def run(args: argparse.Namespace) -> int:
     from kititans.commands.common import open_runtime
-    from kititans.errors import KititansError
     from kititans.files import write_json
     from kititans.retrieval.evaluate import EvalSettings, add_distractors, evaluate, heldout_set, lines
+    from kititans.retrieval.fusion import fusion_choice
     from kititans.retrieval.recipe import read_pairs
     from kititans.retrieval.settings import encoder_of, passage_args, read_documents, run_settings
 
+    saved = run_settings(args.model)
+    fusion = fusion_choice(args.fusion, args.lexical_weight, saved)  # a bad flag fails before any work
     frac, seed = _run_split(args.model)
     frac = args.val_fraction if args.val_fraction is not None else (frac or 0.1)
     seed = args.seed if args.seed is not None else (seed or 0)
@@ -72,13 +69,9 @@ def run(args: argparse.Namespace) -> int:
         add_distractors(ev, (d["text"] for d in read_documents(args.corpus)))
     rt = open_runtime(args, task="embed")
     enc = encoder_of(rt, args.model)
-    saved = run_settings(args.model)
     pt, stride = passage_args(args, enc.context, saved)
-    weight = args.lexical_weight if args.lexical_weight is not None else saved.get("lexical_weight", 1.0)
-    if weight < 0:
-        raise KititansError(f"--lexical-weight must be >= 0, got {weight}")
     embed = None if args.lexical_only else enc.embed
-    report = evaluate(ev, embed, enc.codec, EvalSettings(pt, stride, args.analyzer, weight), enc.context)
+    report = evaluate(ev, embed, enc.codec, EvalSettings(pt, stride, args.analyzer, fusion), enc.context)
     report.pop("_scores", None)
     report["model"] = str(args.model)
     print(f"{args.model}:")

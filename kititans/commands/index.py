@@ -29,6 +29,13 @@ def add_passage_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_fusion_args(p: argparse.ArgumentParser, default: str = "the run's, else rrf:1") -> None:
+    p.add_argument("--fusion", default=None, metavar="METHOD:W",
+                   help="hybrid scores: rrf:W (reciprocal-rank fusion, BM25 weight W) or convex:A (min-max "
+                        f"normalised scores, the encoder's share A); default: {default}")  # fmt: skip
+    p.add_argument("--lexical-weight", type=float, default=None, help="the same as --fusion rrf:W")
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("docs", nargs="+", help="files, folders or globs (as kititans data reads them)")
     p.add_argument("--out", required=True, help="the index folder")
@@ -37,12 +44,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--add", action="store_true", help="append these documents to the existing index at --out")
     p.add_argument("--analyzer", choices=["auto", "pieces", "words", "chars"], default="auto",
                    help="BM25 terms: auto = character bigrams for text without spaces, else words")  # fmt: skip
-    p.add_argument(
-        "--lexical-weight",
-        type=float,
-        default=None,
-        help="BM25's weight in hybrid search (default: the run's, else 1)",
-    )
+    add_fusion_args(p)
     p.add_argument(
         "--dtype", choices=["float32", "float16"], default="float32", help="stored vectors (default float32)"
     )
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kititans.commands.common import open_runtime
     from kititans.errors import KititansError
+    from kititans.retrieval.fusion import fusion_choice
     from kititans.retrieval.index import build_index, check_encoder, load_index
     from kititans.retrieval.settings import encoder_of, passage_args, read_documents, run_settings
 
@@ -71,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
         pt, stride = old.manifest["passages"]["tokens"], old.manifest["passages"]["stride"]
     else:
         pt, stride = passage_args(args, enc.context, saved)
-    weight = args.lexical_weight if args.lexical_weight is not None else saved.get("lexical_weight", 1.0)
+    keep = old is not None and args.fusion is None and args.lexical_weight is None  # --add keeps the index's
+    fusion = None if keep else fusion_choice(args.fusion, args.lexical_weight, saved)
     m = build_index(out, enc, docs, passage_tokens=pt, stride=stride, analyzer=args.analyzer,
-                    lexical_weight=weight, dtype=args.dtype, add_to=old)  # fmt: skip
+                    fusion=fusion, dtype=args.dtype, add_to=old)  # fmt: skip
     a = m["added"]
     print(f"{'added to' if old else 'wrote'} {out}: {a['documents']} documents -> {a['passages']} passages of "
           f"{pt} tokens (stride {stride}); {m['documents']} documents, {m['passage_count']} passages in all; "

@@ -17,7 +17,7 @@ EXAMPLES = """  kititans search runs/enc --docs notes/ --query "reset password" 
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from kititans.commands.index import add_passage_args
+    from kititans.commands.index import add_fusion_args, add_passage_args
 
     add_runtime_args(p)
     src = p.add_mutually_exclusive_group(required=True)
@@ -26,10 +26,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query", required=True, action="append", help="the query (repeatable)")
     p.add_argument("--top", type=int, default=5, help="results per query (default 5)")
     p.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="hybrid",
-                   help="dense (cosine), lexical (BM25) or hybrid (reciprocal-rank fusion; default)")  # fmt: skip
-    p.add_argument(
-        "--lexical-weight", type=float, default=None, help="BM25's weight in hybrid (default: the index's)"
-    )
+                   help="dense (cosine), lexical (BM25) or hybrid (both fused, see --fusion; default)")  # fmt: skip
+    add_fusion_args(p, "the index's, else the run's, else rrf:1")
     add_passage_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="passages per forward pass (default 32)")
 
@@ -39,12 +37,15 @@ def run(args: argparse.Namespace) -> int:
 
     from kititans.commands.common import open_runtime
     from kititans.errors import KititansError
+    from kititans.retrieval.fusion import fusion_choice
     from kititans.retrieval.index import build_index, load_index
     from kititans.retrieval.search import Searcher
     from kititans.retrieval.settings import encoder_of, passage_args, read_documents, run_settings
 
     if args.top < 1:
         raise KititansError(f"--top must be >= 1, got {args.top}")
+    given = args.fusion is not None or args.lexical_weight is not None
+    chosen = fusion_choice(args.fusion, args.lexical_weight, {}) if given else None  # else the index's
     index = load_index(args.index) if args.index else None  # a corrupted index fails before the model loads
     docs = read_documents(args.docs) if args.docs else None
     rt = open_runtime(args, task="embed")
@@ -53,10 +54,8 @@ def run(args: argparse.Namespace) -> int:
         if index is None:
             saved = run_settings(args.model)
             pt, stride = passage_args(args, enc.context, saved)
-            weight = (
-                args.lexical_weight if args.lexical_weight is not None else saved.get("lexical_weight", 1.0)
-            )
-            build_index(f"{tmp}/idx", enc, docs, passage_tokens=pt, stride=stride, lexical_weight=weight)  # type: ignore[arg-type]
+            fusion = chosen or fusion_choice(None, None, saved)
+            build_index(f"{tmp}/idx", enc, docs, passage_tokens=pt, stride=stride, fusion=fusion)  # type: ignore[arg-type]
             index = load_index(f"{tmp}/idx", verify=False)
         searcher = Searcher(index, enc)
         n_split = int(searcher.splits.sum())
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                   "tokens and were split into passages; a document scores as its best passage")  # fmt: skip
         for query in args.query:
             print(f"query: {query}  ({args.mode})")
-            for rank, hit in enumerate(searcher.search(query, args.mode, args.top, args.lexical_weight), 1):
+            for rank, hit in enumerate(searcher.search(query, args.mode, args.top, chosen), 1):
                 snippet = " ".join(hit.passage.split())[:100]
                 print(f"  {rank}. {hit.score:.4f}  {hit.source}  {snippet}")
     return 0

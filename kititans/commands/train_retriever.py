@@ -37,12 +37,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--miners", choices=["lexical", "dense", "both"], default=None, help="hard-negative miners"
     )
-    p.add_argument(
-        "--lexical-weight",
-        type=float,
-        default=None,
-        help="BM25's weight in the fusion (default: tuned on dev documents held back from stage 2)",
-    )
+    from kititans.commands.index import add_fusion_args
+
+    add_fusion_args(p, "tuned on dev documents held back from stage 2")
     p.add_argument(
         "--set", action="append", default=None, metavar="KEY=VALUE", help="a config key for both stages"
     )
@@ -50,12 +47,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kititans.retrieval.fusion import Fusion
     from kititans.retrieval.recipe import RecipeConfig, run_recipe
 
     flags = {"pairs": args.pairs, "out": args.out, "corpus": args.corpus, "preset": args.preset, "init": args.init,
              "vocab_size": args.vocab_size, "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
              "batch_size": args.batch_size, "lr": args.lr, "seq_len": args.seq_len, "val_fraction": args.val_fraction,
-             "seed": args.seed, "miners": args.miners, "lexical_weight": args.lexical_weight, "sets": args.set}  # fmt: skip
+             "seed": args.seed, "miners": args.miners, "lexical_weight": args.lexical_weight, "fusion": args.fusion,
+             "sets": args.set}  # fmt: skip
     if args.config:
         rc = RecipeConfig.from_yaml(args.config, **flags)
     else:
@@ -73,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  {name:<20} R@1 {m['r_at1']:.3f}  R@5 {m['r_at5']:.3f}  MRR {m['mrr']:.3f}  nDCG@10 {m['ndcg_at10']:.3f}"
         )
+    f = report["fusion"]
+    how = "tuned on dev documents" if f.get("tuned_on_dev") else "fixed"
+    print(f"  hybrid fusion: {Fusion.from_json(f)} ({how}; saved in {rc.out}/retrieval.json)")
     pl = report["pair_level"]
     print(
         f"pair-level report of the same run (old): retrieval@1 {pl.get('retrieval_at1', 0):.3f}  MRR {pl.get('mrr', 0):.3f}"

@@ -1,7 +1,9 @@
 """The /v1/search wire format, for `kititans serve` (kititans/serve/) to route to: a JSON body in, a JSON body
 out, every user error a KititansError whose text the server returns with status 400.
 
-    POST /v1/search  {"query": "reset password" | ["q1", "q2"], "top_k": 5, "mode": "hybrid", "lexical_weight": 2}
+    POST /v1/search  {"query": "reset password" | ["q1", "q2"], "top_k": 5, "mode": "hybrid", "fusion": "convex:0.1"}
+    ("fusion" also as {"method": "rrf", "lexical_weight": 2}; "lexical_weight": 2 alone means rrf:2; default: the
+    index's fusion)
     -> {"object": "list", "model": ..., "mode": ..., "data": [{"object": "search_result", "query_index": 0,
         "rank": 1, "score": 0.03, "document": 12, "source": "notes/a.txt", "text": "<best passage>",
         "split": false}, ...]}
@@ -12,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from kititans.errors import KititansError
-from kititans.retrieval.fusion import MODES
+from kititans.retrieval.fusion import METHODS, MODES, Fusion
 from kititans.retrieval.search import Searcher
 
 MAX_TOP_K = 100
@@ -39,14 +41,32 @@ def search_request(searcher: Searcher, body: Any, model: str = "") -> dict[str, 
     mode = body.get("mode", "hybrid")
     if mode not in MODES:
         raise KititansError(f"'mode' must be one of {', '.join(MODES)}, got {mode!r}")
-    weight = body.get("lexical_weight")
+    fusion = _fusion(body.get("fusion"), body.get("lexical_weight"))
+    data = []
+    for qi, q in enumerate(queries):
+        for rank, hit in enumerate(searcher.search(q, mode, top, fusion), 1):
+            data.append({"object": "search_result", "query_index": qi, "rank": rank, "score": hit.score,
+                         "document": hit.doc, "source": hit.source, "text": hit.passage, "split": hit.split})  # fmt: skip
+    return {"object": "list", "model": model, "mode": mode, "data": data}
+
+
+def _fusion(spec: Any, weight: Any) -> Fusion | None:
     if weight is not None and (
         isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0
     ):
         raise KititansError(f"'lexical_weight' must be a number >= 0, got {weight!r}")
-    data = []
-    for qi, q in enumerate(queries):
-        for rank, hit in enumerate(searcher.search(q, mode, top, weight), 1):
-            data.append({"object": "search_result", "query_index": qi, "rank": rank, "score": hit.score,
-                         "document": hit.doc, "source": hit.source, "text": hit.passage, "split": hit.split})  # fmt: skip
-    return {"object": "list", "model": model, "mode": mode, "data": data}
+    if spec is None:
+        return None if weight is None else Fusion("rrf", float(weight))
+    if weight is not None:
+        raise KititansError("give 'fusion' or 'lexical_weight', not both")
+    if isinstance(spec, str):
+        return Fusion.parse(spec)
+    if isinstance(spec, dict) and spec.get("method", "rrf") in METHODS:
+        key = "dense_weight" if spec.get("method") == "convex" else "lexical_weight"
+        w = spec.get(key)
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise KititansError(f"'fusion.{key}' must be a number, got {w!r}")
+        return Fusion(spec.get("method", "rrf"), float(w))
+    raise KititansError(
+        f'\'fusion\' must be like "convex:0.1" or {{"method": "rrf", "lexical_weight": 2}}, got {spec!r}'
+    )

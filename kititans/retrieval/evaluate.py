@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kititans.errors import KititansError
-from kititans.retrieval.fusion import doc_scores, fuse
+from kititans.retrieval.fusion import Fusion, doc_scores
 from kititans.retrieval.lexical import LexicalIndex, detect_analyzer, terms
 from kititans.retrieval.metrics import scores_report
 from kititans.retrieval.passages import Passages, split_documents
@@ -39,7 +39,7 @@ class EvalSettings:
     passage_tokens: int
     stride: int
     analyzer: str = "auto"
-    lexical_weight: float = 1.0
+    fusion: Fusion = field(default_factory=Fusion)
     modes: tuple[str, ...] = ("lexical", "dense", "hybrid")
 
 
@@ -132,7 +132,7 @@ def evaluate(
     report: dict[str, Any] = {**ev.info, "candidates": n, "queries": len(ev.queries),
                               "passage_tokens": settings.passage_tokens, "stride": settings.stride,
                               **passages.summary(), "analyzer": analyzer,
-                              "fusion": {"method": "rrf", "k": 60, "lexical_weight": settings.lexical_weight}}  # fmt: skip
+                              "fusion": settings.fusion.to_json()}  # fmt: skip
     t0 = time.perf_counter()
     lex = lexical_scores(codec, ev.queries, passages, n, analyzer)
     report["lexical"] = {
@@ -144,7 +144,7 @@ def evaluate(
     t0 = time.perf_counter()
     dense = dense_scores(embed, codec, ev.queries, passages, n, max_len)
     report["dense"] = {**scores_report(dense, gold), "seconds": round(time.perf_counter() - t0, 2)}
-    report["hybrid"] = scores_report(fuse(dense, lex, settings.lexical_weight), gold, with_margin=False)
+    report["hybrid"] = scores_report(settings.fusion(dense, lex), gold, with_margin=False)
     report["_scores"] = (dense, lex)  # for weight sweeps by the caller; dropped before writing
     return report
 

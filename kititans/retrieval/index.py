@@ -2,7 +2,7 @@
 ONNX, llama.cpp and CoreML runtimes search it as the torch one does.
 
     idx/manifest.json    format "kititans-index", version, the encoder's identity (tokenizer hash, vector size,
-                         probe vectors), passage settings, analyzer, fusion weight, counts, every file's size
+                         probe vectors), passage settings, analyzer, fusion, counts, every file's size
                          and sha256 (checked at load: a corrupted folder is one clear error)
     idx/docs.jsonl       {"source", "text"} per document
     idx/passages.jsonl   {"doc", "start", "end", "text"} per passage (token window of its document)
@@ -27,6 +27,7 @@ import numpy as np
 
 from kititans.errors import KititansError
 from kititans.files import atomic_path
+from kititans.retrieval.fusion import Fusion
 from kititans.retrieval.lexical import LexicalIndex, detect_analyzer, terms
 from kititans.retrieval.passages import split_ids
 
@@ -109,7 +110,7 @@ def _passages_for(
 
 
 def build_index(out: str | Path, enc: Encoder, docs: Sequence[dict], *, passage_tokens: int, stride: int,
-                analyzer: str = "auto", lexical_weight: float = 1.0, dtype: str = "float32",
+                analyzer: str = "auto", fusion: Fusion | None = None, dtype: str = "float32",
                 add_to: Index | None = None) -> dict[str, Any]:  # fmt: skip
     """Write (or, with add_to, rewrite with the new documents appended) the index folder; returns the manifest."""
     if not docs:
@@ -122,11 +123,8 @@ def build_index(out: str | Path, enc: Encoder, docs: Sequence[dict], *, passage_
     if add_to:
         m0 = add_to.manifest
         passage_tokens, stride = m0["passages"]["tokens"], m0["passages"]["stride"]
-        analyzer, lexical_weight, dtype = (
-            m0["lexical"]["analyzer"],
-            m0["fusion"]["lexical_weight"],
-            m0["vectors"]["dtype"],
-        )
+        analyzer, dtype = m0["lexical"]["analyzer"], m0["vectors"]["dtype"]
+        fusion = Fusion.from_json(m0["fusion"]) if fusion is None else fusion
     elif analyzer == "auto":
         analyzer = detect_analyzer(d["text"] for d in docs)
     new_passages, rows, summary = _passages_for(enc, docs, len(old_docs), passage_tokens, stride)
@@ -143,7 +141,7 @@ def build_index(out: str | Path, enc: Encoder, docs: Sequence[dict], *, passage_
                     "probe_vectors": np.asarray(enc.embed(_probe_rows(enc)), np.float32).round(5).tolist()},
         "passages": {"tokens": passage_tokens, "stride": stride},
         "lexical": {"library": "bm25s", "method": "lucene", "k1": 1.5, "b": 0.75, "analyzer": analyzer},
-        "fusion": {"method": "rrf", "k": 60, "lexical_weight": lexical_weight},
+        "fusion": (fusion or Fusion()).to_json(),
         "vectors": {"dtype": dtype},
         "documents": len(old_docs) + len(docs), "passage_count": len(all_passages),
         "added": {"documents": len(docs), **summary, "embed_seconds": round(embed_s, 3),

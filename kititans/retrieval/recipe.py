@@ -23,6 +23,7 @@ from typing import Any
 
 from kititans.errors import KititansError
 from kititans.files import atomic_path, write_json
+from kititans.retrieval.fusion import Fusion
 
 log = logging.getLogger("kititans")
 REPORT = "retrieval_report.json"
@@ -31,7 +32,8 @@ SETTINGS = (
 )
 MAX_CROPS = 32  # span pairs per training document in stage 1 (fewer when the steps need fewer)
 STAGE1_VAL = 0.02  # stage 1's own held-out spans (its loss curve only)
-WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # rrf: BM25's weight
+DENSE_SHARES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)  # convex: the encoder's share (0: BM25 alone)
 
 
 @dataclass
@@ -51,7 +53,10 @@ class RecipeConfig:
     seed: int = 0
     miners: str = "both"  # lexical | dense | both
     depth: int = 3
-    lexical_weight: float | None = None  # None: tuned on the dev documents (held back from stage 2)
+    lexical_weight: float | None = (
+        None  # rrf with this BM25 weight; None (and no fusion): tuned on dev documents
+    )
+    fusion: str | None = None  # "rrf:16" / "convex:0.1"; None (and no lexical_weight): tuned on dev documents
     dev_fraction: float = 0.1  # training documents kept out of stage 2 to tune the fusion weight on
     sets: list[str] = field(default_factory=list)  # --set KEY=VALUE for both stages
 
@@ -68,6 +73,7 @@ class RecipeConfig:
             raise KititansError("--stage1-steps must be >= 0 and --stage2-steps >= 1")
         if not 0 < self.val_fraction < 0.5:
             raise KititansError(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
+        _fixed_fusion(self)  # a bad --fusion / --lexical-weight fails before any training
         return self
 
     @classmethod
@@ -160,7 +166,7 @@ def _stage1_corpus(pairs: list[tuple[str, str]], heldout: list[bool], path: Path
     return len(docs)
 
 
-def _evaluate(run: Path, ev: Any, rc: RecipeConfig) -> dict[str, Any]:
+def evaluate_run(run: Path, ev: Any, rc: RecipeConfig) -> dict[str, Any]:
     """Document-level report of an encoder run on the recipe's held-out set (torch runtime)."""
     from kititans.embedding import embed_rows
     from kititans.retrieval.evaluate import EvalSettings, evaluate
@@ -173,17 +179,27 @@ def _evaluate(run: Path, ev: Any, rc: RecipeConfig) -> dict[str, Any]:
         ev,
         lambda rows: embed_rows(rt, rows),
         rt.codec,
-        EvalSettings(pt, stride, lexical_weight=rc.lexical_weight or 1.0),
+        EvalSettings(pt, stride, fusion=_fixed_fusion(rc) or Fusion()),
         rt.context_length,
     ), rt
 
 
-def run_recipe(rc: RecipeConfig, progress: bool = True) -> dict[str, Any]:
-    """Stage 1, mining, stage 2 and the report; returns the report (also written to RUN/retrieval_report.json)."""
+def split_pairs(rc: RecipeConfig, pairs: list[tuple[str, str]]) -> tuple[list[bool], list[bool]]:
+    """Per pair: held out (its document never trains), and dev (a training document kept out of stage 2, for
+    tuning the fusion)."""
     from kititans.data.pairs import DocumentSplit
     from kititans.data.shards import is_val
-    from kititans.retrieval.evaluate import MAX_HELDOUT_PAIRS, EvalSet, heldout_set
-    from kititans.retrieval.fusion import fuse
+    from kititans.retrieval.evaluate import MAX_HELDOUT_PAIRS
+
+    decide = DocumentSplit(rc.seed, rc.val_fraction, MAX_HELDOUT_PAIRS)
+    heldout = [decide(p) is not None for _, p in pairs]
+    dev = [not h and is_val(p, rc.seed + 2, rc.dev_fraction) for (_, p), h in zip(pairs, heldout)]
+    return heldout, dev
+
+
+def run_recipe(rc: RecipeConfig, progress: bool = True) -> dict[str, Any]:
+    """Stage 1, mining, stage 2 and the report; returns the report (also written to RUN/retrieval_report.json)."""
+    from kititans.retrieval.evaluate import EvalSet, heldout_set
     from kititans.retrieval.metrics import scores_report
     from kititans.retrieval.mining import mine_negatives, write_pairs
     from kititans.train.contrastive import train_encoder
@@ -191,9 +207,7 @@ def run_recipe(rc: RecipeConfig, progress: bool = True) -> dict[str, Any]:
     rc.check()
     out = Path(rc.out)
     pairs = read_pairs(rc.pairs)
-    decide = DocumentSplit(rc.seed, rc.val_fraction, MAX_HELDOUT_PAIRS)
-    heldout = [decide(p) is not None for _, p in pairs]
-    dev = [not h and is_val(p, rc.seed + 2, rc.dev_fraction) for (_, p), h in zip(pairs, heldout)]
+    heldout, dev = split_pairs(rc, pairs)
     ev = heldout_set(pairs, rc.seed, rc.val_fraction, where=rc.pairs)  # fails early on a one-sided split
     out.mkdir(parents=True, exist_ok=True)
     tok = None if rc.init else _tokenizer(rc, pairs, out / "tokenizer")
@@ -213,7 +227,7 @@ def run_recipe(rc: RecipeConfig, progress: bool = True) -> dict[str, Any]:
         stage1 = str(out / "stage1")
     if stage1 is None:
         raise KititansError("--stage1-steps 0 needs --init (an encoder or Lite run to mine negatives with)")
-    s1, rt = _evaluate(Path(stage1), ev, rc) if rc.stage1_steps else (None, None)
+    s1, rt = evaluate_run(Path(stage1), ev, rc) if rc.stage1_steps else (None, None)
     if rt is None:
         from kititans.runtimes import load_runtime
 
@@ -234,43 +248,56 @@ def run_recipe(rc: RecipeConfig, progress: bool = True) -> dict[str, Any]:
         rc, out, [str(out / "mined.jsonl")], rc.stage2_steps, None, stage1, rc.seed, rc.val_fraction
     )
     result = train_encoder(cfg, progress=progress)
-    s2, _ = _evaluate(out, ev, rc)
+    s2, _ = evaluate_run(out, ev, rc)
     dense, lex = s2.pop("_scores")
-    weight, sweep_dev = _tune_weight(out, rc, pairs, dev, EvalSet)
-    report["fusion"] = {"method": "rrf", "k": 60, "lexical_weight": weight, "tuned_on_dev": sweep_dev}
+    fusion, sweep_dev = tune_fusion(out, rc, pairs, dev, EvalSet)
+    report["fusion"] = {**fusion.to_json(), "tuned_on_dev": sweep_dev}
     report["lexical"] = s2["lexical"]
     if s1 is not None:
         d1, l1 = s1.pop("_scores")
         report["stage1"] = {
             "dense": s1["dense"],
-            "hybrid": scores_report(fuse(d1, l1, weight), ev.gold, False),
+            "hybrid": scores_report(fusion(d1, l1), ev.gold, False),
         }
     report["stage2"] = {
         "dense": s2["dense"],
-        "hybrid": scores_report(fuse(dense, lex, weight), ev.gold, False),
+        "hybrid": scores_report(fusion(dense, lex), ev.gold, False),
     }
     keys = ("candidates", "queries", "passages", "passage_tokens", "stride", "split_documents",
             "cut_share_without_passages", "analyzer")  # fmt: skip
     report["candidates"] = {k: s2[k] for k in keys}
-    report["heldout_weight_sweep"] = {str(w): scores_report(fuse(dense, lex, w), ev.gold, with_margin=False)
-                                      for w in WEIGHTS}  # fmt: skip
-    write_json(out / SETTINGS, {"lexical_weight": weight, "analyzer": s2["analyzer"],
+    report["heldout_fusion_sweep"] = {str(f): scores_report(f(dense, lex), ev.gold, with_margin=False)
+                                      for f in CANDIDATES}  # fmt: skip
+    write_json(out / SETTINGS, {"fusion": fusion.to_json(), "analyzer": s2["analyzer"],
                                 "passage_tokens": s2["passage_tokens"], "stride": s2["stride"]})  # fmt: skip
     report["pair_level"] = result.extra["eval_report"]["metrics"]
     write_json(out / REPORT, report)
     return report
 
 
-def _tune_weight(
+def _fixed_fusion(rc: RecipeConfig) -> Fusion | None:
+    if rc.fusion is not None and rc.lexical_weight is not None:
+        raise KititansError("give fusion or lexical_weight, not both (lexical_weight W is fusion rrf:W)")
+    if rc.fusion is not None:
+        return Fusion.parse(rc.fusion)
+    return Fusion("rrf", rc.lexical_weight) if rc.lexical_weight is not None else None
+
+
+# tried on the dev documents, in order of preference: on equal dev MRR (4 places) the first wins, so BM25's
+# side (a small dense share, then a large rrf weight) is the safer default
+CANDIDATES = (*(Fusion("convex", a) for a in DENSE_SHARES), *(Fusion("rrf", w) for w in reversed(WEIGHTS)))
+
+
+def tune_fusion(
     run: Path, rc: RecipeConfig, pairs: list[tuple[str, str]], dev: list[bool], cls: Any
-) -> tuple[float, dict]:
-    """The lexical weight with the best MRR on the dev pairs (training documents stage 2 never saw), or the
-    recipe's fixed weight; ties go to the larger weight (BM25 is the safer side)."""
-    from kititans.retrieval.fusion import fuse
+) -> tuple[Fusion, dict]:
+    """The fusion (method and weight) with the best MRR on the dev pairs (training documents stage 2 never
+    saw), or the recipe's fixed one."""
     from kititans.retrieval.metrics import scores_report
 
-    if rc.lexical_weight is not None:
-        return rc.lexical_weight, {}
+    fixed = _fixed_fusion(rc)
+    if fixed is not None:
+        return fixed, {}
     index: dict[str, int] = {}
     queries, gold = [], []
     for (q, p), d in zip(pairs, dev):
@@ -278,11 +305,14 @@ def _tune_weight(
             gold.append(index.setdefault(p, len(index)))
             queries.append(q)
     if len(index) < 2:
-        log.info("fusion: fewer than 2 dev documents; lexical weight 1")
-        return 1.0, {}
-    rep, _ = _evaluate(run, cls(queries, gold, list(index), {}), rc)
+        log.info("fusion: fewer than 2 dev documents; rrf:1")
+        return Fusion(), {}
+    rep, _ = evaluate_run(run, cls(queries, gold, list(index), {}), rc)
     dense, lex = rep.pop("_scores")
-    sweep = {str(w): scores_report(fuse(dense, lex, w), gold, with_margin=False)["mrr"] for w in WEIGHTS}
-    best = max(WEIGHTS, key=lambda w: (round(sweep[str(w)], 4), w))
-    log.info("fusion: lexical weight %s (dev MRR by weight: %s)", best, sweep)
-    return best, {"queries": len(queries), "documents": len(index), "mrr_by_weight": sweep}
+    sweep = {str(f): scores_report(f(dense, lex), gold, with_margin=False)["mrr"] for f in CANDIDATES}
+    top = max(round(v, 4) for v in sweep.values())
+    best = next(f for f in CANDIDATES if round(sweep[str(f)], 4) == top)
+    log.info("fusion: %s (dev MRR: %s)", best, {k: round(v, 4) for k, v in sweep.items()})
+    if best == Fusion("convex", 0.0):
+        log.warning("fusion: the encoder did not help on the dev documents; hybrid search is BM25 alone")
+    return best, {"queries": len(queries), "documents": len(index), "mrr_by_fusion": sweep}

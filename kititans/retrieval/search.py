@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kititans.errors import KititansError
-from kititans.retrieval.fusion import MODES, doc_scores, fuse
+from kititans.retrieval.fusion import MODES, Fusion, doc_scores
 from kititans.retrieval.index import Encoder, Index, check_encoder
 from kititans.retrieval.lexical import terms
 
@@ -53,17 +53,17 @@ class Searcher:
         return dense, lex
 
     def search(
-        self, query: str, mode: str = "hybrid", top: int = 5, lexical_weight: float | None = None
+        self, query: str, mode: str = "hybrid", top: int = 5, fusion: Fusion | None = None
     ) -> list[Result]:
         if mode not in MODES:
             raise KititansError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
         if top < 1:
             raise KititansError(f"--top must be >= 1, got {top}")
         dense, lex = self.passage_scores(query, mode)
-        weight = self.index.manifest["fusion"]["lexical_weight"] if lexical_weight is None else lexical_weight
+        fusion = Fusion.from_json(self.index.manifest["fusion"]) if fusion is None else fusion
         parts = [s for s in (dense, lex) if s is not None]
         docs = [doc_scores(s, self.owner, self.n_docs) for s in parts]
-        scores = fuse(docs[0], docs[1], weight) if mode == "hybrid" else docs[0]
+        scores = fusion(docs[0], docs[1]) if mode == "hybrid" else docs[0]
         best = np.argsort(-scores, kind="stable")[:top]
         if mode == "lexical":  # a document sharing no term with the query is no match
             best = best[scores[best] > 0]

@@ -12,7 +12,7 @@ import pytest
 
 from kititans.cli import main
 from kititans.errors import KititansError
-from kititans.retrieval.fusion import doc_scores, fuse, ranks
+from kititans.retrieval.fusion import Fusion, doc_scores, fuse, fusion_choice, ranks, saved_fusion
 from kititans.retrieval.lexical import LexicalIndex, detect_analyzer, terms
 from kititans.retrieval.metrics import scores_report
 from kititans.retrieval.passages import check_passages, split_ids, windows
@@ -133,6 +133,33 @@ def _docs(folder, texts):
     return folder
 
 
+def test_convex_fusion_breaks_bm25_ties_without_overturning_it():
+    # BM25 is sure of doc 1 (10 against 4) and torn between 2 and 3; the encoder, weak, prefers 3 and puts 1 last
+    lexical = np.array([[1.0, 10.0, 4.0, 4.0]])
+    dense = np.array([[0.3, 0.1, 0.2, 0.9]])
+    rank = lambda s: np.argsort(-s[0], kind="stable").tolist()  # noqa: E731
+    assert rank(Fusion("convex", 0.1)(dense, lexical)) == [1, 3, 2, 0]  # BM25's order; the tie goes to 3
+    assert rank(Fusion("convex", 0.0)(dense, lexical)) == rank(lexical)  # share 0 = BM25 alone
+    assert rank(Fusion("rrf", 1.0)(dense, lexical))[0] == 3  # a rank has no margin: rrf:1 overturns BM25
+    assert rank(Fusion("convex", 1.0)(dense, lexical)) == rank(dense)
+    flat = Fusion("convex", 0.5)(np.array([[0.3, 0.1]]), np.zeros((1, 2)))  # no term in common: dense decides
+    assert flat[0].argmax() == 0 and flat.max() <= 1.0
+    assert Fusion.parse("convex:0.1") == Fusion("convex", 0.1) and Fusion.parse("16") == Fusion("rrf", 16.0)
+    for f in (Fusion("convex", 0.25), Fusion("rrf", 8.0)):
+        assert Fusion.from_json(f.to_json()) == f
+    assert saved_fusion({"lexical_weight": 16}) == Fusion("rrf", 16.0)  # a run saved before `fusion`
+    assert saved_fusion({}) == Fusion("rrf", 1.0)
+    assert fusion_choice(None, 2.0, {"fusion": {"method": "convex", "dense_weight": 0.1}}) == Fusion(
+        "rrf", 2.0
+    )
+    for bad, msg in [("convex:1.5", "share from 0 to 1"), ("rrf:-1", ">= 0"), ("rrf:nan", "finite"),
+                     ("mean:1", "one of rrf, convex"), ("convex:x", "method:weight")]:  # fmt: skip
+        with pytest.raises(KititansError, match=msg):
+            Fusion.parse(bad)
+    with pytest.raises(KititansError, match="not both"):
+        fusion_choice("convex:0.1", 2.0, {})
+
+
 def test_index_build_add_search_and_refusals(encoder_run, tmp_path, capsys):
     out, _ = encoder_run
     a = _docs(tmp_path / "a", ["The fox ran by the river all day.", "Bread is baked in a hot oven.",
@@ -144,6 +171,12 @@ def test_index_build_add_search_and_refusals(encoder_run, tmp_path, capsys):
     assert main(["index", str(b), "--model", str(out), "--out", str(idx), "--add"]) == 0
     m = json.loads((idx / "manifest.json").read_text())
     assert m["documents"] == 4 and m["passages"]["tokens"] == 32 and m["added"]["documents"] == 1
+    assert m["fusion"] == {"method": "rrf", "k": 60, "lexical_weight": 1.0}  # --add keeps the index's fusion
+    assert main(["search", str(out), "--index", str(idx), "--query", "x", "--fusion", "convex:0.2",
+                 "--lexical-weight", "2"]) == 2  # fmt: skip
+    assert "not both" in capsys.readouterr().err
+    assert main(["search", str(out), "--index", str(idx), "--query", "x", "--fusion", "convex:3"]) == 2
+    assert "share from 0 to 1" in capsys.readouterr().err
     assert np.load(idx / "vectors.npy").shape == (m["passage_count"], 128)
     for mode in ("dense", "lexical", "hybrid"):  # BM25 weighs 5x in the fusion: an untrained encoder is noise
         query = ["--query", "harbour ship", "--mode", mode, "--lexical-weight", "5"]
@@ -221,7 +254,9 @@ def test_two_stage_recipe_end_to_end(encoder_run, tmp_path, capsys):
     rc = RecipeConfig.from_yaml("configs/retriever/tiny.yaml", pairs="x")  # the shipped recipe loads
     assert (rc.preset, rc.stage1_steps, rc.miners) == ("encoder-tiny", 150, "both")
     run = tmp_path / "ret"
-    code = main(["train-retriever", "--pairs", str(tmp_path / "p.jsonl"), "--out", str(run), "--init", str(out),
+    (tmp_path / "r.yaml").write_text("dev_fraction: 0.4\n")  # enough dev documents to tune the fusion on
+    code = main(["train-retriever", "--config", str(tmp_path / "r.yaml"), "--pairs", str(tmp_path / "p.jsonl"),
+                 "--out", str(run), "--init", str(out),
                  "--preset", "encoder-debug", "--stage1-steps", "3", "--stage2-steps", "3", "--batch-size", "8",
                  "--seq-len", "32", "--val-fraction", "0.3", "--set", "train.compile=off", "-q"])  # fmt: skip
     text = capsys.readouterr().out
@@ -234,10 +269,18 @@ def test_two_stage_recipe_end_to_end(encoder_run, tmp_path, capsys):
     }
     assert len(held) == rep["split"]["heldout_documents"]  # held-out documents never reach stage 1
     assert not held & {m["negative"] for m in mined}  # nor serve as anybody's negative
-    assert (
-        rep["fusion"]["lexical_weight"] > 0
-        and json.loads((run / "retrieval.json").read_text())["passage_tokens"] == 31
-    )
+    from kititans.retrieval.recipe import CANDIDATES
+
+    saved = json.loads((run / "retrieval.json").read_text())
+    assert saved["passage_tokens"] == 31 and saved["fusion"]["method"] in ("rrf", "convex")
+    tuned = rep["fusion"]["tuned_on_dev"]["mrr_by_fusion"]  # every candidate tried on the dev documents
+    assert set(tuned) == {str(f) for f in CANDIDATES} and set(rep["heldout_fusion_sweep"]) == set(tuned)
+    chosen = Fusion.from_json(saved["fusion"])
+    assert round(tuned[str(chosen)], 4) == max(round(v, 4) for v in tuned.values())
+    docs = _docs(tmp_path / "d", ["The fox ran by the river.", "Bread is baked in an oven."])
+    assert main(["index", str(docs), "--model", str(run), "--out", str(tmp_path / "idx")]) == 0
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert Fusion.from_json(manifest["fusion"]) == chosen  # the index searches with the run's tuned fusion
     assert (
         main(["train-retriever", "--pairs", str(tmp_path / "p.jsonl"), "--out", str(run)]) == 2
     )  # a run is there
@@ -268,8 +311,13 @@ def test_search_api_for_serve(tmp_path):
     out = search_request(s, {"query": ["oven bread", "river"], "top_k": 1, "mode": "lexical"}, "m")
     assert [(d["query_index"], d["source"]) for d in out["data"]] == [(0, "b"), (1, "a")]
     for bad, msg in [([], "JSON object"), ({"query": ""}, "non-empty"), ({"query": "x", "top_k": 0}, "top_k"),
-                     ({"query": "x", "mode": "fuzzy"}, "mode"), ({"query": "x", "lexical_weight": -1}, "lexical_weight")]:  # fmt: skip
+                     ({"query": "x", "mode": "fuzzy"}, "mode"), ({"query": "x", "lexical_weight": -1}, "lexical_weight"),
+                     ({"query": "x", "fusion": "convex:2"}, "share"), ({"query": "x", "fusion": 3}, "fusion"),
+                     ({"query": "x", "fusion": {"method": "convex"}}, "dense_weight"),
+                     ({"query": "x", "fusion": "rrf:1", "lexical_weight": 1}, "not both")]:  # fmt: skip
         with pytest.raises(KititansError, match=msg):
             search_request(s, bad)
     with pytest.raises(KititansError, match="need the encoder"):
         search_request(s, {"query": "x", "mode": "dense"})
+    with pytest.raises(KititansError, match="need the encoder"):  # the fusion is valid; hybrid needs vectors
+        search_request(s, {"query": "x", "fusion": {"method": "convex", "dense_weight": 0.1}})
