@@ -3,6 +3,7 @@ block against Lite at equal width, at the bench's default threads and at 1 threa
 
     python benchmarks/titans_bench.py --runs /tmp/tb --threads 2,1 --rounds 3          # onnx:fp32, torch:fp32
     python benchmarks/titans_bench.py --runs /tmp/tb --compile --rounds 3              # + torch --compile rows
+    python benchmarks/titans_bench.py --runs /tmp/tb --models lite,mac,mac-global,mac-noh   # hybrid, no h rows
 
 Runs: random-weight `tiny` (Lite) and `titans-tiny` with block mal, mac, mag (same dims: 256 x 4 layers, vocab
 4096), made under --runs when missing (the tokenizer is trained on the built-in corpus, or --tokenizer DIR).
@@ -26,7 +27,11 @@ import time
 from pathlib import Path
 
 MODELS = {"lite": ("tiny", {}), "mal": ("titans-tiny", {"block": "mal"}), "mac": ("titans-tiny", {"block": "mac"}),
-          "mag": ("titans-tiny", {"block": "mag"})}  # fmt: skip
+          "mag": ("titans-tiny", {"block": "mag"}),
+          # more with --models: mac whose last layer attends globally (a K/V cache), mac without h rows
+          "mac-global": ("titans-tiny", {"block": "mac", "global_layers": [4]}),
+          "mac-noh": ("titans-tiny", {"block": "mac", "mac_h_rows": False})}  # fmt: skip
+DEFAULT_MODELS = "lite,mal,mac,mag"
 METRICS = ("pp128", "pp512", "tg128")
 
 COMPILE_JOB = """
@@ -40,7 +45,7 @@ print(json.dumps(res))
 """
 
 
-def make_runs(root: Path, tokenizer: str | None) -> dict[str, Path]:
+def make_runs(root: Path, tokenizer: str | None, names: list[str]) -> dict[str, Path]:
     import torch
 
     from kititans.checkpoint import save_checkpoint
@@ -57,7 +62,8 @@ def make_runs(root: Path, tokenizer: str | None) -> dict[str, Path]:
 
         tok = train_tokenizer(generate_corpus(0, 3_000_000), root / "tokenizer", 4096)
     runs = {}
-    for name, (preset, extra) in MODELS.items():
+    for name in names:
+        preset, extra = MODELS[name]
         run = root / name
         if not (run / "model.safetensors").is_file():
             spec, p = find_preset(preset)
@@ -111,8 +117,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runtimes", default="onnx:fp32,torch:fp32")
     ap.add_argument("--compile", action="store_true", help="also the torch runtime with compile=True")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--models", default=DEFAULT_MODELS, help=f"of {', '.join(MODELS)} (default {DEFAULT_MODELS})"
+    )
     args = ap.parse_args(argv)
-    runs = make_runs(args.runs, args.tokenizer)
+    names = args.models.split(",")
+    if "lite" not in names or not set(names) <= set(MODELS):
+        ap.error(f"--models: a subset of {', '.join(MODELS)} that includes lite (the reference)")
+    runs = make_runs(args.runs, args.tokenizer, names)
     threads = [int(t) for t in args.threads.split(",")]
     rounds: list[dict] = []
     for r in range(args.rounds):

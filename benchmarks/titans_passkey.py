@@ -254,6 +254,31 @@ def eval_cmd(args: argparse.Namespace) -> None:
             print(f"{name:<64} {m:>3}x {cells[0]:>16} " + " ".join(f"{c:>22}" for c in cells[1:]))
     if args.json:
         write_json(Path(args.json), results)
+    if args.by_seed:
+        seed_table(results)
+
+
+def seed_table(results: dict) -> None:
+    """Runs named NAME-s<seed> -> one row per NAME: the mean over seeds, and each seed's value."""
+    import re
+    from statistics import mean
+
+    groups: dict[str, list[dict]] = {}
+    for name, r in results.items():
+        groups.setdefault(re.sub(r"-s\d+$", "", name.split(" (")[0]), []).append(r)
+    cols = [("1x", "key_acc"), ("2x", "key_acc"), ("4x", "key_acc"), ("4x", "beyond_reach_key_acc"),
+            ("8x", "key_acc"), ("8x", "beyond_reach_key_acc")]  # fmt: skip
+    print("\nmean key accuracy over seeds (each seed's in brackets)")
+    print(
+        f"{'variant':<16} {'seeds':>5} "
+        + " ".join(f"{m + (' reach' if 'reach' in k else ''):>22}" for m, k in cols)
+    )
+    for g, rs in groups.items():
+        cells = []
+        for m, k in cols:
+            v = [r[m][k] for r in rs if k in r[m]]
+            cells.append(f"{mean(v):.1%} ({'/'.join(f'{x:.0%}' for x in v)})" if v else "-")
+        print(f"{g:<16} {len(rs):>5} " + " ".join(f"{c:>22}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--n", type=int, default=500)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--json")
+    e.add_argument("--by-seed", action="store_true", help="also a table of runs NAME-s<seed> averaged by NAME")
     e.add_argument(
         "--offset", type=int, default=0, help="evaluate at m x window + OFFSET tokens (2: answers straddle)"
     )

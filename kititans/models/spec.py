@@ -92,6 +92,8 @@ class FamilySpec:
         base: dict[str, Any] = dict(self.presets[preset].model) if preset else {}
         for k, v in (overrides or {}).items():
             base[k] = v
+        if self.upgrade_config and "revision" in base:  # `--set model.revision=1`: that revision's defaults
+            base = self.upgrade_config(base)
         return config_from_dict(self.config_cls, base, what=f"{self.name} model")
 
     def build(self, config: Any) -> nn.Module:

@@ -61,6 +61,19 @@ def test_a_run_saved_before_revision_2_loads_with_its_own_behaviour(block, token
     assert TitansConfig(**old).revision == REVISION and upgrade_config({"revision": 2}) == {"revision": 2}
 
 
+def test_a_new_run_asked_for_revision_1_gets_revision_1s_defaults():
+    """`kititans train --set model.revision=1` (the preset plus that key): revision 1's values for every key
+    not given, so the run computes what revision 1 computed, not today's defaults under an old label."""
+    from kititans.models.spec import find_preset
+
+    spec, p = find_preset("titans-tiny")
+    cfg = spec.make_config(p.name, {"block": "mac", "revision": 1, "mac_gate": "tanh"})
+    assert cfg.revision == 1 and cfg.mem_norm_v and cfg.mac_attention == "segment" and cfg.mac_keys == "y"
+    assert cfg.mac_gate == "tanh"  # what was given stays
+    now = spec.make_config(p.name, {"block": "mac"})
+    assert now.revision == REVISION and not now.mem_norm_v and now.mac_attention == "sliding"
+
+
 def _attention_only(**kw) -> TitansModel:
     torch.manual_seed(0)
     return TitansModel(TitansConfig(**{**BASE, "memory_layers": [], **kw})).eval()
