@@ -319,7 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--n", type=int, default=500)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--json")
-    e.add_argument("--by-seed", action="store_true", help="also a table of runs NAME-s<seed> averaged by NAME")
+    e.add_argument(
+        "--by-seed", action="store_true", help="also a table of runs NAME-s<seed> averaged by NAME"
+    )
     e.add_argument(
         "--offset", type=int, default=0, help="evaluate at m x window + OFFSET tokens (2: answers straddle)"
     )
