@@ -28,8 +28,8 @@ from pathlib import Path
 
 MODELS = {"lite": ("tiny", {}), "mal": ("titans-tiny", {"block": "mal"}), "mac": ("titans-tiny", {"block": "mac"}),
           "mag": ("titans-tiny", {"block": "mag"}),
-          # more with --models: mac whose last layer attends globally (a K/V cache), mac without h rows
-          "mac-global": ("titans-tiny", {"block": "mac", "global_layers": [4]}),
+          # more with --models: mac whose layer 3 (no memory) attends globally (a K/V cache), mac without h rows
+          "mac-global": ("titans-tiny", {"block": "mac", "global_layers": [3]}),
           "mac-noh": ("titans-tiny", {"block": "mac", "mac_h_rows": False})}  # fmt: skip
 DEFAULT_MODELS = "lite,mal,mac,mag"
 METRICS = ("pp128", "pp512", "tg128")
