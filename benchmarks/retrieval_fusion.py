@@ -48,12 +48,15 @@ def main() -> None:
     dense, lex = rep.pop("_scores")
     rows = {"BM25 alone": rep["lexical"], "dense alone": rep["dense"]}
     rows |= {str(f): scores_report(f(dense, lex), ev.gold, with_margin=False) for f in CANDIDATES}
+    print(
+        f"chosen on dev: {chosen} (the first candidate whose dev MRR >= {sweep.get('mrr_threshold', 0):.4f}, one standard error below the best)"
+    )
     print(f"held-out: {rep['queries']} queries, {rep['candidates']} candidate documents; dev: "
           f"{sweep.get('queries', 0)} queries, {sweep.get('documents', 0)} documents")  # fmt: skip
     print(f"{'fusion':<14}{'dev MRR':>9}" + "".join(f"{k:>11}" for k in KEYS))
     for name, m in rows.items():
         dev_mrr = sweep.get("mrr_by_fusion", {}).get(name)
-        mark = "  <- chosen on dev" if name == str(chosen) else ""
+        mark = "  <- chosen" if name == str(chosen) else ""
         print(f"{name:<14}{'' if dev_mrr is None else f'{dev_mrr:.4f}':>9}"
               + "".join(f"{m[k]:>11.4f}" for k in KEYS) + mark)  # fmt: skip
     if args.json:
