@@ -82,6 +82,7 @@ def run_corpus(corpus: str, out: Path, args: argparse.Namespace) -> dict:
                 ("train.eval_batches", 16),
                 ("train.threads", args.threads),
                 ("train.dtype", args.dtype),
+                ("train.seed", args.seed),
                 ("out", str(out / corpus / name)),
             ],
         )
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--out", default="runs/titans-valloss")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--seed", type=int, default=0, help="train.seed: initial weights and batch order")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
