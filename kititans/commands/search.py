@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kititans.commands.common import open_runtime
     from kititans.errors import KititansError
-    from kititans.retrieval.fusion import fusion_choice
+    from kititans.retrieval.fusion import fusion_choice, saved_fusion
     from kititans.retrieval.index import build_index, load_index
     from kititans.retrieval.search import Searcher
     from kititans.retrieval.settings import encoder_of, passage_args, read_documents, run_settings
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         if index is None:
             saved = run_settings(args.model)
             pt, stride = passage_args(args, enc.context, saved)
-            fusion = chosen or fusion_choice(None, None, saved)
+            fusion = chosen or saved_fusion(saved)
             build_index(f"{tmp}/idx", enc, docs, passage_tokens=pt, stride=stride, fusion=fusion)  # type: ignore[arg-type]
             index = load_index(f"{tmp}/idx", verify=False)
         searcher = Searcher(index, enc)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from kititans.errors import KititansError
-from kititans.retrieval.fusion import METHODS, MODES, Fusion
+from kititans.retrieval.fusion import MODES, Fusion
 from kititans.retrieval.search import Searcher
 
 MAX_TOP_K = 100
@@ -61,12 +61,8 @@ def _fusion(spec: Any, weight: Any) -> Fusion | None:
         raise KititansError("give 'fusion' or 'lexical_weight', not both")
     if isinstance(spec, str):
         return Fusion.parse(spec)
-    if isinstance(spec, dict) and spec.get("method", "rrf") in METHODS:
-        key = "dense_weight" if spec.get("method") == "convex" else "lexical_weight"
-        w = spec.get(key)
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise KititansError(f"'fusion.{key}' must be a number, got {w!r}")
-        return Fusion(spec.get("method", "rrf"), float(w))
+    if isinstance(spec, dict):
+        return Fusion.from_json(spec)
     raise KititansError(
         f'\'fusion\' must be like "convex:0.1" or {{"method": "rrf", "lexical_weight": 2}}, got {spec!r}'
     )

@@ -91,13 +91,17 @@ class Fusion:
             ) from None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> Fusion:
-        """A manifest's or retrieval.json's `fusion` (older ones: rrf with `lexical_weight` only)."""
-        if not data:
-            return cls()
-        if data.get("method", "rrf") == "convex":
-            return cls("convex", float(data["dense_weight"]))
-        return cls("rrf", float(data.get("lexical_weight", 1.0)))
+    def from_json(cls, data: dict[str, Any]) -> Fusion:
+        """A manifest's, retrieval.json's or /v1/search body's `fusion` (to_json's form); an unknown method or a
+        missing weight, or one that is not a number, is one clear error."""
+        method = data.get("method", "rrf")
+        if method not in METHODS:
+            raise KititansError(f"fusion method must be one of {', '.join(METHODS)}, got {method!r}")
+        key = "dense_weight" if method == "convex" else "lexical_weight"
+        w = data.get(key)
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise KititansError(f"'fusion.{key}' must be a number, got {w!r}")
+        return cls(method, float(w))
 
     def to_json(self) -> dict[str, Any]:
         if self.method == "convex":
@@ -111,12 +115,6 @@ class Fusion:
         if self.method == "convex":
             return self.weight * minmax(dense) + (1.0 - self.weight) * minmax(lexical)
         return rrf([dense, lexical], [1.0, self.weight])
-
-
-def fuse(dense: np.ndarray, lexical: np.ndarray, fusion: Fusion | float = 1.0) -> np.ndarray:
-    """Fused document scores; a bare number is rrf with that BM25 weight."""
-    f = fusion if isinstance(fusion, Fusion) else Fusion("rrf", float(fusion))
-    return f(dense, lexical)
 
 
 def saved_fusion(settings: dict[str, Any]) -> Fusion:

@@ -12,7 +12,7 @@ import pytest
 
 from kititans.cli import main
 from kititans.errors import KititansError
-from kititans.retrieval.fusion import Fusion, doc_scores, fuse, fusion_choice, ranks, saved_fusion
+from kititans.retrieval.fusion import Fusion, doc_scores, fusion_choice, ranks, saved_fusion
 from kititans.retrieval.lexical import LexicalIndex, detect_analyzer, terms
 from kititans.retrieval.metrics import scores_report
 from kititans.retrieval.passages import check_passages, split_ids, windows
@@ -59,7 +59,10 @@ def test_bm25_analyzers_fusion_and_pessimistic_ties():
     assert doc_scores(np.array([[1.0, 3.0, 2.0]]), np.array([0, 0, 1]), 2).tolist() == [[3.0, 2.0]]
     assert ranks(np.array([[0.1, 0.9, 0.5]])).tolist() == [[3, 1, 2]]
     dense, lexical = np.array([[0.9, 0.1, 0.5]]), np.array([[0.0, 5.0, 1.0]])
-    assert fuse(dense, lexical, 0.1)[0].argmax() == 0 and fuse(dense, lexical, 10.0)[0].argmax() == 1
+    assert (
+        Fusion("rrf", 0.1)(dense, lexical)[0].argmax() == 0
+        and Fusion("rrf", 10.0)(dense, lexical)[0].argmax() == 1
+    )
     tied = scores_report(
         np.zeros((2, 3)), np.array([0, 1]), with_margin=False
     )  # matches nothing: last, not first
@@ -330,6 +333,7 @@ def test_search_api_for_serve(tmp_path):
                      ({"query": "x", "mode": "fuzzy"}, "mode"), ({"query": "x", "lexical_weight": -1}, "lexical_weight"),
                      ({"query": "x", "fusion": "convex:2"}, "share"), ({"query": "x", "fusion": 3}, "fusion"),
                      ({"query": "x", "fusion": {"method": "convex"}}, "dense_weight"),
+                     ({"query": "x", "fusion": {"method": "mean", "lexical_weight": 1}}, "one of rrf, convex"),
                      ({"query": "x", "fusion": "rrf:1", "lexical_weight": 1}, "not both")]:  # fmt: skip
         with pytest.raises(KititansError, match=msg):
             search_request(s, bad)
